@@ -1,0 +1,20 @@
+"""Zero-shot CLIP classification with the dataset's hand prompt."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from calbench.methods import FitData, LogitMethod, register_method
+from calbench.train import logits_for
+
+
+@register_method("zero-shot", "hand prompt, no training", trainable=False)
+class ZeroShot(LogitMethod):
+    def fit(self, data: FitData) -> "ZeroShot":
+        with torch.no_grad():
+            self._text = data.vlm.encode_texts(data.hand_prompts())
+        self._scale = data.vlm.logit_scale
+        return self
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        return logits_for(features.to(self._text.device), self._text, self._scale)

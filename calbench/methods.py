@@ -1,0 +1,188 @@
+"""The method contract, the method registry, and CalibPrompt itself.
+
+Every method (zero-shot, CoOp with any loss, CalibPrompt, post-hoc calibrators
+on top of any of them) follows one scikit-learn-like contract on cached
+features: build with parameters (no work), ``fit(FitData)`` returns self,
+``predict_proba(features)`` returns (N, C) probabilities. ``FitData`` holds the
+few-shot train and validation features only: methods cannot see the test split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from calbench.errors import CalbenchError
+from calbench.losses import Objective, calibprompt_objective
+from calbench.models.base import VLMBackend
+from calbench.prompts import PromptLearner
+from calbench.registry import Registry
+from calbench.train import TrainConfig, logits_for, train_prompt_learner
+
+
+@dataclass
+class FitData:
+    """What a method may learn from: few-shot train views and the validation split."""
+
+    vlm: VLMBackend
+    classnames: list[str]
+    template: str
+    train_features: Tensor  # (V, N, D) normalised, one augmented view per row block
+    train_labels: Tensor  # (N,)
+    val_features: Tensor  # (M, D) normalised, eval preprocessing
+    val_labels: Tensor  # (M,)
+    seed: int
+
+    def hand_prompts(self) -> list[str]:
+        return [self.template.format(name) for name in self.classnames]
+
+
+class Method(Protocol):
+    def fit(self, data: FitData) -> "Method": ...
+
+    def predict_logits(self, features: Tensor) -> Tensor: ...
+
+    def predict_proba(self, features: Tensor) -> Tensor: ...
+
+
+class LogitMethod:
+    """Base for methods whose probabilities are softmax(logits)."""
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, features: Tensor) -> Tensor:
+        return F.softmax(self.predict_logits(features), dim=1)
+
+
+class PromptMethod(LogitMethod):
+    """CoOp prompt learning with any objective: CoOp-CE, its calibration-loss variants, CalibPrompt."""
+
+    def __init__(self, objective: Objective, config: Optional[TrainConfig] = None) -> None:
+        self.objective = objective
+        self.config = config or TrainConfig()
+        self.learner: Optional[PromptLearner] = None
+        self.history: list[dict[str, float]] = []
+
+    def fit(self, data: FitData) -> "PromptMethod":
+        cfg = self.config
+        torch.manual_seed(data.seed)
+        self.learner = PromptLearner(
+            data.vlm, data.classnames, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, class_specific=cfg.class_specific, seed=data.seed
+        )
+        zs = None
+        if self.objective.inputs & {"zs_logits", "zs_text_features"}:
+            with torch.no_grad():
+                zs = data.vlm.encode_texts(data.hand_prompts())
+        self.history = train_prompt_learner(
+            self.learner, self.objective, data.train_features, data.train_labels, cfg, data.seed, zs_text_features=zs
+        )
+        with torch.no_grad():
+            self._text = self.learner.text_features()
+        self._scale = data.vlm.logit_scale
+        return self
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        if self.learner is None:
+            raise RuntimeError("call fit() first")
+        return logits_for(features.to(self._text.device), self._text, self._scale)
+
+
+class Calibrator(Protocol):
+    """A post-hoc map from logits to probabilities, fitted on validation logits."""
+
+    def fit(self, logits: Tensor, labels: Tensor) -> "Calibrator": ...
+
+    def predict_proba(self, logits: Tensor) -> Tensor: ...
+
+
+class Calibrated:
+    """``<method>+<calibrator>``: a calibrator fitted on the method's validation logits."""
+
+    def __init__(self, base: Method, calibrator: Calibrator, base_is_fitted: bool = False) -> None:
+        self.base = base
+        self.calibrator = calibrator
+        self.base_is_fitted = base_is_fitted
+
+    def fit(self, data: FitData) -> "Calibrated":
+        if not self.base_is_fitted:
+            self.base.fit(data)
+            self.base_is_fitted = True
+        with torch.no_grad():
+            self.calibrator.fit(self.base.predict_logits(data.val_features), data.val_labels)
+        return self
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        return torch.log(self.predict_proba(features).clamp_min(1e-12))
+
+    def predict_proba(self, features: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.calibrator.predict_proba(self.base.predict_logits(features))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    factory: Callable[..., Method]
+    trainable: bool
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+CALIBRATORS: Registry[Callable[[], Calibrator]] = Registry("calibrator")
+
+
+def register_method(name: str, description: str, trainable: bool = True) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+    def add(factory: Callable[..., Method]) -> Callable[..., Method]:
+        METHODS.add(name, MethodSpec(name, description, factory, trainable))
+        return factory
+
+    return add
+
+
+def split_train_params(params: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """Separate TrainConfig fields (lr, n_ctx, ...) from a method's own parameters."""
+    names = {f.name for f in fields(TrainConfig)}
+    train = {k: v for k, v in params.items() if k in names}
+    return replace(TrainConfig(), **train), {k: v for k, v in params.items() if k not in names}
+
+
+def list_methods() -> list[str]:
+    """Registered base methods; any of them takes a post-hoc calibrator as ``<method>+<calibrator>``."""
+    return METHODS.names()
+
+
+def list_calibrators() -> list[str]:
+    return CALIBRATORS.names()
+
+
+def make_method(name: str, **params: Any) -> Method:
+    """Build a method by id; ``base+cal`` wraps base in post-hoc calibrator ``cal``."""
+    base_name, calibrator = parse_method(name)
+    method = METHODS.get(base_name).factory(**params)
+    return method if calibrator is None else Calibrated(method, CALIBRATORS.get(calibrator)())
+
+
+def parse_method(name: str) -> tuple[str, Optional[str]]:
+    """Split ``base+cal`` into its parts, checking both against their registries."""
+    base, *calibrators = name.split("+")
+    if len(calibrators) > 1:
+        raise CalbenchError(f"method {name!r}: only one post-hoc calibrator can follow '+'")
+    METHODS.get(base)
+    if calibrators:
+        CALIBRATORS.get(calibrators[0])
+    return base, (calibrators[0] if calibrators else None)
+
+
+@register_method("calibprompt", "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)")
+def calibprompt(alpha: float = 0.05, w_smac: float = 1.0, w_as: float = 0.01, **train: Any) -> Method:
+    cfg, rest = split_train_params(train)
+    if rest:
+        raise CalbenchError(f"calibprompt: unknown parameter(s) {', '.join(rest)}; known: alpha, w_smac, w_as, {', '.join(f.name for f in fields(TrainConfig))}")
+    return PromptMethod(calibprompt_objective(alpha=alpha, w_smac=w_smac, w_as=w_as), cfg)
+
+
+import calbench.baselines  # noqa: E402,F401  (registers the comparison methods)

@@ -1,0 +1,151 @@
+"""Classification and calibration metrics, as pure functions of (probs, labels).
+
+``probs`` is (N, C) with rows summing to 1 and ``labels`` is (N,) int; either may
+be a numpy array or a torch tensor. Every value is a fraction in [0, 1] (tables
+multiply by 100). Binning follows Guo et al. (2017): equal-width bins
+(i/n, (i+1)/n], each bin's |accuracy - confidence| weighted by its share of samples.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+
+
+def _as_numpy(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(probs, "detach"):
+        probs = probs.detach().cpu().numpy()
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be (N, C), got shape {p.shape}")
+    if y.shape != (p.shape[0],):
+        raise ValueError(f"labels must be (N,) with N = {p.shape[0]}, got shape {y.shape}")
+    return p, y
+
+
+def _bin_ids(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Index of the equal-width bin (i/n, (i+1)/n] holding each value; 0 goes to the first bin."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, values, side="left") - 1, 0, n_bins - 1)
+
+
+def _bin_gaps(conf: np.ndarray, hits: np.ndarray, bins: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin |mean(hits) - mean(conf)| and sample counts."""
+    counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    conf_sum = np.bincount(bins, weights=conf, minlength=n_bins)
+    hit_sum = np.bincount(bins, weights=hits, minlength=n_bins)
+    safe = np.maximum(counts, 1.0)
+    return np.abs(hit_sum / safe - conf_sum / safe), counts
+
+
+def _top_label(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+
+
+def accuracy(probs: Any, labels: Any) -> float:
+    p, y = _as_numpy(probs, labels)
+    return float((p.argmax(axis=1) == y).mean())
+
+
+def ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """Top-label expected calibration error with equal-width bins."""
+    p, y = _as_numpy(probs, labels)
+    conf, hits = _top_label(p, y)
+    gaps, counts = _bin_gaps(conf, hits, _bin_ids(conf, n_bins), n_bins)
+    return float((gaps * counts).sum() / len(y))
+
+
+def mce(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """Maximum calibration error: the largest gap over non-empty equal-width bins."""
+    p, y = _as_numpy(probs, labels)
+    conf, hits = _top_label(p, y)
+    gaps, counts = _bin_gaps(conf, hits, _bin_ids(conf, n_bins), n_bins)
+    return float(gaps[counts > 0].max())
+
+
+def adaptive_ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """Top-label ECE with equal-mass bins (Nixon et al., 2019).
+
+    Samples sorted by confidence are cut into ``n_bins`` groups whose sizes differ
+    by at most one, so sparse high-confidence regions still get their own bins.
+    """
+    p, y = _as_numpy(probs, labels)
+    conf, hits = _top_label(p, y)
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, min(n_bins, len(order))):
+        total += len(chunk) * abs(hits[chunk].mean() - conf[chunk].mean())
+    return float(total / len(y))
+
+
+def classwise_ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """Class-wise ECE (Kull et al., 2019): mean over classes of the binned gap
+    between p(class c) and the frequency of class c, equal-width bins over [0, 1]."""
+    p, y = _as_numpy(probs, labels)
+    n, n_classes = p.shape
+    total = 0.0
+    for c in range(n_classes):
+        gaps, counts = _bin_gaps(p[:, c], (y == c).astype(np.float64), _bin_ids(p[:, c], n_bins), n_bins)
+        total += (gaps * counts).sum() / n
+    return float(total / n_classes)
+
+
+def nll(probs: Any, labels: Any, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class (probabilities clipped at eps)."""
+    p, y = _as_numpy(probs, labels)
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], eps, 1.0)).mean())
+
+
+def brier(probs: Any, labels: Any) -> float:
+    """Multiclass Brier score: mean over samples of sum_c (p_c - y_c)^2 (range [0, 2])."""
+    p, y = _as_numpy(probs, labels)
+    onehot = np.eye(p.shape[1])[y]
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def macro_f1(probs: Any, labels: Any) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    p, y = _as_numpy(probs, labels)
+    pred = p.argmax(axis=1)
+    scores = []
+    for c in np.union1d(y, pred):
+        tp = np.sum((pred == c) & (y == c))
+        denom = np.sum(pred == c) + np.sum(y == c)
+        scores.append(2.0 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+METRICS = {
+    "accuracy": accuracy,
+    "ece": ece,
+    "mce": mce,
+    "adaptive_ece": adaptive_ece,
+    "classwise_ece": classwise_ece,
+    "nll": nll,
+    "brier": brier,
+    "macro_f1": macro_f1,
+}
+
+
+def evaluate(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, float]:
+    """Every metric above, keyed by the column names of ``results.csv``."""
+    binned = {"ece", "mce", "adaptive_ece", "classwise_ece"}
+    return {name: fn(probs, labels, n_bins=n_bins) if name in binned else fn(probs, labels) for name, fn in METRICS.items()}
+
+
+def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, np.ndarray]:
+    """Per-bin accuracy, confidence and count for a reliability diagram."""
+    p, y = _as_numpy(probs, labels)
+    conf, hits = _top_label(p, y)
+    bins = _bin_ids(conf, n_bins)
+    counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    safe = np.maximum(counts, 1.0)
+    return {
+        "accuracy": np.bincount(bins, weights=hits, minlength=n_bins) / safe,
+        "confidence": np.bincount(bins, weights=conf, minlength=n_bins) / safe,
+        "count": counts,
+        "edges": np.linspace(0.0, 1.0, n_bins + 1),
+    }

@@ -1,0 +1,87 @@
+"""The backend protocol: the only thing the cache, prompt learner and trainer know about a VLM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a model expects its pixels: resolution, normalisation and resampling."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: str = "bicubic"
+
+    def describe(self) -> str:
+        """A stable string for cache keys."""
+        mean = ",".join(f"{m:.6g}" for m in self.mean)
+        std = ",".join(f"{s:.6g}" for s in self.std)
+        return f"size={self.size};interp={self.interpolation};mean={mean};std={std}"
+
+
+@dataclass
+class TokenBatch:
+    """Tokenised prompts, cut to the longest real prompt.
+
+    ``eot`` is the index of each row's end-of-text token (CLIP pools there);
+    ``attention_mask`` is set for towers that mask padding (BERT-style).
+    """
+
+    ids: Tensor
+    eot: Tensor
+    attention_mask: Optional[Tensor] = None
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return TokenBatch(self.ids.to(device), self.eot.to(device), mask)
+
+
+@runtime_checkable
+class VLMBackend(Protocol):
+    """A frozen dual-encoder VLM, seen through what prompt learning needs.
+
+    Prompt learning replaces some token embeddings by learned vectors, so the
+    text tower must be callable on input embeddings, not only on token ids.
+    """
+
+    name: str
+    device: torch.device
+    preprocess: PreprocessConfig
+    #: tokens before the learnable context (1 for a [SOS]/[CLS] token)
+    prompt_prefix_len: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Architecture + weights identity, for cache keys."""
+        ...
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the model's learned log temperature."""
+        ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """(N, 3, H, W) preprocessed pixels -> (N, D) L2-normalised features."""
+        ...
+
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch: ...
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """(C, L) token ids -> (C, L, W) input embeddings of the text tower."""
+        ...
+
+    def encode_embeddings(self, embeddings: Tensor, tokens: TokenBatch) -> Tensor:
+        """Run the frozen text tower on input embeddings; (C, D) projected, unnormalised."""
+        ...
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Reference text features through the library's own forward; (C, D), L2-normalised."""
+        ...

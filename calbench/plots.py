@@ -1,0 +1,53 @@
+"""Reliability diagrams (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from calbench.metrics import ece, reliability_bins  # noqa: E402
+
+
+def reliability_diagram(probs: Any, labels: Any, title: str, path: Path, n_bins: int = 10) -> None:
+    """Accuracy per confidence bin against the diagonal, bin mass underneath; written atomically."""
+    bins = reliability_bins(probs, labels, n_bins)
+    centres = (bins["edges"][:-1] + bins["edges"][1:]) / 2
+    width = 1.0 / n_bins
+    filled = bins["count"] > 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 5.0), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.bar(centres[filled], bins["accuracy"][filled], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+    top.bar(
+        centres[filled],
+        bins["confidence"][filled] - bins["accuracy"][filled],
+        bottom=bins["accuracy"][filled],
+        width=width,
+        edgecolor="#c44e52",
+        color="#c44e52",
+        alpha=0.35,
+        label="gap",
+    )
+    top.plot([0, 1], [0, 1], "k--", linewidth=1)
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.set_title(f"{title}\nECE {100 * ece(probs, labels, n_bins):.2f}%", fontsize=10)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, bins["count"] / max(bins["count"].sum(), 1), width=width, color="grey", edgecolor="black")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

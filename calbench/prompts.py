@@ -1,0 +1,72 @@
+"""CoOp prompt learner (Zhou et al., IJCV 2022): learned context vectors before each class name.
+
+Prompt i is [prefix] ctx_1 ... ctx_M <class name i> . [EOT], where [prefix] is the
+backend's start token(s) and ctx are free vectors in the token-embedding space,
+shared by all classes or one set per class. Only ctx is trained.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from calbench.models.base import VLMBackend
+
+PLACEHOLDER = "X"
+
+
+class PromptLearner(nn.Module):
+    """Learnable context for ``classnames`` on a frozen ``vlm``.
+
+    ``ctx_init`` (e.g. "a photo of a") starts the context from that phrase's token
+    embeddings and sets ``n_ctx`` to its token count, so before training the
+    prompts are exactly the hand prompt "<ctx_init> <class name>.".
+    """
+
+    def __init__(
+        self,
+        vlm: VLMBackend,
+        classnames: Sequence[str],
+        n_ctx: int = 16,
+        ctx_init: Optional[str] = None,
+        class_specific: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.classnames = list(classnames)
+        self.class_specific = class_specific
+        start = vlm.prompt_prefix_len
+        if ctx_init:
+            ctx_init = ctx_init.strip()
+            init_tokens = vlm.tokenize([ctx_init])
+            n_ctx = int(init_tokens.eot[0]) - start  # tokens between the prefix and EOT
+            with torch.no_grad():
+                ctx = vlm.embed_tokens(init_tokens.ids)[0, start : start + n_ctx].float().clone()
+            if class_specific:
+                ctx = ctx.unsqueeze(0).repeat(len(self.classnames), 1, 1)
+            prefix = ctx_init
+        else:
+            width = vlm.embed_tokens(vlm.tokenize([PLACEHOLDER]).ids).shape[-1]
+            shape = (len(self.classnames), n_ctx, width) if class_specific else (n_ctx, width)
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            ctx = torch.randn(shape, generator=generator) * 0.02  # CoOp's N(0, 0.02^2)
+            prefix = " ".join([PLACEHOLDER] * n_ctx)
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.ctx = nn.Parameter(ctx.to(vlm.device))
+        self.prompts = [f"{prefix} {name}." for name in self.classnames]
+        self.tokens = vlm.tokenize(self.prompts)
+        with torch.no_grad():
+            embeddings = vlm.embed_tokens(self.tokens.ids)
+        # frozen pieces around the context: [prefix] and "<class name> . [EOT] ..."
+        self.register_buffer("token_prefix", embeddings[:, :start].clone(), persistent=False)
+        self.register_buffer("token_suffix", embeddings[:, start + n_ctx :].clone(), persistent=False)
+
+    def text_features(self) -> Tensor:
+        """(C, D) L2-normalised class text features through the frozen text tower."""
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
+        embeddings = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+        return F.normalize(self.vlm.encode_embeddings(embeddings, self.tokens).float(), dim=-1)

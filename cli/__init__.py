@@ -1,0 +1,1 @@
+"""The ``calbench`` command line (Typer): thin shells over library functions."""

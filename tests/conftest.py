@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests never touch the network and never write outside tmp folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the session, so the synthetic dataset is written once."""
+    path = tmp_path_factory.mktemp("calbench-cache")
+    os.environ["CALBENCH_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from calbench.models import load_vlm
+
+    return load_vlm("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic(cache_dir: Path):
+    from calbench.data import load_dataset
+
+    return load_dataset("synthetic", cache_dir=cache_dir)

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from calbench.errors import CalbenchError
+from calbench.experiment import DEFAULT_METHODS, fewshot_features
+from calbench.cache import FeatureCache
+from calbench.methods import Calibrated, FitData, PromptMethod, list_methods, make_method
+from calbench.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def fit_data(tiny, synthetic, cache_dir) -> FitData:
+    cache = FeatureCache(cache_dir, tiny, progress=False)
+    return fewshot_features(tiny, synthetic, cache, shots=4, seed=1, views=2).fit
+
+
+def test_fit_data_has_no_test_split(fit_data):
+    assert not any("test" in name for name in vars(fit_data))
+    assert fit_data.train_features.shape == (2, 20, 64)
+    assert fit_data.val_features.shape == (20, 64)
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_every_method_gives_probabilities(fit_data, name):
+    method = make_method(name, epochs=3) if "zero-shot" not in name else make_method(name)
+    probs = method.fit(fit_data).predict_proba(fit_data.val_features)
+    assert probs.shape == (20, 5)
+    assert torch.all(probs >= 0)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(20, dtype=probs.dtype))
+
+
+def test_calibprompt_defaults_are_the_papers():
+    method = make_method("calibprompt")
+    assert isinstance(method, PromptMethod)
+    terms = method.objective.terms
+    assert (terms["ls"].kwargs["alpha"], terms["smac"].weight, terms["smac"].kwargs["alpha"], terms["as"].weight) == (0.05, 1.0, 0.05, 0.01)
+    assert method.config == TrainConfig()
+
+
+def test_post_hoc_variant_wraps_the_base(fit_data):
+    method = make_method("coop-ce+ts", epochs=2)
+    assert isinstance(method, Calibrated)
+    method.fit(fit_data)
+    base = method.base.predict_logits(fit_data.val_features)
+    t = method.calibrator.temperature
+    torch.testing.assert_close(method.predict_proba(fit_data.val_features), torch.softmax(base / t, dim=1))
+
+
+def test_bad_method_names_and_parameters():
+    with pytest.raises(CalbenchError, match="unknown method 'coop'"):
+        make_method("coop")
+    with pytest.raises(CalbenchError, match="unknown calibrator 'xx'"):
+        make_method("coop-ce+xx")
+    with pytest.raises(CalbenchError, match="unknown parameter"):
+        make_method("calibprompt", beta=1)
+    assert {"zero-shot", "coop-ce", "coop-ls", "coop-mbls", "calibprompt"} <= set(list_methods())
