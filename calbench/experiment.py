@@ -161,7 +161,7 @@ def run_compare(
     plots = {}
     for name, parts in pooled.items():
         path = out / f"reliability_{name.replace('+', '_')}.png"
-        reliability_diagram(np.concatenate(parts), np.tile(test_labels, len(parts)), f"{name} · {model} · {dataset.name}", path, n_bins)
+        reliability_diagram(np.concatenate(parts), np.tile(test_labels, len(parts)), f"{name} · {model} · {dataset.name} · {len(parts)} seed(s) pooled", path, n_bins)
         plots[name] = path
     return CompareResult(rows, failures, cache.stats, time.perf_counter() - start, out, plots)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -100,9 +101,9 @@ def mmce(logits: Tensor, labels: Tensor, bandwidth: float = 0.4) -> Tensor:
     and X are the *means* over the correct x correct, wrong x wrong and
     correct x wrong pairs of (1-r)(1-r')K, r r' K and (1-r) r' K. That public form
     divides by the group sizes twice; we keep it so numbers match published runs
-    (without its 1e-5 in the denominators). Negative MMCE^2, possible with the
-    mean form, is clamped at 0 before sqrt(. + 1e-10). 0 for an all-correct or
-    all-wrong batch.
+    (without its 1e-5 in the denominators). MMCE^2 is a squared kernel distance,
+    so it can dip below 0 only by rounding; it is clamped at 0 before
+    sqrt(. + 1e-10). 0 for an all-correct or all-wrong batch.
     """
     conf, pred = F.softmax(logits, dim=1).max(dim=1)
     correct = pred == labels
@@ -188,6 +189,13 @@ def text_moment_matching(text_features: Tensor, zs_text_features: Tensor) -> Ten
     return ((mu_t - mu_0) ** 2).sum() + ((cov_t - cov_0) ** 2).sum()
 
 
+@lru_cache(maxsize=None)
+def _required_inputs(loss: str) -> tuple[str, ...]:
+    """Names of a loss's tensor arguments (those without defaults), read once per loss."""
+    params = inspect.signature(LOSSES.get(loss)).parameters.values()
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+
+
 @dataclass(frozen=True)
 class Term:
     """One weighted term of an objective: ``weight * LOSSES[loss](**inputs, **kwargs)``."""
@@ -214,21 +222,15 @@ class Objective:
     @property
     def inputs(self) -> set[str]:
         """Names of the tensors the terms read (so callers compute only those)."""
-        names: set[str] = set()
-        for term in self.terms.values():
-            params = inspect.signature(LOSSES.get(term.loss)).parameters
-            names |= {p for p in params if p not in term.kwargs and params[p].default is inspect.Parameter.empty}
-        return names
+        return {name for term in self.terms.values() for name in _required_inputs(term.loss) if name not in term.kwargs}
 
     def __call__(self, **inputs: Optional[Tensor]) -> tuple[Tensor, Dict[str, float]]:
         """Return the total loss and each term's unweighted value (for logging)."""
         total: Optional[Tensor] = None
         parts: Dict[str, float] = {}
         for name, term in self.terms.items():
-            fn = LOSSES.get(term.loss)
-            params = inspect.signature(fn).parameters
-            args = {k: inputs[k] for k in params if k in inputs and k not in term.kwargs}
-            value = fn(**args, **term.kwargs)
+            args = {k: inputs[k] for k in _required_inputs(term.loss) if k not in term.kwargs}
+            value = LOSSES.get(term.loss)(**args, **term.kwargs)
             parts[name] = float(value.detach())
             total = term.weight * value if total is None else total + term.weight * value
         assert total is not None, "an objective needs at least one term"

@@ -28,9 +28,9 @@ def reliability_diagram(probs: Any, labels: Any, title: str, path: Path, n_bins:
         bottom=bins["accuracy"][filled],
         width=width,
         edgecolor="#c44e52",
-        color="#c44e52",
-        alpha=0.35,
-        label="gap",
+        color="none",
+        hatch="//",
+        label="gap to confidence",
     )
     top.plot([0, 1], [0, 1], "k--", linewidth=1)
     top.set_ylabel("accuracy")
