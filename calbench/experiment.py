@@ -21,7 +21,7 @@ from calbench.cache import CacheStats, FeatureCache, default_cache_dir
 from calbench.data import load_dataset
 from calbench.data.folder import ImageFolderDataset, few_shot_split
 from calbench.errors import CalbenchError
-from calbench.methods import CALIBRATORS, METHODS, Calibrated, FitData, Method, PromptMethod, list_methods, make_method, parse_method
+from calbench.methods import CALIBRATORS, METHODS, Calibrated, FeatureRequest, FitData, Method, PromptMethod, list_methods, make_method, parse_method
 from calbench.metrics import METRICS, evaluate
 from calbench.models import VLMBackend, load_vlm
 from calbench.plots import reliability_diagram
@@ -48,8 +48,13 @@ def fewshot_features(
     seed: int,
     val_shots: Optional[int] = None,
     views: int = 10,
+    requests: Optional[dict[str, FeatureRequest]] = None,
 ) -> FewShotFeatures:
-    """Few-shot train views and validation features for ``seed``, from the cache (train pool only)."""
+    """Few-shot train views and validation features for ``seed``, from the cache (train pool only).
+
+    ``requests`` adds extra features of the same few-shot images (``FitData.extra``);
+    asking for test images here is refused, because fitting must never see them.
+    """
     labels = dataset.labels("train")
     train_idx, val_idx = few_shot_split(labels, shots, shots if val_shots is None else val_shots, seed, dataset.classnames)
     train = cache.features(dataset, "train", train_idx, kind="train", views=range(views))
@@ -65,7 +70,39 @@ def fewshot_features(
         val_labels=torch.as_tensor(labels[val_idx], device=device),
         seed=seed,
     )
+    for name, request in (requests or {}).items():
+        if request.images not in ("train", "val"):
+            raise ValueError(f"fit request {name!r} asks for {request.images!r} images; fitting may only see train and val")
+        chosen = train_idx if request.images == "train" else val_idx
+        fit.extra[name] = cache.features(dataset, "train", chosen, kind=request.kind, views=range(request.views)).to(device)
     return FewShotFeatures(fit, train_idx, val_idx)
+
+
+def method_test_features(method: Method, dataset: ImageFolderDataset, cache: FeatureCache, clean: torch.Tensor) -> torch.Tensor:
+    """The test features a method predicts from: clean (N, D), or (views, N, D) if it asks."""
+    request = getattr(method, "test_request", None)
+    if request is None:
+        return clean
+    indices = np.arange(len(dataset.files("test")))
+    return cache.features(dataset, "test", indices, kind=request.kind, views=range(request.views)).to(clean.device)
+
+
+def load_params_file(path: Path) -> dict[str, dict[str, object]]:
+    """Method parameters from JSON: {"method": m, "params": {...}} (as `tune` writes) or {method: {...}}."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalbenchError(f"parameter file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise CalbenchError(f"parameter file {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "method" in data and "params" in data:
+        return {str(data["method"]): dict(data["params"])}
+    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+        return {str(k): dict(v) for k, v in data.items()}
+    raise CalbenchError(f"{path}: expected {{\"method\": ..., \"params\": {{...}}}} or {{method: {{param: value}}}}")
 
 
 def open_run(
@@ -123,8 +160,12 @@ def run_compare(
     n_bins: int = 10,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    method_params: Optional[dict[str, dict[str, object]]] = None,
 ) -> CompareResult:
-    """Fit every method for every seed, score on the test split, write results.csv and diagrams."""
+    """Fit every method for every seed, score on the test split, write results.csv and diagrams.
+
+    ``method_params`` maps a base method id to constructor parameters (e.g. tuned ones).
+    """
     start = time.perf_counter()
     for name in methods:
         parse_method(name)  # reject unknown names before any work
@@ -137,18 +178,26 @@ def run_compare(
     rows: list[dict[str, object]] = []
     failures: list[tuple[str, int, str]] = []
     pooled: dict[str, list[np.ndarray]] = {}
+    method_params = method_params or {}
     for seed in seeds:
-        fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views).fit
+        base_fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views)
         fitted: dict[str, Method] = {}  # bases shared by their post-hoc variants (coop-ce, coop-ce+ts)
         for name in methods:
             base, calibrator = parse_method(name)
             log(f"seed {seed}: {name}")
             try:
                 if base not in fitted:
-                    fitted[base] = make_method(base).fit(fit)
-                method = fitted[base] if calibrator is None else Calibrated(fitted[base], CALIBRATORS.get(calibrator)(), base_is_fitted=True).fit(fit)
+                    method = make_method(base, **method_params.get(base, {}))
+                    fit = base_fit.fit
+                    requests = getattr(method, "fit_requests", None)
+                    if requests:
+                        fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
+                    fitted[base] = method.fit(fit)
+                method = fitted[base]
+                if calibrator is not None:
+                    method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True).fit(base_fit.fit)
                 with torch.no_grad():
-                    probs = method.predict_proba(test_features).double().cpu().numpy()
+                    probs = method.predict_proba(method_test_features(fitted[base], dataset, cache, test_features)).double().cpu().numpy()
             except CalbenchError as exc:
                 failures.append((name, seed, str(exc)))
                 log(f"seed {seed}: {name} failed: {exc}")
@@ -180,16 +229,19 @@ def train_one(
     weights: Optional[Path] = None,
     data_root: Optional[Path] = None,
     progress: bool = False,
+    params: Optional[dict[str, object]] = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train one prompt method on one few-shot split, save its context; return path and validation metrics."""
     base, calibrator = parse_method(method)
     vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
-    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views).fit
-    trained = make_method(method).fit(fit)
+    untrained = make_method(method, **(params or {}))
+    requests = getattr(untrained.base if isinstance(untrained, Calibrated) else untrained, "fit_requests", None)
+    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
+    trained = untrained.fit(fit)
     prompt = trained.base if isinstance(trained, Calibrated) else trained
     if not isinstance(prompt, PromptMethod):
         raise CalbenchError(f"{base} learns no prompt, so there is nothing to train; pick one of: {', '.join(m for m in list_methods() if METHODS.get(m).trainable)}")
-    extra: dict[str, object] = {"method": method, "dataset": dataset.name, "seed": seed, "shots": shots}
+    extra: dict[str, object] = {"method": method, "params": params or {}, "dataset": dataset.name, "seed": seed, "shots": shots}
     if isinstance(trained, Calibrated) and hasattr(trained.calibrator, "temperature"):
         extra["temperature"] = trained.calibrator.temperature
     path = Path(out) / f"{method.replace('+', '_')}-{model}-{dataset.name}-seed{seed}.safetensors"

@@ -8,7 +8,7 @@ few-shot train and validation features only: methods cannot see the test split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -23,6 +23,19 @@ from calbench.registry import Registry
 from calbench.train import TrainConfig, logits_for, train_prompt_learner
 
 
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Extra cached features a method asks the runner for (e.g. noisy views for smoothing).
+
+    ``images`` is "train" (the few-shot training images), "val" or "test"; ``kind`` is a
+    transform kind of :mod:`calbench.data.transforms`; the runner returns (views, N, D).
+    """
+
+    images: str
+    kind: str
+    views: int = 1
+
+
 @dataclass
 class FitData:
     """What a method may learn from: few-shot train views and the validation split."""
@@ -35,12 +48,18 @@ class FitData:
     val_features: Tensor  # (M, D) normalised, eval preprocessing
     val_labels: Tensor  # (M,)
     seed: int
+    #: features asked for by the method's ``fit_requests`` (never test images)
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def hand_prompts(self) -> list[str]:
         return [self.template.format(name) for name in self.classnames]
 
 
 class Method(Protocol):
+    """Optional attributes: ``fit_requests: dict[str, FeatureRequest]`` (filled into
+    ``FitData.extra``) and ``test_request: FeatureRequest`` (then ``predict_proba``
+    receives (views, N, D) features of the test images instead of (N, D))."""
+
     def fit(self, data: FitData) -> "Method": ...
 
     def predict_logits(self, features: Tensor) -> Tensor: ...

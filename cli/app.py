@@ -1,71 +1,32 @@
 """``calbench`` CLI. Each command parses options, calls one library function and renders."""
 from __future__ import annotations
 
-import functools
-import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from calbench.errors import CalbenchError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs.")
-console = Console()
-if not console.is_terminal:  # logs and CI: no 80-column wrapping of the results table
-    console = Console(width=160)
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-ModelOpt = typer.Option("tiny", "--model", "-m", help="Model name (see `calbench models`).")
-DataOpt = typer.Option("synthetic", "--data", "-d", help="Dataset name (see `calbench datasets`) or a folder in calbench's layout.")
-ShotsOpt = typer.Option(8, "--shots", help="Training images per class.")
-ValShotsOpt = typer.Option(None, "--val-shots", help="Validation images per class, from the train pool (default: --shots).")
-ViewsOpt = typer.Option(10, "--views", help="Cached augmented views per training image (epoch e uses view e mod V).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-CacheOpt = typer.Option(None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir).")
-WeightsOpt = typer.Option(None, "--weights", help="Model weights file or folder (default: the model's own source).")
-DataRootOpt = typer.Option(None, "--data-root", envvar="CALBENCH_DATA", help="Folder holding registered datasets.")
-
-
-def user_errors(fn: F) -> F:
-    """Turn user errors into one red line and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-            err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-        previous = warnings.showwarning
-        warnings.showwarning = one_line_warning
-        try:
-            return fn(*args, **kwargs)
-        except CalbenchError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished cache files and results are kept; run the same command to resume")
-            raise typer.Exit(130) from None
-        finally:
-            warnings.showwarning = previous
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise CalbenchError(f"{option} takes comma-separated integers like 1,2,3; got {text!r}") from None
-
-
-def _names(text: Optional[str]) -> Optional[list[str]]:
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+from calbench.cli.common import (
+    CacheOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ModelOpt,
+    ParamsOpt,
+    ShotsOpt,
+    ValShotsOpt,
+    ViewsOpt,
+    WeightsOpt,
+    parse_ints,
+    parse_names,
+    app,
+    console,
+    err_console,
+    user_errors,
+)
 
 
 def _mean_std(values: list[float], scale: float) -> str:
@@ -105,15 +66,16 @@ def compare(
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
+    params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Train and evaluate methods on one model and dataset; print a table, write results.csv."""
-    from calbench.experiment import DEFAULT_METHODS, run_compare
+    from calbench.experiment import DEFAULT_METHODS, load_params_file, run_compare
 
     result = run_compare(
         model=model,
         data=data,
-        methods=_names(methods) or DEFAULT_METHODS,
-        seeds=_ints(seeds, "--seeds"),
+        methods=parse_names(methods) or DEFAULT_METHODS,
+        seeds=parse_ints(seeds, "--seeds"),
         shots=shots,
         val_shots=val_shots,
         views=views,
@@ -124,6 +86,7 @@ def compare(
         data_root=data_root,
         progress=console.is_terminal,
         log=lambda message: console.log(message) if console.is_terminal else None,
+        method_params=load_params_file(params) if params else None,
     )
     stats = result.stats
     if stats.encoded == 0:
@@ -152,12 +115,16 @@ def train(
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
+    params: Optional[Path] = ParamsOpt,
 ) -> None:
     """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
-    from calbench.experiment import train_one
+    from calbench.experiment import load_params_file, train_one
 
     started = time.perf_counter()
-    path, metrics = train_one(method, model, data, seed, shots, val_shots, views, device, out, cache_dir, weights, data_root, progress=console.is_terminal)
+    method_params = load_params_file(params).get(method.split("+")[0], {}) if params else {}
+    path, metrics = train_one(
+        method, model, data, seed, shots, val_shots, views, device, out, cache_dir, weights, data_root, progress=console.is_terminal, params=method_params
+    )
     console.print(
         f"{method} on {model} · {data}, seed {seed}: validation accuracy {100 * metrics['accuracy']:.2f}%, "
         f"ECE {100 * metrics['ece']:.2f}% — saved {path} in {time.perf_counter() - started:.1f} s"
@@ -181,38 +148,12 @@ def cache(
     """Encode the test split and the few-shot splits ahead of time (e.g. on a GPU node)."""
     from calbench.experiment import build_cache
 
-    stats, where = build_cache(model, data, _ints(seeds, "--seeds"), shots, val_shots, views, device, cache_dir, weights, data_root, progress=console.is_terminal)
+    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), shots, val_shots, views, device, cache_dir, weights, data_root, progress=console.is_terminal)
     console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")
 
 
-@app.command()
-@user_errors
-def models() -> None:
-    """List the registered models."""
-    from calbench.models import MODELS
-
-    table = Table(title="models")
-    for column in ("name", "modality", "source", "description"):
-        table.add_column(column)
-    for name in MODELS:
-        spec = MODELS.get(name)
-        table.add_row(name, spec.modality, spec.source, spec.description)
-    console.print(table)
-
-
-@app.command()
-@user_errors
-def datasets() -> None:
-    """List the registered datasets (any folder in calbench's layout also works with --data PATH)."""
-    from calbench.data import DATASETS
-
-    table = Table(title="datasets")
-    for column in ("name", "modality", "prompt template", "description"):
-        table.add_column(column)
-    for name in DATASETS:
-        spec = DATASETS.get(name)
-        table.add_row(name, spec.modality, spec.template, spec.description)
-    console.print(table)
+# command modules register themselves on `app` when imported
+from calbench.cli import data_cmd, models_cmd  # noqa: E402,F401
 
 
 def main() -> None:

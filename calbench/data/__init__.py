@@ -9,7 +9,7 @@ from calbench.data.folder import DEFAULT_TEMPLATE, ImageFolderDataset, few_shot_
 from calbench.errors import CalbenchError
 from calbench.registry import Registry
 
-__all__ = ["DatasetSpec", "DATASETS", "ImageFolderDataset", "few_shot_split", "list_datasets", "load_dataset"]
+__all__ = ["DatasetSpec", "DATASETS", "ImageFolderDataset", "few_shot_split", "availability", "list_datasets", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class DatasetSpec:
     description: str
     #: (data_root, cache_dir) -> the dataset's folder, creating it if it is built in
     locate: Callable[[Optional[Path], Path], Path]
+    #: (data_root) -> (present?, the command or source that provides it when not)
+    available: Callable[[Optional[Path]], tuple[bool, str]] = lambda data_root: (True, "")
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -45,6 +47,11 @@ DATASETS.add(
         locate=_locate_synthetic,
     ),
 )
+
+
+def availability(name: str, data_root: Optional[Path] = None) -> tuple[bool, str]:
+    """Whether dataset ``name`` is present under ``data_root``, and if not, how to get it."""
+    return DATASETS.get(name).available(data_root)
 
 
 def load_dataset(name_or_path: str, cache_dir: Path, data_root: Optional[Path] = None) -> ImageFolderDataset:

@@ -16,7 +16,7 @@ import torch
 from calbench.models.base import PreprocessConfig, TokenBatch, VLMBackend
 from calbench.registry import Registry
 
-__all__ = ["ModelSpec", "PreprocessConfig", "TokenBatch", "VLMBackend", "MODELS", "list_models", "load_vlm", "resolve_device"]
+__all__ = ["ModelSpec", "PreprocessConfig", "TokenBatch", "VLMBackend", "MODELS", "availability", "list_models", "load_vlm", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class ModelSpec:
     source: str
     description: str
     build: Callable[[torch.device, Optional[Path]], VLMBackend]
+    #: () -> (weights usable without network?, how to get them when not)
+    available: Callable[[], tuple[bool, str]] = lambda: (True, "")
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -35,6 +37,11 @@ MODELS: Registry[ModelSpec] = Registry("model")
 
 def list_models() -> list[str]:
     return MODELS.names()
+
+
+def availability(name: str) -> tuple[bool, str]:
+    """Whether ``name``'s weights can be loaded now, and if not, the command or source that provides them."""
+    return MODELS.get(name).available()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -1,0 +1,65 @@
+"""What every command module shares: the Typer app, consoles, common options, error handling."""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from calbench.errors import CalbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs.")
+console = Console()
+if not console.is_terminal:  # logs and CI: no 80-column wrapping of the results table
+    console = Console(width=160)
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelOpt = typer.Option("tiny", "--model", "-m", help="Model name (see `calbench models`).")
+DataOpt = typer.Option("synthetic", "--data", "-d", help="Dataset name (see `calbench datasets`) or a folder in calbench's layout.")
+ShotsOpt = typer.Option(8, "--shots", help="Training images per class.")
+ValShotsOpt = typer.Option(None, "--val-shots", help="Validation images per class, from the train pool (default: --shots).")
+ViewsOpt = typer.Option(10, "--views", help="Cached augmented views per training image (epoch e uses view e mod V).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+CacheOpt = typer.Option(None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir).")
+WeightsOpt = typer.Option(None, "--weights", help="Model weights file or folder (default: the model's own source).")
+ParamsOpt = typer.Option(None, "--params", help="JSON of method parameters: best_params.json from `tune`, or {method: {param: value}}.")
+DataRootOpt = typer.Option(None, "--data-root", envvar="CALBENCH_DATA", help="Folder holding registered datasets.")
+
+
+def user_errors(fn: F) -> F:
+    """Turn user errors into one red line and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+        previous = warnings.showwarning
+        warnings.showwarning = one_line_warning
+        try:
+            return fn(*args, **kwargs)
+        except CalbenchError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished cache files and results are kept; run the same command to resume")
+            raise typer.Exit(130) from None
+        finally:
+            warnings.showwarning = previous
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CalbenchError(f"{option} takes comma-separated integers like 1,2,3; got {text!r}") from None
+
+
+def parse_names(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
