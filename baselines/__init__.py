@@ -1,2 +1,2 @@
 """Comparison methods; importing this package registers them in :data:`calbench.methods.METHODS`."""
-from calbench.baselines import coop, posthoc, zero_shot  # noqa: F401
+from calbench.baselines import coop, posthoc, promptsmooth, zero_shot  # noqa: F401

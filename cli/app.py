@@ -153,7 +153,7 @@ def cache(
 
 
 # command modules register themselves on `app` when imported
-from calbench.cli import data_cmd, models_cmd  # noqa: E402,F401
+from calbench.cli import certify_cmd, data_cmd, models_cmd, tune_cmd  # noqa: E402,F401
 
 
 def main() -> None:

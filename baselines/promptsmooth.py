@@ -1,0 +1,1 @@
+"""PromptSmooth baselines (being written)."""

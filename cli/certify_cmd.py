@@ -1,0 +1,1 @@
+"""`calbench certify` (being written)."""

@@ -1,0 +1,1 @@
+"""`calbench tune`: Optuna search (being written)."""
