@@ -1,36 +1,141 @@
-"""CoOp baselines: the same prompt learner and trainer as CalibPrompt, other losses.
+"""CoOp baselines and CalibPrompt ablations: the same prompt learner and trainer, other objectives.
 
-Defaults, with their sources:
-- coop-ls: alpha 0.05, the label-smoothing weight CalibPrompt's configs use.
-- coop-mbls: margin 10, alpha 0.1 (Liu et al., CVPR 2022, their default).
+Each method is one row of :data:`LOSS_METHODS`: its loss terms, and its parameters with
+their defaults and sources. A parameter sets one or more term fields ("term.weight" or
+"term.<kwarg>"), so a shared hyper-parameter (CalibPrompt's alpha for LS and SMAC) is one
+knob. Training options (lr, n_ctx, epochs, ...) are accepted by every method.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
 from calbench.methods import Method, PromptMethod, register_method, split_train_params
+from calbench.train import TrainConfig
 
 
-def _coop(loss: str, defaults: dict[str, Any], params: dict[str, Any], method: str) -> Method:
-    cfg, rest = split_train_params(params)
-    unknown = set(rest) - set(defaults)
-    if unknown:
-        raise CalbenchError(f"{method}: unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults) or 'none'} and training options")
-    return PromptMethod(Objective({loss: Term(loss, 1.0, {**defaults, **rest})}), cfg)
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: default value, the term fields it sets, and where the default comes from."""
+
+    default: float
+    sets: tuple[str, ...]
+    source: str
 
 
-@register_method("coop-ce", "CoOp with cross-entropy (Zhou et al., IJCV 2022)")
-def coop_ce(**params: Any) -> Method:
-    return _coop("cross_entropy", {}, params, "coop-ce")
+@dataclass(frozen=True)
+class LossMethod:
+    description: str
+    terms: Mapping[str, str]  # term name -> loss name (weights default to 1)
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    def objective(self, values: Mapping[str, float]) -> Objective:
+        weights = {term: 1.0 for term in self.terms}
+        kwargs: dict[str, dict[str, float]] = {term: {} for term in self.terms}
+        for name, param in self.params.items():
+            for target in param.sets:
+                term, attribute = target.split(".")
+                if attribute == "weight":
+                    weights[term] = values[name]
+                else:
+                    kwargs[term][attribute] = values[name]
+        return Objective({term: Term(loss, weights[term], kwargs[term]) for term, loss in self.terms.items()})
 
 
-@register_method("coop-ls", "CoOp with label smoothing")
-def coop_ls(**params: Any) -> Method:
-    return _coop("label_smoothing", {"alpha": 0.05}, params, "coop-ls")
+CALIBPROMPT = "Basu et al., BMVC 2025 (CalibPrompt defaults)"
+LOSS_METHODS: dict[str, LossMethod] = {
+    "coop-ce": LossMethod("CoOp with cross-entropy (Zhou et al., IJCV 2022)", {"ce": "cross_entropy"}),
+    "coop-ls": LossMethod(
+        "CoOp with label smoothing", {"ls": "label_smoothing"}, {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT)}
+    ),
+    "coop-mbls": LossMethod(
+        "CoOp with margin-based label smoothing (Liu et al., CVPR 2022)",
+        {"mbls": "mbls"},
+        {"margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022"), "alpha": Param(0.1, ("mbls.alpha",), "Liu et al., CVPR 2022")},
+    ),
+    "coop-focal": LossMethod(
+        "CoOp with focal loss (Lin et al., 2017; for calibration Mukhoti et al., NeurIPS 2020)",
+        {"focal": "focal"},
+        {"gamma": Param(3.0, ("focal.gamma",), "Mukhoti et al., NeurIPS 2020 (fixed gamma 3)")},
+    ),
+    "coop-mdca": LossMethod(
+        "CoOp with CE + MDCA (Hebbalaguppe et al., CVPR 2022)",
+        {"ce": "cross_entropy", "mdca": "mdca"},
+        {"beta": Param(1.0, ("mdca.weight",), "Hebbalaguppe et al., CVPR 2022 (beta 1 with NLL)")},
+    ),
+    "coop-dca": LossMethod(
+        "CoOp with CE + DCA (Liang et al., 2020)",
+        {"ce": "cross_entropy", "dca": "dca"},
+        {"beta": Param(1.0, ("dca.weight",), "calbench default; tune with `calbench tune`")},
+    ),
+    "coop-mmce": LossMethod(
+        "CoOp with CE + weighted MMCE (Kumar et al., ICML 2018)",
+        {"ce": "cross_entropy", "mmce": "mmce"},
+        {"weight": Param(1.0, ("mmce.weight",), "calbench default; tune with `calbench tune`")},
+    ),
+    "coop-logitnorm": LossMethod(
+        "CoOp with LogitNorm (Wei et al., ICML 2022)",
+        {"logitnorm": "logit_norm"},
+        {"temperature": Param(0.04, ("logitnorm.temperature",), "Wei et al., ICML 2022 (CIFAR-10 setting)")},
+    ),
+    "coop-zsnorm": LossMethod(
+        "CoOp with ZS-Norm: CE on logits rescaled to the zero-shot range (Murugesan et al., ECCV 2024)",
+        {"zsnorm": "zs_norm"},
+    ),
+    "coop-penalty": LossMethod(
+        "CoOp with CE + zero-shot range penalty (Murugesan et al., ECCV 2024)",
+        {"ce": "cross_entropy", "penalty": "zs_penalty"},
+        {"weight": Param(1.0, ("penalty.weight",), "calbench default; tune with `calbench tune`")},
+    ),
+    "coop-mmv": LossMethod(
+        "CoOp with CE + margin mean-variance regulariser",
+        {"ce": "cross_entropy", "mmv": "margin_mean_var"},
+        {"alpha": Param(0.1, ("mmv.alpha",), "calbench default"), "beta": Param(0.01, ("mmv.beta",), "calbench default")},
+    ),
+    "coop-tmm": LossMethod(
+        "CoOp with CE + text moment matching to the zero-shot class features",
+        {"ce": "cross_entropy", "tmm": "text_moment_matching"},
+        {"weight": Param(1.0, ("tmm.weight",), "calbench default; tune with `calbench tune`")},
+    ),
+    "ls+smac": LossMethod(
+        "CalibPrompt ablation: label smoothing + SMAC, no AS",
+        {"ls": "label_smoothing", "smac": "smac"},
+        {"alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT), "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT)},
+    ),
+    "ls+as": LossMethod(
+        "CalibPrompt ablation: label smoothing + AS, no SMAC",
+        {"ls": "label_smoothing", "as": "angular_separation"},
+        {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT), "w_as": Param(0.01, ("as.weight",), CALIBPROMPT)},
+    ),
+    "calibprompt-focal": LossMethod(
+        "CalibPrompt with focal loss as the task loss: focal + SMAC + AS",
+        {"focal": "focal", "smac": "smac", "as": "angular_separation"},
+        {
+            "gamma": Param(3.0, ("focal.gamma",), "Mukhoti et al., NeurIPS 2020"),
+            "alpha": Param(0.05, ("smac.alpha",), CALIBPROMPT),
+            "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
+            "w_as": Param(0.01, ("as.weight",), CALIBPROMPT),
+        },
+    ),
+}
 
 
-@register_method("coop-mbls", "CoOp with margin-based label smoothing (Liu et al., CVPR 2022)")
-def coop_mbls(**params: Any) -> Method:
-    return _coop("mbls", {"margin": 10.0, "alpha": 0.1}, params, "coop-mbls")
+def _factory(name: str, spec: LossMethod):
+    def build(**params: Any) -> Method:
+        cfg, rest = split_train_params(params)
+        unknown = set(rest) - set(spec.params)
+        if unknown:
+            raise CalbenchError(
+                f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(spec.params) or 'none'} and training options ({', '.join(f.name for f in fields(TrainConfig))})"
+            )
+        values = {p: float(rest.get(p, param.default)) for p, param in spec.params.items()}
+        return PromptMethod(spec.objective(values), cfg)
+
+    return build
+
+
+for _name, _spec in LOSS_METHODS.items():
+    register_method(_name, _spec.description)(_factory(_name, _spec))

@@ -6,7 +6,9 @@ receive :class:`~calbench.methods.FitData` (few-shot train views + validation).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 import tempfile
 import time
@@ -22,13 +24,17 @@ from calbench.data import load_dataset
 from calbench.data.folder import ImageFolderDataset, few_shot_split
 from calbench.errors import CalbenchError
 from calbench.methods import CALIBRATORS, METHODS, Calibrated, FeatureRequest, FitData, Method, PromptMethod, list_methods, make_method, parse_method
-from calbench.metrics import METRICS, evaluate
+from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.models import VLMBackend, load_vlm
 from calbench.plots import reliability_diagram
 from calbench.train import save_prompt
 
 DEFAULT_METHODS = ["zero-shot", "zero-shot+ts", "coop-ce", "coop-ce+ts", "coop-ls", "coop-mbls", "calibprompt"]
-RESULT_COLUMNS = ["model", "dataset", "method", "seed", *METRICS]
+
+
+def all_methods() -> list[str]:
+    """The standard set, then every other registered method (what `compare --all` runs)."""
+    return DEFAULT_METHODS + [m for m in list_methods() if m not in DEFAULT_METHODS]
 
 
 @dataclass
@@ -121,19 +127,13 @@ def open_run(
     return vlm, dataset, FeatureCache(cache_dir, vlm, progress=progress)
 
 
-@dataclass
-class CompareResult:
-    rows: list[dict[str, object]]
-    failures: list[tuple[str, int, str]]
-    stats: CacheStats
-    seconds: float
-    out: Path
-    plots: dict[str, Path] = field(default_factory=dict)
+RESULT_COLUMNS = ["model", "dataset", "method", "seed", *METRICS, "ece_ci_low", "ece_ci_high", "status", "error", "config"]
+KEY = ("model", "dataset", "method", "seed", "config")
 
 
 def write_csv_atomic(rows: Sequence[dict[str, object]], path: Path, columns: Sequence[str]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
@@ -142,6 +142,199 @@ def write_csv_atomic(rows: Sequence[dict[str, object]], path: Path, columns: Seq
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(buffer.getvalue())
     os.replace(tmp, path)
+
+
+def read_results(path: Path) -> list[dict[str, object]]:
+    """Rows of a results.csv with numbers parsed back (empty cells of failed runs become NaN)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    numeric = set(METRICS) | {"ece_ci_low", "ece_ci_high"}
+    for row in rows:
+        row["seed"] = int(row["seed"])
+        for key in numeric:
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
+        row.setdefault("status", "ok")
+    return rows
+
+
+class ResultsStore:
+    """results.csv as a resumable log: one row per (model, dataset, method, seed, config).
+
+    Each new row rewrites the file atomically, so an interrupted grid loses at most
+    the run in progress; test-split probabilities are kept beside it for diagrams
+    and reports.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path = self.out / "results.csv"
+        self.rows = read_results(self.path)
+
+    @staticmethod
+    def key(row: dict[str, object]) -> tuple[str, ...]:
+        return tuple(str(row[k]) for k in KEY)
+
+    def find(self, **key: object) -> Optional[dict[str, object]]:
+        wanted = self.key(key)
+        return next((row for row in self.rows if self.key(row) == wanted), None)
+
+    def put(self, row: dict[str, object], probs: Optional[np.ndarray] = None) -> None:
+        self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
+        if probs is not None:
+            path = self.predictions_path(row)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy", dir=path.parent)
+            os.close(fd)
+            np.save(tmp, probs.astype(np.float32))
+            os.replace(tmp, path)
+        write_csv_atomic(self.rows, self.path, RESULT_COLUMNS)
+
+    def predictions_path(self, row: dict[str, object]) -> Path:
+        name = "__".join(str(row[k]) for k in KEY).replace("/", "_").replace("+", "_")
+        return self.out / "predictions" / f"{name}.npy"
+
+
+def run_config(vlm: VLMBackend, dataset: ImageFolderDataset, method: str, settings: dict[str, object]) -> str:
+    """Short hash of everything besides (model, dataset, method, seed) that changes a row's numbers."""
+    payload = {"model": vlm.fingerprint, "train": dataset.fingerprint("train"), "test": dataset.fingerprint("test"), "method": method, **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict[str, object]]  # every row of the requested grid, computed now or earlier
+    computed: int
+    skipped_pairs: list[tuple[str, str, str]]  # (model, dataset, what is missing)
+    stats: CacheStats
+    seconds: float
+    out: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[dict[str, object]]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+
+def _evaluate_run(probs: np.ndarray, labels: np.ndarray, seed: int, n_bins: int, bootstrap: int) -> dict[str, object]:
+    metrics: dict[str, object] = dict(evaluate(probs, labels, n_bins))
+    low, high = bootstrap_ece(probs, labels, bootstrap, seed, n_bins) if bootstrap > 0 else (float("nan"), float("nan"))
+    return {**metrics, "ece_ci_low": low, "ece_ci_high": high, "status": "ok", "error": ""}
+
+
+def _failed(reason: str) -> dict[str, object]:
+    return {**{m: float("nan") for m in METRICS}, "ece_ci_low": float("nan"), "ece_ci_high": float("nan"), "status": "failed", "error": reason}
+
+
+def compare_pair(
+    vlm: VLMBackend,
+    dataset: ImageFolderDataset,
+    cache: FeatureCache,
+    store: ResultsStore,
+    model: str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    shots: int,
+    val_shots: Optional[int],
+    views: int,
+    n_bins: int,
+    bootstrap: int,
+    method_params: dict[str, dict[str, object]],
+    force: bool,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, object]], int]:
+    """Every (method, seed) of one model and dataset; rows already in ``store`` are reused unless ``force``."""
+    settings = {"shots": shots, "val_shots": val_shots, "views": views, "n_bins": n_bins, "bootstrap": bootstrap}
+    configs = {name: run_config(vlm, dataset, name, {**settings, "params": method_params.get(parse_method(name)[0], {})}) for name in methods}
+    test_labels = dataset.labels("test")
+    test_features: Optional[torch.Tensor] = None
+    rows, computed = [], 0
+    for seed in seeds:
+        todo = [name for name in methods if force or store.find(model=model, dataset=dataset.name, method=name, seed=seed, config=configs[name]) is None]
+        if not todo:
+            continue
+        if test_features is None:
+            indices = np.arange(len(test_labels))
+            test_features = cache.features(dataset, "test", indices, kind="eval")[0].to(vlm.device)
+        base_fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views)
+        fitted: dict[str, Method] = {}  # bases shared by their post-hoc variants (coop-ce, coop-ce+ts)
+        errors: dict[str, str] = {}
+        for name in todo:
+            base, calibrator = parse_method(name)
+            log(f"{model} · {dataset.name} · seed {seed}: {name}")
+            row: dict[str, object] = {"model": model, "dataset": dataset.name, "method": name, "seed": seed, "config": configs[name]}
+            probs = None
+            try:
+                if base in errors:
+                    raise CalbenchError(errors[base])
+                if base not in fitted:
+                    method = make_method(base, **method_params.get(base, {}))
+                    fit = base_fit.fit
+                    requests = getattr(method, "fit_requests", None)
+                    if requests:
+                        fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
+                    fitted[base] = method.fit(fit)
+                method = fitted[base]
+                if calibrator is not None:
+                    method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True).fit(base_fit.fit)
+                with torch.no_grad():
+                    probs = method.predict_proba(method_test_features(fitted[base], dataset, cache, test_features)).double().cpu().numpy()
+                if not np.all(np.isfinite(probs)):
+                    raise CalbenchError("predicted probabilities are not finite")
+                row.update(_evaluate_run(probs, test_labels, seed, n_bins, bootstrap))
+            except Exception as exc:  # noqa: BLE001 - one failed run is reported in its row; the grid goes on
+                reason = str(exc) if isinstance(exc, CalbenchError) else f"{type(exc).__name__}: {exc}"
+                errors.setdefault(base, reason)
+                row.update(_failed(reason))
+                probs = None
+                log(f"{model} · {dataset.name} · seed {seed}: {name} failed: {reason}")
+            store.put(row, probs)
+            computed += 1
+    for seed in seeds:
+        for name in methods:
+            found = store.find(model=model, dataset=dataset.name, method=name, seed=seed, config=configs[name])
+            if found is not None:
+                rows.append(found)
+    return rows, computed
+
+
+def reliability_plots(store: ResultsStore, rows: Sequence[dict[str, object]], labels_of: dict[str, np.ndarray], n_bins: int) -> dict[str, Path]:
+    """One diagram per (model, dataset, method), test predictions pooled over the seeds run."""
+    groups: dict[tuple[str, str, str], list[np.ndarray]] = {}
+    for row in rows:
+        path = store.predictions_path(row)
+        if row["status"] == "ok" and path.is_file():
+            groups.setdefault((str(row["model"]), str(row["dataset"]), str(row["method"])), []).append(np.load(path))
+    plots = {}
+    for (model, dataset, method), parts in groups.items():
+        path = store.out / "reliability" / f"{model}_{dataset}_{method.replace('+', '_')}.png"
+        labels = np.tile(labels_of[dataset], len(parts))
+        reliability_diagram(np.concatenate(parts), labels, f"{method} · {model} · {dataset} · {len(parts)} seed(s) pooled", path, n_bins)
+        plots[f"{model}/{dataset}/{method}"] = path
+    return plots
+
+
+def plan_grid(all_pairs: bool, model: str, data: str, data_root: Optional[Path]) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """The (model, dataset) pairs to run and the skipped ones with what they miss.
+
+    ``--all`` pairs every registered model with every registered dataset of its modality.
+    """
+    if not all_pairs:
+        return [(model, data)], []
+    from calbench.data import DATASETS
+    from calbench.data import availability as data_availability
+    from calbench.models import MODELS
+    from calbench.models import availability as model_availability
+
+    run, skipped = [], []
+    for m in MODELS:
+        for d in DATASETS:
+            if MODELS.get(m).modality != DATASETS.get(d).modality:
+                continue
+            missing = [hint for ok, hint in (model_availability(m), data_availability(d, data_root)) if not ok]
+            (skipped.append((m, d, "; ".join(missing))) if missing else run.append((m, d)))
+    return run, skipped
 
 
 def run_compare(
@@ -161,9 +354,15 @@ def run_compare(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     method_params: Optional[dict[str, dict[str, object]]] = None,
+    bootstrap: int = 1000,
+    all_pairs: bool = False,
+    force: bool = False,
+    on_skip: Callable[[str, str, str], None] = lambda model, data, missing: None,
 ) -> CompareResult:
-    """Fit every method for every seed, score on the test split, write results.csv and diagrams.
+    """Fit every method for every seed, score on the test split, append to results.csv, draw diagrams.
 
+    With ``all_pairs`` the grid is every available (model, dataset) pair of one modality;
+    rows already in ``out/results.csv`` with the same settings are reused unless ``force``.
     ``method_params`` maps a base method id to constructor parameters (e.g. tuned ones).
     """
     start = time.perf_counter()
@@ -171,48 +370,27 @@ def run_compare(
         parse_method(name)  # reject unknown names before any work
     if shots < 1:
         raise CalbenchError(f"--shots must be at least 1, got {shots}")
-    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
-    test_labels = dataset.labels("test")
-    test_features = cache.features(dataset, "test", np.arange(len(test_labels)), kind="eval")[0].to(vlm.device)
-
+    if not seeds:
+        raise CalbenchError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
+    pairs, skipped = plan_grid(all_pairs, model, data, data_root)
+    for m, d, missing in skipped:
+        on_skip(m, d, missing)
+    store = ResultsStore(Path(out))
+    stats = CacheStats()
     rows: list[dict[str, object]] = []
-    failures: list[tuple[str, int, str]] = []
-    pooled: dict[str, list[np.ndarray]] = {}
-    method_params = method_params or {}
-    for seed in seeds:
-        base_fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views)
-        fitted: dict[str, Method] = {}  # bases shared by their post-hoc variants (coop-ce, coop-ce+ts)
-        for name in methods:
-            base, calibrator = parse_method(name)
-            log(f"seed {seed}: {name}")
-            try:
-                if base not in fitted:
-                    method = make_method(base, **method_params.get(base, {}))
-                    fit = base_fit.fit
-                    requests = getattr(method, "fit_requests", None)
-                    if requests:
-                        fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
-                    fitted[base] = method.fit(fit)
-                method = fitted[base]
-                if calibrator is not None:
-                    method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True).fit(base_fit.fit)
-                with torch.no_grad():
-                    probs = method.predict_proba(method_test_features(fitted[base], dataset, cache, test_features)).double().cpu().numpy()
-            except CalbenchError as exc:
-                failures.append((name, seed, str(exc)))
-                log(f"seed {seed}: {name} failed: {exc}")
-                continue
-            rows.append({"model": model, "dataset": dataset.name, "method": name, "seed": seed, **evaluate(probs, test_labels, n_bins)})
-            pooled.setdefault(name, []).append(probs)
-
-    out = Path(out)
-    write_csv_atomic(rows, out / "results.csv", RESULT_COLUMNS)
-    plots = {}
-    for name, parts in pooled.items():
-        path = out / f"reliability_{name.replace('+', '_')}.png"
-        reliability_diagram(np.concatenate(parts), np.tile(test_labels, len(parts)), f"{name} · {model} · {dataset.name} · {len(parts)} seed(s) pooled", path, n_bins)
-        plots[name] = path
-    return CompareResult(rows, failures, cache.stats, time.perf_counter() - start, out, plots)
+    labels_of: dict[str, np.ndarray] = {}
+    computed = 0
+    for m, d in pairs:
+        vlm, dataset, cache = open_run(m, d, device, cache_dir, weights if not all_pairs else None, data_root, progress)
+        cache.stats = stats
+        labels_of[dataset.name] = dataset.labels("test")
+        pair_rows, pair_computed = compare_pair(
+            vlm, dataset, cache, store, m, methods, seeds, shots, val_shots, views, n_bins, bootstrap, method_params or {}, force, log
+        )
+        rows += pair_rows
+        computed += pair_computed
+    plots = reliability_plots(store, rows, labels_of, n_bins)
+    return CompareResult(rows, computed, skipped, stats, time.perf_counter() - start, store.out, plots)
 
 
 def train_one(

@@ -8,6 +8,7 @@ few-shot train and validation features only: methods cannot see the test split.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Optional, Protocol
 
@@ -85,6 +86,8 @@ class PromptMethod(LogitMethod):
         self.config = config or TrainConfig()
         self.learner: Optional[PromptLearner] = None
         self.history: list[dict[str, float]] = []
+        #: ``on_epoch(epoch, losses)`` after each epoch while ``self.learner`` trains (e.g. to report or prune); may raise to stop
+        self.on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None
 
     def fit(self, data: FitData) -> "PromptMethod":
         cfg = self.config
@@ -97,7 +100,7 @@ class PromptMethod(LogitMethod):
             with torch.no_grad():
                 zs = data.vlm.encode_texts(data.hand_prompts())
         self.history = train_prompt_learner(
-            self.learner, self.objective, data.train_features, data.train_labels, cfg, data.seed, zs_text_features=zs
+            self.learner, self.objective, data.train_features, data.train_labels, cfg, data.seed, zs_text_features=zs, on_epoch=self.on_epoch
         )
         with torch.no_grad():
             self._text = self.learner.text_features()
@@ -186,22 +189,32 @@ def make_method(name: str, **params: Any) -> Method:
 
 
 def parse_method(name: str) -> tuple[str, Optional[str]]:
-    """Split ``base+cal`` into its parts, checking both against their registries."""
-    base, *calibrators = name.split("+")
-    if len(calibrators) > 1:
-        raise CalbenchError(f"method {name!r}: only one post-hoc calibrator can follow '+'")
+    """Split ``base+cal`` into its parts, checking both against their registries.
+
+    Base ids may contain '+' themselves (the ablation ``ls+smac``), so a registered
+    base id wins, and otherwise the text after the last '+' names the calibrator.
+    """
+    if name in METHODS:
+        return name, None
+    base, plus, calibrator = name.rpartition("+")
+    if not plus:
+        METHODS.get(name)  # raises with the list of valid ids
     METHODS.get(base)
-    if calibrators:
-        CALIBRATORS.get(calibrators[0])
-    return base, (calibrators[0] if calibrators else None)
+    CALIBRATORS.get(calibrator)
+    return base, calibrator
 
 
 @register_method("calibprompt", "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)")
-def calibprompt(alpha: float = 0.05, w_smac: float = 1.0, w_as: float = 0.01, **train: Any) -> Method:
-    cfg, rest = split_train_params(train)
-    if rest:
-        raise CalbenchError(f"calibprompt: unknown parameter(s) {', '.join(rest)}; known: alpha, w_smac, w_as, {', '.join(f.name for f in fields(TrainConfig))}")
-    return PromptMethod(calibprompt_objective(alpha=alpha, w_smac=w_smac, w_as=w_as), cfg)
+def calibprompt(**params: Any) -> Method:
+    """Parameters: alpha, w_smac, w_as (defaults in :func:`calbench.losses.calibprompt_objective`) and TrainConfig fields."""
+    cfg, rest = split_train_params(params)
+    known = set(inspect.signature(calibprompt_objective).parameters)
+    if set(rest) - known:
+        raise CalbenchError(
+            f"calibprompt: unknown parameter(s) {', '.join(sorted(set(rest) - known))}; "
+            f"known: {', '.join(sorted(known))} and training options ({', '.join(f.name for f in fields(TrainConfig))})"
+        )
+    return PromptMethod(calibprompt_objective(**rest), cfg)
 
 
 import calbench.baselines  # noqa: E402,F401  (registers the comparison methods)

@@ -149,3 +149,26 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, np.
         "count": counts,
         "edges": np.linspace(0.0, 1.0, n_bins + 1),
     }
+
+
+def bootstrap_ece(probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_bins: int = 10, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ECE over test items (resampled with replacement).
+
+    All resamples are binned at once: bin ids are offset by resample so one bincount
+    gives every resample's per-bin sums.
+    """
+    p, y = _as_numpy(probs, labels)
+    conf, hits = _top_label(p, y)
+    bins = _bin_ids(conf, n_bins)
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    slots = (bins[draws] + n_bins * np.arange(n_boot)[:, None]).ravel()
+    size = n_boot * n_bins
+    counts = np.bincount(slots, minlength=size).reshape(n_boot, n_bins)
+    conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
+    hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
+    values = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum over bins of count * |acc - conf|, over n
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

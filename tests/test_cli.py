@@ -32,8 +32,9 @@ def test_compare_prints_every_method_and_writes_results(demo):
     assert [r["method"] for r in rows] == DEFAULT_METHODS
     assert all(0.0 <= float(r["ece"]) <= 1.0 and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     assert {r["model"] for r in rows} == {"tiny"} and {r["dataset"] for r in rows} == {"synthetic"}
-    pngs = sorted(p.name for p in (out / "a").glob("reliability_*.png"))
-    assert len(pngs) == len(DEFAULT_METHODS) and "reliability_coop-ce_ts.png" in pngs
+    pngs = sorted(p.name for p in (out / "a" / "reliability").glob("*.png"))
+    assert len(pngs) == len(DEFAULT_METHODS) and "tiny_synthetic_coop-ce_ts.png" in pngs
+    assert (out / "a" / "report.md").is_file() and (out / "a" / "report.html").is_file()
 
 
 def test_second_compare_reuses_the_cache_and_repeats_the_numbers(demo):
@@ -46,7 +47,7 @@ def test_second_compare_reuses_the_cache_and_repeats_the_numbers(demo):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["compare", "--model", "plip2"], "error: unknown model 'plip2'; choose one of: tiny"),
+        (["compare", "--model", "plip2"], "error: unknown model 'plip2'; choose one of: "),
         (["compare", "--methods", "coop-ce,nope"], "error: unknown method 'nope'; choose one of:"),
         (["compare", "--data", "/no/such/folder"], "error: unknown dataset '/no/such/folder'"),
         (["compare", "--shots", "60", "--seeds", "1"], "has 80 training images but 60 shots + 60 validation shots need 120"),

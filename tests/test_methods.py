@@ -55,3 +55,31 @@ def test_bad_method_names_and_parameters():
     with pytest.raises(CalbenchError, match="unknown parameter"):
         make_method("calibprompt", beta=1)
     assert {"zero-shot", "coop-ce", "coop-ls", "coop-mbls", "calibprompt"} <= set(list_methods())
+
+
+@pytest.mark.parametrize("name", [m for m in list_methods() if m != "zero-shot" and not m.startswith("promptsmooth")])
+def test_every_loss_method_trains_and_gives_probabilities(fit_data, name):
+    method = make_method(name, epochs=2)
+    probs = method.fit(fit_data).predict_proba(fit_data.val_features)
+    assert torch.isfinite(probs).all() and torch.all(probs >= 0)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(20, dtype=probs.dtype))
+
+
+def test_loss_method_parameters_set_their_terms():
+    m = make_method("calibprompt-focal", alpha=0.2, gamma=2.0, w_as=0.5)
+    terms = m.objective.terms
+    assert terms["focal"].kwargs == {"gamma": 2.0}
+    assert (terms["smac"].kwargs, terms["smac"].weight, terms["as"].weight) == ({"alpha": 0.2}, 1.0, 0.5)
+    ls_smac = make_method("ls+smac", alpha=0.1).objective.terms
+    assert ls_smac["ls"].kwargs == ls_smac["smac"].kwargs == {"alpha": 0.1}  # one shared alpha
+    assert make_method("coop-mdca", beta=5.0).objective.terms["mdca"].weight == 5.0
+    with pytest.raises(CalbenchError, match="coop-focal: unknown parameter"):
+        make_method("coop-focal", alpha=0.1)
+
+
+def test_ablation_ids_with_plus_still_take_a_calibrator():
+    from calbench.methods import parse_method
+
+    assert parse_method("ls+smac") == ("ls+smac", None)
+    assert parse_method("ls+smac+ts") == ("ls+smac", "ts")
+    assert parse_method("calibprompt+iso") == ("calibprompt", "iso")

@@ -48,3 +48,50 @@ def test_temperature_minimises_validation_nll():
     t = TemperatureScaling().fit(logits, labels).temperature
     nll = lambda temp: float(torch.nn.functional.cross_entropy(logits / temp, labels))
     assert nll(t) <= min(nll(t * 0.98), nll(t * 1.02))
+
+
+def test_vector_scaling_matches_netcal():
+    """netcal's multiclass logistic calibration is vector scaling on log-probabilities:
+    on normalised log-probabilities both must find the same per-class scale and bias."""
+    from netcal.scaling import LogisticCalibration
+
+    from calbench.baselines.posthoc import VectorScaling
+
+    logits, labels = _problem(0, 3.0)
+    log_probs = torch.log_softmax(logits, dim=1)
+    reference = LogisticCalibration()
+    reference.fit(log_probs.exp().numpy(), labels.numpy())
+    ours = VectorScaling().fit(log_probs, labels)
+    np.testing.assert_allclose(ours.weight.numpy(), np.ravel(reference.weights), rtol=1e-3)
+    np.testing.assert_allclose(ours.bias.numpy(), np.ravel(reference.intercept), atol=1e-3)
+    np.testing.assert_allclose(ours.predict_proba(log_probs).numpy(), reference.transform(log_probs.exp().numpy()), atol=1e-4)
+
+
+def test_isotonic_calibrator_is_one_vs_all_isotonic_regression():
+    """netcal's isotonic calibrator, checked against scikit-learn's isotonic regression per class."""
+    from sklearn.isotonic import IsotonicRegression
+
+    from calbench.methods import CALIBRATORS
+
+    logits, labels = _problem(4, 2.0)
+    probs = torch.softmax(logits, dim=1).numpy()
+    ours = CALIBRATORS.get("iso")().fit(logits, labels).predict_proba(logits).numpy()
+    expected = np.stack(
+        [IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(probs[:, c], labels.numpy() == c).predict(probs[:, c]) for c in range(5)],
+        axis=1,
+    )
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ts", "vs", "hist", "iso", "beta"])
+def test_every_calibrator_gives_probabilities_and_lowers_validation_nll(name):
+    from calbench.methods import CALIBRATORS
+
+    logits, labels = _problem(5, 4.0)  # overconfident: temperature about 7.6
+    calibrated = CALIBRATORS.get(name)().fit(logits, labels).predict_proba(logits)
+    assert calibrated.shape == logits.shape and torch.all(calibrated >= 0)
+    torch.testing.assert_close(calibrated.sum(dim=1), torch.ones(400, dtype=calibrated.dtype))
+    before = float(torch.nn.functional.cross_entropy(logits, labels))
+    after = float(torch.nn.functional.nll_loss(torch.log(calibrated.clamp_min(1e-12)), labels))
+    assert after < before

@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from calbench.metrics import bootstrap_ece, ece
+
+
+def _probs(seed: int, n: int = 200, c: int = 4):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)) * 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs, rng.integers(0, c, n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_bootstrap_equals_the_resampling_loop(seed):
+    probs, labels = _probs(seed)
+    low, high = bootstrap_ece(probs, labels, n_boot=300, seed=7)
+    draws = np.random.default_rng(7).integers(0, len(labels), size=(300, len(labels)))
+    values = [ece(probs[d], labels[d]) for d in draws]
+    assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+    assert low < ece(probs, labels) < high
+
+
+def test_interval_is_seeded():
+    probs, labels = _probs(2)
+    assert bootstrap_ece(probs, labels, 200, seed=3) == bootstrap_ece(probs, labels, 200, seed=3)
+    assert bootstrap_ece(probs, labels, 200, seed=3) != bootstrap_ece(probs, labels, 200, seed=4)
