@@ -1,1 +1,199 @@
-"""PromptSmooth baselines (being written)."""
+"""PromptSmooth (Hussein et al., MICCAI 2024): prompts that make a frozen VLM a good base classifier for randomized smoothing.
+
+- ``promptsmooth`` (few-shot): CoOp prompt learning with cross-entropy on few-shot
+  images with Gaussian pixel noise; one prompt for several sigmas (the noisy views of
+  all training sigmas are interleaved, so epoch e sees sigma number e mod S).
+- ``promptsmooth-as``: the same plus w_as * angular separation (CalibPrompt's
+  "PromptSmooth + AS").
+- ``promptsmooth-zs`` (zero-shot): per test image, a few AdamW steps on the context
+  minimising the entropy of the mean prediction over that image's noisy copies
+  (TPT's marginal entropy, Shu et al., NeurIPS 2022), from the hand prompt or from
+  the few-shot PromptSmooth prompt; the context is reset before every image.
+
+All three are smoothed classifiers: ``predict_proba`` on (S, N, D) features of S
+noisy copies returns the mean softmax over the copies. Their noisy views come from
+the feature cache (transform kinds ``train-noise<sigma>`` and ``noise<sigma>``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from calbench.data.transforms import noise_kind
+from calbench.errors import CalbenchError
+from calbench.losses import Objective, Term
+from calbench.methods import FeatureRequest, FitData, LogitMethod, Method, PromptMethod, register_method
+from calbench.prompts import PromptLearner
+from calbench.smoothing import smoothed_proba
+from calbench.train import TrainConfig
+
+PROMPTSMOOTH = "Hussein et al., MICCAI 2024 (PromptSmooth configs)"
+#: every default of the three methods: name -> (value, where it comes from)
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "n_ctx": (5, PROMPTSMOOTH + ": n_ctx 5"),
+    "epochs": (50, PROMPTSMOOTH + ": 50 epochs"),
+    "shots": (16, PROMPTSMOOTH + ": 16 shots; used by `calbench certify`, while `compare --shots` applies one value to every method"),
+    "sigma": (0.25, "noise of the smoothed classifier at test time; PromptSmooth reports sigma 0.25, 0.5 and 1.0"),
+    "train_sigmas": ((0.25, 0.5, 1.0), PROMPTSMOOTH + ": one prompt serves several noise levels"),
+    "views_per_sigma": (10, "calbench: as many noisy views per sigma as `--views` augmented views"),
+    "n_samples": (32, "calbench: noisy copies per test image averaged for the probabilities"),
+    "w_as": (0.01, "Basu et al., BMVC 2025 (CalibPrompt's AS weight)"),
+    "tta_steps": (1, PROMPTSMOOTH + " zero-shot: one test-time step, as TPT"),
+    "tta_lr": (5e-3, PROMPTSMOOTH + " zero-shot: AdamW, lr 5e-3, as TPT"),
+    "init": ("hand", "promptsmooth-zs starts from the hand prompt ('hand') or the few-shot PromptSmooth prompt ('fewshot')"),
+}
+FEWSHOT_PARAMS = ("sigma", "train_sigmas", "views_per_sigma", "n_samples")
+ZEROSHOT_PARAMS = ("sigma", "n_samples", "tta_steps", "tta_lr", "init")
+
+
+def _settings(method: str, params: dict[str, Any], own: tuple[str, ...], trains: bool) -> tuple[TrainConfig, dict[str, Any]]:
+    """Split user parameters into a TrainConfig (PromptSmooth's training defaults) and the method's own ones."""
+    train_names = {f.name for f in fields(TrainConfig)} if trains else set()
+    unknown = set(params) - train_names - set(own)
+    if unknown:
+        known = ", ".join([*own, *(["training options (" + ", ".join(sorted(train_names)) + ")"] if trains else [])])
+        raise CalbenchError(f"{method}: unknown parameter(s) {', '.join(sorted(unknown))}; known: {known}")
+    train = {name: DEFAULTS[name][0] for name in ("n_ctx", "epochs", "shots")}
+    train.update({k: v for k, v in params.items() if k in train_names})
+    values = {name: params.get(name, DEFAULTS[name][0]) for name in own}
+    if "train_sigmas" in values:
+        sigmas = values["train_sigmas"]
+        values["train_sigmas"] = tuple(float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas]))
+    for sigma in (values.get("sigma", 1.0), *values.get("train_sigmas", ())):
+        if not float(sigma) > 0:
+            raise CalbenchError(f"{method}: noise sigma must be positive, got {sigma}")
+    for name, least in (("views_per_sigma", 1), ("n_samples", 1), ("tta_steps", 0)):
+        if name in values and not (float(values[name]) == int(values[name]) and int(values[name]) >= least):
+            raise CalbenchError(f"{method}: {name} must be an integer of at least {least}, got {values[name]}")
+    return replace(TrainConfig(), **train), values
+
+
+class PromptSmooth(PromptMethod):
+    """Few-shot PromptSmooth: a prompt trained on noisy views, used as the base classifier of a smoothed classifier."""
+
+    def __init__(
+        self, objective: Objective, config: TrainConfig, sigma: float, train_sigmas: tuple[float, ...], views_per_sigma: int, n_samples: int
+    ) -> None:
+        super().__init__(objective, config)
+        self.sigma = float(sigma)
+        self.fit_requests = {noise_kind(s, train=True): FeatureRequest("train", noise_kind(s, train=True), int(views_per_sigma)) for s in train_sigmas}
+        self.test_request = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
+
+    def fit(self, data: FitData) -> "PromptSmooth":
+        views = torch.stack([data.extra[name] for name in self.fit_requests], dim=1)  # (V, S, N, D)
+        return super().fit(replace(data, train_features=views.flatten(0, 1)))  # v0s0, v0s1, ..., v1s0, ...
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        """Base logits for (N, D); log of the smoothed probabilities for (S, N, D) noisy copies."""
+        if features.dim() == 3:
+            return torch.log(self.predict_proba(features).clamp_min(1e-12))
+        return super().predict_logits(features)
+
+    def predict_proba(self, features: Tensor) -> Tensor:
+        if features.dim() == 3:
+            return smoothed_proba(super().predict_logits(features))
+        return super().predict_proba(features)
+
+
+def marginal_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the mean softmax over the rows of (S, C) logits (TPT, Shu et al., NeurIPS 2022)."""
+    log_mean = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
+    return -(log_mean.exp() * log_mean).sum()
+
+
+def hand_context(template: str) -> str:
+    """The words of a prompt template before the class name, to start the context from ("a photo of a")."""
+    prefix = template.split("{}")[0].strip()
+    if "{}" not in template or not prefix:
+        raise CalbenchError(f"promptsmooth-zs: the prompt template {template!r} has no words before '{{}}' to start from; pass init=fewshot")
+    return prefix
+
+
+class PromptSmoothZeroShot(LogitMethod):
+    """Zero-shot PromptSmooth: test-time prompt tuning on each image's noisy copies, then smoothing."""
+
+    def __init__(self, sigma: float, n_samples: int, tta_steps: int, tta_lr: float, fewshot: Optional[PromptSmooth] = None) -> None:
+        self.sigma = float(sigma)
+        self.tta_steps = int(tta_steps)
+        self.tta_lr = float(tta_lr)
+        self.fewshot = fewshot
+        self.test_request = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
+        if fewshot is not None:
+            self.fit_requests = fewshot.fit_requests
+        self.learner: Optional[PromptLearner] = None
+
+    def fit(self, data: FitData) -> "PromptSmoothZeroShot":
+        if self.fewshot is not None:
+            self.learner = self.fewshot.fit(data).learner
+        else:
+            self.learner = PromptLearner(data.vlm, data.classnames, ctx_init=hand_context(data.template))
+        self._start = self.learner.ctx.detach().clone()
+        self._scale = data.vlm.logit_scale
+        return self
+
+    def adapt(self, copies: Tensor) -> Callable[[Tensor], Tensor]:
+        """Tune the context on each image's (S, N, D) noisy ``copies``; return the tuned base classifier.
+
+        The classifier maps (V, N, D) features of the same N images to (V, N, C) logits.
+        """
+        if self.learner is None:
+            raise RuntimeError("call fit() first")
+        ctx = self.learner.ctx
+        texts = []
+        with torch.enable_grad():
+            for i in range(copies.shape[1]):
+                with torch.no_grad():
+                    ctx.copy_(self._start)
+                optimizer = torch.optim.AdamW([ctx], lr=self.tta_lr)
+                image = copies[:, i].to(ctx.device)
+                for _ in range(self.tta_steps):
+                    loss = marginal_entropy(self._scale * image @ self.learner.text_features().T)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                with torch.no_grad():
+                    texts.append(self.learner.text_features())
+        with torch.no_grad():
+            ctx.copy_(self._start)
+        text = torch.stack(texts)  # (N, C, D), one tuned prompt set per image
+        return lambda views: self._scale * torch.einsum("vnd,ncd->vnc", views.to(text.device), text)
+
+    def predict_proba(self, features: Tensor) -> Tensor:
+        """Mean softmax over (S, N, D) noisy copies after tuning on them; (N, D) counts as one copy."""
+        copies = features if features.dim() == 3 else features.unsqueeze(0)
+        return smoothed_proba(self.adapt(copies)(copies))
+
+    def predict_logits(self, features: Tensor) -> Tensor:
+        return torch.log(self.predict_proba(features).clamp_min(1e-12))
+
+
+@register_method("promptsmooth", "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)")
+def promptsmooth(**params: Any) -> Method:
+    cfg, values = _settings("promptsmooth", params, FEWSHOT_PARAMS, trains=True)
+    return PromptSmooth(Objective({"ce": Term("cross_entropy")}), cfg, **values)
+
+
+@register_method("promptsmooth-as", "few-shot PromptSmooth + angular separation (the CalibPrompt paper's combination)")
+def promptsmooth_as(**params: Any) -> Method:
+    cfg, values = _settings("promptsmooth-as", params, (*FEWSHOT_PARAMS, "w_as"), trains=True)
+    w_as = float(values.pop("w_as"))
+    return PromptSmooth(Objective({"ce": Term("cross_entropy"), "as": Term("angular_separation", w_as)}), cfg, **values)
+
+
+@register_method("promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)")
+def promptsmooth_zs(**params: Any) -> Method:
+    init = params.get("init", DEFAULTS["init"][0])
+    if init not in ("hand", "fewshot"):
+        raise CalbenchError(f"promptsmooth-zs: init must be 'hand' or 'fewshot', got {init!r}")
+    _, values = _settings("promptsmooth-zs", {k: v for k, v in params.items() if k in ZEROSHOT_PARAMS}, ZEROSHOT_PARAMS, trains=False)
+    values.pop("init")
+    others = {k: v for k, v in params.items() if k not in ZEROSHOT_PARAMS}
+    if init == "hand" and others:
+        raise CalbenchError(f"promptsmooth-zs: {', '.join(sorted(others))} only apply with init=fewshot; known: {', '.join(ZEROSHOT_PARAMS)}")
+    fewshot = promptsmooth(sigma=values["sigma"], n_samples=values["n_samples"], **others) if init == "fewshot" else None
+    return PromptSmoothZeroShot(fewshot=fewshot, **values)

@@ -23,7 +23,19 @@ from calbench.cache import CacheStats, FeatureCache, default_cache_dir
 from calbench.data import load_dataset
 from calbench.data.folder import ImageFolderDataset, few_shot_split
 from calbench.errors import CalbenchError
-from calbench.methods import CALIBRATORS, METHODS, Calibrated, FeatureRequest, FitData, Method, PromptMethod, list_methods, make_method, parse_method
+from calbench.methods import (
+    CALIBRATORS,
+    METHODS,
+    Calibrated,
+    FeatureRequest,
+    FitData,
+    Method,
+    PromptMethod,
+    feature_requests,
+    list_methods,
+    make_method,
+    parse_method,
+)
 from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.models import VLMBackend, load_vlm
 from calbench.plots import reliability_diagram
@@ -258,6 +270,11 @@ def compare_pair(
             indices = np.arange(len(test_labels))
             test_features = cache.features(dataset, "test", indices, kind="eval")[0].to(vlm.device)
         base_fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views)
+
+        def _fit_data(method: Method, seed: int = seed, base_fit: FewShotFeatures = base_fit) -> FitData:
+            requests = feature_requests(method)
+            return fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit if requests else base_fit.fit
+
         fitted: dict[str, Method] = {}  # bases shared by their post-hoc variants (coop-ce, coop-ce+ts)
         errors: dict[str, str] = {}
         for name in todo:
@@ -270,14 +287,11 @@ def compare_pair(
                     raise CalbenchError(errors[base])
                 if base not in fitted:
                     method = make_method(base, **method_params.get(base, {}))
-                    fit = base_fit.fit
-                    requests = getattr(method, "fit_requests", None)
-                    if requests:
-                        fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
-                    fitted[base] = method.fit(fit)
+                    fitted[base] = method.fit(_fit_data(method))
                 method = fitted[base]
                 if calibrator is not None:
-                    method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True).fit(base_fit.fit)
+                    method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True)
+                    method.fit(_fit_data(method))
                 with torch.no_grad():
                     probs = method.predict_proba(method_test_features(fitted[base], dataset, cache, test_features)).double().cpu().numpy()
                 if not np.all(np.isfinite(probs)):
@@ -413,8 +427,7 @@ def train_one(
     base, calibrator = parse_method(method)
     vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
     untrained = make_method(method, **(params or {}))
-    requests = getattr(untrained.base if isinstance(untrained, Calibrated) else untrained, "fit_requests", None)
-    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, requests).fit
+    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, feature_requests(untrained)).fit
     trained = untrained.fit(fit)
     prompt = trained.base if isinstance(trained, Calibrated) else trained
     if not isinstance(prompt, PromptMethod):

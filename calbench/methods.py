@@ -133,8 +133,10 @@ class Calibrated:
         if not self.base_is_fitted:
             self.base.fit(data)
             self.base_is_fitted = True
+        # a smoothed base predicts from noisy copies: calibrate on the same kind of output
+        val = data.extra.get(VAL_AS_TEST, data.val_features)
         with torch.no_grad():
-            self.calibrator.fit(self.base.predict_logits(data.val_features), data.val_labels)
+            self.calibrator.fit(self.base.predict_logits(val), data.val_labels)
         return self
 
     def predict_logits(self, features: Tensor) -> Tensor:
@@ -143,6 +145,23 @@ class Calibrated:
     def predict_proba(self, features: Tensor) -> Tensor:
         with torch.no_grad():
             return self.calibrator.predict_proba(self.base.predict_logits(features))
+
+
+VAL_AS_TEST = "val-as-test"
+
+
+def feature_requests(method: Method) -> dict[str, FeatureRequest]:
+    """Every extra feature set ``method`` needs to fit, post-hoc wrappers included.
+
+    A calibrator on top of a method that predicts from test-time views (smoothing)
+    needs the validation images in that same form, under ``VAL_AS_TEST``.
+    """
+    base = method.base if isinstance(method, Calibrated) else method
+    requests = dict(getattr(base, "fit_requests", None) or {})
+    test = getattr(base, "test_request", None)
+    if isinstance(method, Calibrated) and test is not None:
+        requests[VAL_AS_TEST] = FeatureRequest("val", test.kind, test.views)
+    return requests
 
 
 @dataclass(frozen=True)

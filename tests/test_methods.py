@@ -83,3 +83,35 @@ def test_ablation_ids_with_plus_still_take_a_calibrator():
     assert parse_method("ls+smac") == ("ls+smac", None)
     assert parse_method("ls+smac+ts") == ("ls+smac", "ts")
     assert parse_method("calibprompt+iso") == ("calibprompt", "iso")
+
+
+def test_calibrators_on_smoothed_methods_fit_on_noisy_validation_views():
+    from calbench.methods import VAL_AS_TEST, FeatureRequest, feature_requests
+
+    plain = feature_requests(make_method("promptsmooth"))
+    wrapped = feature_requests(make_method("promptsmooth+ts"))
+    assert VAL_AS_TEST not in plain
+    test_request = make_method("promptsmooth").test_request
+    assert wrapped[VAL_AS_TEST] == FeatureRequest("val", test_request.kind, test_request.views)
+    assert set(wrapped) - {VAL_AS_TEST} == set(plain)
+    assert feature_requests(make_method("coop-ce+ts")) == {}
+
+
+def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
+    from dataclasses import replace
+
+    from calbench.methods import VAL_AS_TEST
+
+    class Recorder:
+        def fit(self, logits, labels):
+            self.seen = logits
+            return self
+
+        def predict_proba(self, logits):
+            return torch.softmax(logits, dim=1)
+
+    base = make_method("zero-shot").fit(fit_data)
+    noisy = fit_data.val_features.flip(0)
+    recorder = Recorder()
+    Calibrated(base, recorder, base_is_fitted=True).fit(replace(fit_data, extra={VAL_AS_TEST: noisy}))
+    torch.testing.assert_close(recorder.seen, base.predict_logits(noisy))
