@@ -2,8 +2,8 @@
 
 Both files are rendered from one list of blocks (headings, text, tables, images), so
 they always say the same thing. Nothing is recomputed: the report reads
-``results.csv``, the reliability diagrams and any certification tables
-(``certify*.csv``) that ``compare`` and ``certify`` wrote.
+``results.csv``, the reliability diagrams and the certification table
+(``certification.csv``) that ``compare`` and ``certify`` wrote.
 """
 from __future__ import annotations
 
@@ -177,17 +177,30 @@ def build_blocks(results_dir: Path) -> list[Block]:
         Table(["model", "dataset", "method", "seed", "Acc %", "ECE %", "ECE 95% CI", "status"], run_rows),
     ]
 
-    for path in sorted(results_dir.glob("certify*.csv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            table = list(csv.reader(f))
-        if table:
-            blocks += [Heading(f"Certified accuracy ({path.name})"), Table(table[0], table[1:])]
+    blocks += _certification_blocks(results_dir / "certification.csv")
 
     images = sorted((results_dir / "reliability").glob("*.png"))
     if images:
         blocks.append(Heading("Reliability diagrams"))
         blocks += [Image(p, p.stem.replace("_", " · ", 2)) for p in images]
     return blocks
+
+
+def _certification_blocks(path: Path) -> list[Block]:
+    """PromptSmooth's table form: one row per certified setting, certified accuracy (%) per radius."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    setting = ("model", "dataset", "method", "seed", "sigma", "n0", "n", "alpha", "subset")
+    radii = sorted({float(r["radius"]) for r in rows})
+    grouped: dict[tuple[str, ...], dict[float, str]] = {}
+    for r in rows:
+        grouped.setdefault(tuple(r[k] for k in setting), {})[float(r["radius"])] = f"{100 * float(r['certified_accuracy']):.1f}"
+    table = [[*key, *(cells.get(radius, "–") for radius in radii)] for key, cells in grouped.items()]
+    return [Heading("Certified accuracy (%) by L2 radius"), Table([*setting, *(f"r={radius:g}" for radius in radii)], table)]
 
 
 def _md_cell(text: str) -> str:

@@ -122,3 +122,14 @@ def test_report_marks_the_best_ece_and_embeds_the_diagrams(tmp_path, cache_dir):
 def test_report_of_a_missing_folder_is_one_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "does not exist; run `calbench compare" in result.output
+
+
+def test_report_pivots_the_certification_table(tmp_path, cache_dir):
+    run_compare(methods=["zero-shot"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, bootstrap=0)
+    header = "model,dataset,method,seed,shots,sigma,n0,n,alpha,subset,radius,certified_accuracy,abstain_rate\n"
+    lines = [f"tiny,synthetic,promptsmooth,1,16,0.25,10,100,0.001,300,{r},{a},0.36\n" for r, a in [(0.0, 0.387), (0.25, 0.17), (0.5, 0.0)]]
+    (tmp_path / "certification.csv").write_text(header + "".join(lines))
+    runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "| model | dataset | method | seed | sigma | n0 | n | alpha | subset | r=0 | r=0.25 | r=0.5 |" in md
+    assert "| tiny | synthetic | promptsmooth | 1 | 0.25 | 10 | 100 | 0.001 | 300 | 38.7 | 17.0 | 0.0 |" in md
