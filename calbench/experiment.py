@@ -131,11 +131,15 @@ def open_run(
     weights: Optional[Path],
     data_root: Optional[Path],
     progress: bool,
+    strict: bool = False,
 ) -> tuple[VLMBackend, ImageFolderDataset, FeatureCache]:
-    """The model, the dataset and the model's feature cache, as every command needs them."""
+    """The model, the dataset and the model's feature cache, as every command needs them.
+
+    ``strict`` makes an unreadable image an error instead of a skipped file with a warning.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     vlm = load_vlm(model, device=device, weights=weights)
-    dataset = load_dataset(data, cache_dir=cache_dir, data_root=data_root)
+    dataset = load_dataset(data, cache_dir=cache_dir, data_root=data_root, strict=strict)
     return vlm, dataset, FeatureCache(cache_dir, vlm, progress=progress)
 
 
@@ -344,7 +348,7 @@ def plan_grid(all_pairs: bool, model: str, data: str, data_root: Optional[Path])
     run, skipped = [], []
     for m in MODELS:
         for d in DATASETS:
-            if MODELS.get(m).modality != DATASETS.get(d).modality:
+            if not DATASETS.get(d).in_grid or MODELS.get(m).modality != DATASETS.get(d).modality:
                 continue
             missing = [hint for ok, hint in (model_availability(m), data_availability(d, data_root)) if not ok]
             (skipped.append((m, d, "; ".join(missing))) if missing else run.append((m, d)))
@@ -372,6 +376,7 @@ def run_compare(
     all_pairs: bool = False,
     force: bool = False,
     on_skip: Callable[[str, str, str], None] = lambda model, data, missing: None,
+    strict: bool = False,
 ) -> CompareResult:
     """Fit every method for every seed, score on the test split, append to results.csv, draw diagrams.
 
@@ -395,7 +400,7 @@ def run_compare(
     labels_of: dict[str, np.ndarray] = {}
     computed = 0
     for m, d in pairs:
-        vlm, dataset, cache = open_run(m, d, device, cache_dir, weights if not all_pairs else None, data_root, progress)
+        vlm, dataset, cache = open_run(m, d, device, cache_dir, weights if not all_pairs else None, data_root, progress, strict)
         cache.stats = stats
         labels_of[dataset.name] = dataset.labels("test")
         pair_rows, pair_computed = compare_pair(
@@ -422,10 +427,11 @@ def train_one(
     data_root: Optional[Path] = None,
     progress: bool = False,
     params: Optional[dict[str, object]] = None,
+    strict: bool = False,
 ) -> tuple[Path, dict[str, float]]:
     """Train one prompt method on one few-shot split, save its context; return path and validation metrics."""
     base, calibrator = parse_method(method)
-    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
+    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress, strict)
     untrained = make_method(method, **(params or {}))
     fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, feature_requests(untrained)).fit
     trained = untrained.fit(fit)
@@ -454,9 +460,10 @@ def build_cache(
     weights: Optional[Path] = None,
     data_root: Optional[Path] = None,
     progress: bool = False,
+    strict: bool = False,
 ) -> tuple[CacheStats, Path]:
     """Encode the test split and each seed's few-shot views ahead of training."""
-    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
+    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress, strict)
     cache.features(dataset, "test", np.arange(len(dataset.files("test"))), kind="eval")
     for seed in seeds:
         fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views)

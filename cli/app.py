@@ -17,6 +17,7 @@ from calbench.cli.common import (
     ModelOpt,
     ParamsOpt,
     ShotsOpt,
+    StrictOpt,
     ValShotsOpt,
     ViewsOpt,
     WeightsOpt,
@@ -80,6 +81,7 @@ def compare(
     every_method: bool = typer.Option(False, "--all-methods", help="Every registered method (the default with --all unless --methods is given)."),
     force: bool = typer.Option(False, "--force", help="Recompute runs already in results.csv."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for each run's 95% ECE interval (0: none)."),
+    strict: bool = StrictOpt,
 ) -> None:
     """Train and evaluate methods; print tables, append to results.csv, write the report.
 
@@ -110,6 +112,7 @@ def compare(
         all_pairs=all_pairs,
         force=force,
         on_skip=lambda m, d, missing: err_console.print(f"[yellow]skipped[/] {m} · {d}: {missing}", highlight=False, soft_wrap=True),
+        strict=strict,
     )
     stats = result.stats
     if stats.encoded == 0:
@@ -156,6 +159,7 @@ def train(
     weights: Optional[Path] = WeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
     from calbench.experiment import load_params_file, train_one
@@ -164,7 +168,7 @@ def train(
     started = time.perf_counter()
     method_params = load_params_file(params).get(parse_method(method)[0], {}) if params else {}
     path, metrics = train_one(
-        method, model, data, seed, shots, val_shots, views, device, out, cache_dir, weights, data_root, progress=console.is_terminal, params=method_params
+        method, model, data, seed, shots, val_shots, views, device, out, cache_dir, weights, data_root, progress=console.is_terminal, params=method_params, strict=strict
     )
     console.print(
         f"{method} on {model} · {data}, seed {seed}: validation accuracy {100 * metrics['accuracy']:.2f}%, "
@@ -185,11 +189,12 @@ def cache(
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     """Encode the test split and the few-shot splits ahead of time (e.g. on a GPU node)."""
     from calbench.experiment import build_cache
 
-    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), shots, val_shots, views, device, cache_dir, weights, data_root, progress=console.is_terminal)
+    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), shots, val_shots, views, device, cache_dir, weights, data_root, progress=console.is_terminal, strict=strict)
     console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")
 
 

@@ -27,6 +27,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 CacheOpt = typer.Option(None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir).")
 WeightsOpt = typer.Option(None, "--weights", help="Model weights file or folder (default: the model's own source).")
 ParamsOpt = typer.Option(None, "--params", help="JSON of method parameters: best_params.json from `tune`, or {method: {param: value}}.")
+StrictOpt = typer.Option(False, "--strict", help="Treat an unreadable image as an error instead of skipping it with a warning.")
 DataRootOpt = typer.Option(None, "--data-root", envvar="CALBENCH_DATA", help="Folder holding registered datasets.")
 
 

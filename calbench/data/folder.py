@@ -1,15 +1,31 @@
-"""The on-disk layout every calbench dataset uses.
+"""The on-disk layout every calbench dataset uses, and its checks.
 
     <root>/<name>/classnames.txt          lines "<class_folder> <class name>"
     <root>/<name>/images/{train,test}/<class_folder>/*.{png,jpg,jpeg,tif,tiff,bmp}
 
 Class index = position of the class folder in sorted order.
+
+Corrupt images are found when a split is first listed: every file is decoded
+once and the result is remembered under the cache folder, keyed by the split's
+fingerprint (names, sizes, modification times); a folder written by
+`calbench data prepare` records that fingerprint and is not decoded again. Unreadable files are left out
+of the split with a warning that names them (or raise with ``strict``), so the
+indices that few-shot splits and cached features refer to are the same in
+every run that sees the same files. Deciding at listing time rather than at
+first decode is what keeps those indices stable: a file found broken half-way
+through encoding could not be dropped without shifting every index after it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,32 +35,78 @@ from calbench.errors import CalbenchError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SPLITS = ("train", "test")
 DEFAULT_TEMPLATE = "a photo of a {}."
+CHECK_VERSION = "1"
 
 
-def read_classnames(path: Path) -> dict[str, str]:
-    """Parse classnames.txt into {class_folder: class name}."""
-    names: dict[str, str] = {}
+def _classname_lines(path: Path) -> dict[str, tuple[int, str]]:
+    """classnames.txt as {class_folder: (line number, class name)}."""
+    names: dict[str, tuple[int, str]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=1)
         if len(parts) != 2:
             raise CalbenchError(f"{path}:{number}: expected '<class_folder> <class name>', got {line.strip()!r}")
-        names[parts[0]] = parts[1]
+        if parts[0] in names:
+            raise CalbenchError(f"{path}:{number}: class folder {parts[0]!r} is already named on line {names[parts[0]][0]}; keep one line per folder")
+        names[parts[0]] = (number, parts[1])
     return names
+
+
+def read_classnames(path: Path) -> dict[str, str]:
+    """Parse classnames.txt into {class_folder: class name}."""
+    return {folder: name for folder, (_, name) in _classname_lines(path).items()}
+
+
+def _class_dirs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_paths(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def count_images(root: Path) -> dict[str, int]:
+    """Image files per split by listing only (for `calbench datasets`); empty if not a dataset folder."""
+    counts = {}
+    for split in SPLITS:
+        directory = Path(root) / "images" / split
+        if not directory.is_dir():
+            return {}
+        counts[split] = sum(len(_image_paths(directory / c)) for c in _class_dirs(directory))
+    return counts
+
+
+def decode_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be decoded as an image, or None when it can (decodes it fully)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return str(exc) or type(exc).__name__
 
 
 @dataclass
 class ImageFolderDataset:
-    """A dataset in calbench's folder layout; lists files, never decodes them up front."""
+    """A dataset in calbench's folder layout; checks its structure on creation, its images on first listing.
+
+    ``cache_dir`` (optional) is where the result of the image check is remembered,
+    so each file set is decoded once, not once per run. ``strict`` turns a skipped
+    corrupt image into an error.
+    """
 
     name: str
     root: Path
     template: str = DEFAULT_TEMPLATE
+    cache_dir: Optional[Path] = None
+    strict: bool = False
     class_folders: list[str] = field(init=False)
     classnames: list[str] = field(init=False)
     _files: dict[str, list[tuple[Path, int]]] = field(init=False, default_factory=dict, repr=False)
+    _listing: dict[str, list[tuple[Path, int, os.stat_result]]] = field(init=False, default_factory=dict, repr=False)
     _fingerprints: dict[str, str] = field(init=False, default_factory=dict, repr=False)
+    skipped: dict[str, list[tuple[Path, str]]] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -53,53 +115,109 @@ class ImageFolderDataset:
         names_file = self.root / "classnames.txt"
         if not names_file.is_file():
             raise CalbenchError(f"{names_file} is missing; write one line '<class_folder> <class name>' per class")
-        names = read_classnames(names_file)
+        lines = _classname_lines(names_file)
         for split in SPLITS:
             if not (self.root / "images" / split).is_dir():
                 raise CalbenchError(f"{self.root / 'images' / split} is missing; a dataset needs images/train and images/test")
-        folders = sorted(p.name for p in (self.root / "images" / "train").iterdir() if p.is_dir())
-        unnamed = [f for f in folders if f not in names]
+        train, test = (_class_dirs(self.root / "images" / split) for split in SPLITS)
+        unnamed = [f for f in sorted(set(train) | set(test)) if f not in lines]
         if unnamed:
             raise CalbenchError(f"class folder(s) {', '.join(unnamed)} have no line in {names_file}; add '<folder> <class name>'")
-        if len(folders) < 2:
-            raise CalbenchError(f"{self.root / 'images' / 'train'} has {len(folders)} class folder(s); need at least 2")
-        self.class_folders = folders
-        self.classnames = [names[f] for f in folders]
+        for folder, (number, _) in lines.items():
+            if folder not in train and folder not in test:
+                raise CalbenchError(f"{names_file}:{number} names class folder {folder!r}, which is in neither images/train nor images/test; add the folder or remove the line")
+        if train != test:
+            only_train = ", ".join(sorted(set(train) - set(test))) or "-"
+            only_test = ", ".join(sorted(set(test) - set(train))) or "-"
+            raise CalbenchError(f"{self.root}: images/train and images/test have different class folders (only in train: {only_train}; only in test: {only_test}); both splits need the same classes")
+        if len(train) < 2:
+            raise CalbenchError(f"{self.root / 'images' / 'train'} has {len(train)} class folder(s); need at least 2")
+        self.class_folders = train
+        self.classnames = [lines[f][1] for f in train]
 
     @property
     def n_classes(self) -> int:
         return len(self.class_folders)
 
-    def files(self, split: str) -> list[tuple[Path, int]]:
-        """(path, label) for every image of a split, in a stable sorted order."""
-        if split not in self._files:
-            items: list[tuple[Path, int]] = []
+    def _list(self, split: str) -> list[tuple[Path, int, os.stat_result]]:
+        """Every image file of a split with its label and stat, without decoding anything."""
+        if split not in self._listing:
+            items = []
             for label, folder in enumerate(self.class_folders):
                 directory = self.root / "images" / split / folder
-                if not directory.is_dir():
-                    raise CalbenchError(f"{directory} is missing; train and test need the same class folders")
-                paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                paths = _image_paths(directory)
                 if not paths:
-                    raise CalbenchError(f"{directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-                items += [(p, label) for p in paths]
-            self._files[split] = items
-        return self._files[split]
-
-    def labels(self, split: str) -> np.ndarray:
-        return np.array([label for _, label in self.files(split)], dtype=np.int64)
+                    raise CalbenchError(f"{directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the class")
+                items += [(p, label, p.stat()) for p in paths]
+            self._listing[split] = items
+        return self._listing[split]
 
     def fingerprint(self, split: str) -> str:
         """Identity of a split's files from names, sizes and modification times (no decoding).
 
         Computed once per object: a run sees the folder as it was when it started.
+        The skipped-file set is a function of these files, so it needs no separate key.
         """
         if split not in self._fingerprints:
             h = hashlib.sha256()
-            for path, label in self.files(split):
-                st = path.stat()
+            for path, label, st in self._list(split):
                 h.update(f"{path.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             self._fingerprints[split] = h.hexdigest()[:16]
         return self._fingerprints[split]
+
+    def _check_record(self, split: str) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(f"{CHECK_VERSION}|{self.root.resolve()}|{split}|{self.fingerprint(split)}".encode()).hexdigest()[:24]
+        return Path(self.cache_dir) / "datasets" / "checked" / f"{self.name}-{split}-{key}.json"
+
+    def _unreadable(self, split: str) -> dict[str, str]:
+        """{relative path: reason} for files of ``split`` that do not decode, from the record or by decoding."""
+        if self._verified_by_prepare(split):
+            return {}
+        record = self._check_record(split)
+        if record is not None and record.is_file():
+            try:
+                return dict(json.loads(record.read_text())["unreadable"])
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged record is rebuilt below
+        paths = [path for path, _, _ in self._list(split)]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(decode_problem, paths))
+        bad = {str(p.relative_to(self.root)): why for p, why in zip(paths, problems) if why is not None}
+        if record is not None:
+            _write_text_atomic(record, json.dumps({"unreadable": bad}))
+        return bad
+
+    def _verified_by_prepare(self, split: str) -> bool:
+        """Whether `calbench data prepare` decoded exactly these files (same fingerprint) when it wrote them."""
+        marker = self.root / "PREPARED.json"
+        try:
+            return marker.is_file() and json.loads(marker.read_text())["verified"][split] == self.fingerprint(split)
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    def files(self, split: str) -> list[tuple[Path, int]]:
+        """(path, label) for every readable image of a split, in a stable sorted order."""
+        if split not in self._files:
+            listing = self._list(split)
+            bad = self._unreadable(split)
+            skipped = [(p, bad[str(p.relative_to(self.root))]) for p, _, _ in listing if str(p.relative_to(self.root)) in bad]
+            if skipped and self.strict:
+                path, why = skipped[0]
+                raise CalbenchError(f"cannot read image {path} ({why}) and {len(skipped) - 1} more; remove or replace them, or drop --strict to skip them")
+            for path, why in skipped:
+                warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
+            kept = [(p, label) for p, label, _ in listing if str(p.relative_to(self.root)) not in bad]
+            for label, folder in enumerate(self.class_folders):
+                if not any(lab == label for _, lab in kept):
+                    raise CalbenchError(f"{self.root / 'images' / split / folder} holds no readable images; replace the broken files")
+            self.skipped[split] = skipped
+            self._files[split] = kept
+        return self._files[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.array([label for _, label in self.files(split)], dtype=np.int64)
 
     def load_image(self, split: str, index: int) -> Image.Image:
         """Decode one image as RGB, with an error that names the file when it cannot be read."""
@@ -107,16 +225,37 @@ class ImageFolderDataset:
         try:
             with Image.open(path) as image:
                 return to_rgb(image)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise CalbenchError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise CalbenchError(f"cannot read image {path}: {exc}; it changed after the folder was checked, run again") from None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images (X-rays, DICOM) as 8-bit grey, scaled so the brightest pixel is 255; others unchanged."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        array = array - min(array.min(), 0.0)
+        peak = array.max() if array.max() > 0 else 1.0
+        image = Image.fromarray((array / peak * 255.0).round().astype(np.uint8))
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any mode (grey, RGBA, 16-bit) to 8-bit RGB, scaling 16-bit range down."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.max() > 0 else 1.0
-        image = Image.fromarray((array / peak * 255.0).astype(np.uint8))
+    """Convert any mode (grey, palette, RGBA, CMYK, 16-bit, float) to 8-bit RGB, as every model expects."""
+    image = to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
     return image.convert("RGB")
 
 
