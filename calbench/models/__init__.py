@@ -1,35 +1,56 @@
 """Model registry and the one entry point, :func:`load_vlm`.
 
-Architectures are data (``configs/*.json`` in open_clip's format); each registry
-entry says how to build the model and where its weights come from.
+Architectures are data (``configs/*.json``); each registry entry says what the model is
+(modality, license, prompt template family, resolution), where its weights come from, and
+how to build it from a local file or folder. :mod:`calbench.models.weights` finds that file
+or folder: ``--weights``, then ``$CALBENCH_WEIGHTS/<model>/``, then the published source.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from calbench.models.base import PreprocessConfig, TokenBatch, VLMBackend
+from calbench.models.weights import WEIGHTS_ENV, HubSource, Source, UrlSource, load_state_dict_file, locate
 from calbench.registry import Registry
 
-__all__ = ["ModelSpec", "PreprocessConfig", "TokenBatch", "VLMBackend", "MODELS", "availability", "list_models", "load_vlm", "resolve_device"]
+__all__ = [
+    "ModelSpec",
+    "PreprocessConfig",
+    "TokenBatch",
+    "VLMBackend",
+    "MODELS",
+    "availability",
+    "fetch",
+    "list_models",
+    "load_vlm",
+    "resolve_device",
+]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a user needs to know about a model, and how to build it."""
+    """What a user needs to know about a model, and how to build it from local weights."""
 
     name: str
-    modality: str
-    source: str
+    modality: str  # histopathology, radiology, general, demo
+    source: str  # hub id or URL, as a user would look it up
+    license: str
+    template_family: str  # which prompt templates suit it (see calbench.data)
+    resolution: int  # input image side in pixels
     description: str
-    build: Callable[[torch.device, Optional[Path]], VLMBackend]
-    #: () -> (weights usable without network?, how to get them when not)
-    available: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    #: (file or folder, or None for built-in weights, device) -> backend
+    build: Callable[[Optional[Path], torch.device], VLMBackend]
+    #: the published weights; further sources (e.g. a tokenizer) follow
+    sources: tuple[Source, ...] = ()
+
+    @property
+    def fetch_command(self) -> str:
+        return f"calbench models fetch {self.name}"
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -37,11 +58,6 @@ MODELS: Registry[ModelSpec] = Registry("model")
 
 def list_models() -> list[str]:
     return MODELS.names()
-
-
-def availability(name: str) -> tuple[bool, str]:
-    """Whether ``name``'s weights can be loaded now, and if not, the command or source that provides them."""
-    return MODELS.get(name).available()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,20 +68,78 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_vlm(name: str, device: str | torch.device = "cpu", weights: Optional[str | Path] = None) -> VLMBackend:
-    """Build model ``name`` on ``device``, frozen, with weights from ``weights`` if given."""
+    """Build model ``name`` on ``device``, frozen, with weights from ``weights`` or the model's own source."""
     spec = MODELS.get(name)
-    return spec.build(resolve_device(device), Path(weights) if weights is not None else None)
+    source = spec.sources[0] if spec.sources else None
+    path = Path(weights) if weights is not None and source is None else locate(name, source, weights, spec.fetch_command)
+    return spec.build(path, resolve_device(device))
 
 
-def _config(name: str) -> dict:
-    return json.loads(resources.files("calbench.models").joinpath("configs", f"{name}.json").read_text())
+def availability(name: str) -> tuple[bool, str]:
+    """Whether ``name`` loads without network (True, where from), or (False, how to get it)."""
+    spec = MODELS.get(name)
+    if not spec.sources:
+        return True, "built in"
+    home = os.environ.get(WEIGHTS_ENV)
+    if home and (Path(home) / name).is_dir():
+        return True, str(Path(home) / name)
+    found = [source.resolve(download=False) for source in spec.sources]
+    if all(found):
+        return True, str(found[0])
+    return False, f"run `{spec.fetch_command}` or download {spec.sources[0].hint()} into ${WEIGHTS_ENV}/{name}/"
 
 
-def _build_tiny(device: torch.device, weights: Optional[Path]) -> VLMBackend:
-    from calbench.models.open_clip_backend import OpenClipBackend
+def fetch(name: str) -> Path:
+    """Download ``name``'s weights (and tokenizer) into the library caches; the folder of its weights."""
+    spec = MODELS.get(name)
+    if not spec.sources:
+        return Path("built in")
+    paths = [source.resolve(download=True) for source in spec.sources]
+    return paths[0]
 
-    return OpenClipBackend.from_config("tiny", _config("tiny"), device, seed=0, weights=weights)
 
+# ---------------------------------------------------------------- builders
+
+
+def _build_tiny(path: Optional[Path], device: torch.device) -> VLMBackend:
+    from calbench.models.open_clip_backend import OpenClipBackend, shipped_config
+
+    return OpenClipBackend.from_config("tiny", shipped_config("tiny"), device, seed=0, weights=path)
+
+
+def _open_clip_builder(name: str, config: str, overrides: Optional[dict] = None) -> Callable[[Optional[Path], torch.device], VLMBackend]:
+    def build(path: Optional[Path], device: torch.device) -> VLMBackend:
+        from calbench.models.open_clip_backend import load_open_clip
+
+        return load_open_clip(name, path, config, device, overrides)
+
+    return build
+
+
+def _build_plip(path: Optional[Path], device: torch.device) -> VLMBackend:
+    """A ``save_pretrained`` folder (the Hub's vinid/plip), or an OpenAI-CLIP-format state dict file."""
+    from calbench.errors import CalbenchError
+    from calbench.models.hf_clip_backend import HFClipBackend
+    from calbench.models.open_clip_backend import OpenClipBackend, openai_config
+
+    if path.is_dir():
+        return HFClipBackend.from_folder("plip", path, device)
+    state = load_state_dict_file(path)
+    if "visual.proj" not in state:
+        raise CalbenchError(f"{path} is not an OpenAI-CLIP-format state dict; pass that file or a folder saved with save_pretrained")
+    state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    return OpenClipBackend.from_config("plip", openai_config(state), device, weights=state)
+
+
+def _build_medclip(path: Optional[Path], device: torch.device) -> VLMBackend:
+    from calbench.models.medclip import MedCLIPBackend
+
+    return MedCLIPBackend.from_path("medclip", path, device)
+
+
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CLIP_LICENSE = "MIT (OpenAI CLIP)"
 
 MODELS.add(
     "tiny",
@@ -73,7 +147,95 @@ MODELS.add(
         name="tiny",
         modality="demo",
         source="built in (random weights from seed 0)",
+        license="MIT (calbench)",
+        template_family="general",
+        resolution=32,
         description="A 2-layer open_clip ViT/text transformer for demos and tests; not a medical model.",
         build=_build_tiny,
     ),
 )
+MODELS.add(
+    "plip",
+    ModelSpec(
+        name="plip",
+        modality="histopathology",
+        source="hf-hub:vinid/plip",
+        license="research use only (see the PLIP model card)",
+        template_family="histopathology",
+        resolution=224,
+        description="PLIP (Huang et al., Nat. Med. 2023): CLIP ViT-B/32 fine-tuned on OpenPath Twitter image-text pairs.",
+        build=_build_plip,
+        sources=(HubSource("vinid/plip", one_of=("model.safetensors", "pytorch_model.bin"), required=("config.json",), optional=("preprocessor_config.json",)),),
+    ),
+)
+for _name, _repo, _patch in (("quiltnet", "wisdomik/QuiltNet-B-32", 32), ("quiltnet-b16", "wisdomik/QuiltNet-B-16", 16)):
+    MODELS.add(
+        _name,
+        ModelSpec(
+            name=_name,
+            modality="histopathology",
+            source=f"hf-hub:{_repo}",
+            license="MIT, research use only (see the Quilt-1M model card)",
+            template_family="histopathology",
+            resolution=224,
+            description=f"QuiltNet (Ikezogwo et al., NeurIPS 2023): open_clip ViT-B/{_patch} trained on Quilt-1M.",
+            build=_open_clip_builder(_name, f"quiltnet-b{_patch}"),
+            sources=(HubSource(_repo, one_of=OPEN_CLIP_WEIGHTS, optional=("open_clip_config.json",)),),
+        ),
+    )
+MODELS.add(
+    "biomedclip",
+    ModelSpec(
+        name="biomedclip",
+        modality="radiology",
+        source="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        license="MIT, research use only (see the BiomedCLIP model card)",
+        template_family="radiology",
+        resolution=224,
+        description="BiomedCLIP (Zhang et al., NEJM AI 2024): ViT-B/16 + PubMedBERT (256 tokens) trained on PMC-15M.",
+        build=_open_clip_builder("biomedclip", "biomedclip"),
+        sources=(
+            HubSource(
+                "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+                one_of=OPEN_CLIP_WEIGHTS,
+                required=("open_clip_config.json",),
+                optional=BERT_TOKENIZER_FILES,
+            ),
+        ),
+    ),
+)
+MODELS.add(
+    "medclip",
+    ModelSpec(
+        name="medclip",
+        modality="radiology",
+        source="https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt (names the zip)",
+        license="research use only (see the MedCLIP repository)",
+        template_family="radiology",
+        resolution=224,
+        description="MedCLIP-ViT (Wang et al., EMNLP 2022): Swin-Tiny + Bio_ClinicalBERT trained on CheXpert and MIMIC-CXR.",
+        build=_build_medclip,
+        sources=(
+            UrlSource("https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt", "medclip-vit", "pytorch_model.bin", pointer=True),
+            HubSource("emilyalsentzer/Bio_ClinicalBERT", one_of=("vocab.txt",), optional=("tokenizer_config.json", "config.json")),
+        ),
+    ),
+)
+for _name, _repo, _patch in (
+    ("clip-b32", "timm/vit_base_patch32_clip_224.openai", 32),
+    ("clip-b16", "timm/vit_base_patch16_clip_224.openai", 16),
+):
+    MODELS.add(
+        _name,
+        ModelSpec(
+            name=_name,
+            modality="general",
+            source=f"hf-hub:{_repo}",
+            license=CLIP_LICENSE,
+            template_family="general",
+            resolution=224,
+            description=f"OpenAI CLIP ViT-B/{_patch} (Radford et al., ICML 2021) through open_clip: the general-domain reference.",
+            build=_open_clip_builder(_name, _name, overrides={"quick_gelu": True}),
+            sources=(HubSource(_repo, one_of=OPEN_CLIP_WEIGHTS, optional=("open_clip_config.json",)),),
+        ),
+    )

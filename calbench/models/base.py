@@ -28,8 +28,10 @@ class PreprocessConfig:
 class TokenBatch:
     """Tokenised prompts, cut to the longest real prompt.
 
-    ``eot`` is the index of each row's end-of-text token (CLIP pools there);
-    ``attention_mask`` is set for towers that mask padding (BERT-style).
+    ``eot`` is the index of each row's last real token: CLIP's end-of-text token
+    (where it pools) or BERT's [SEP], so a prompt's context spans
+    ``prompt_prefix_len .. eot``; ``attention_mask`` is set for towers that mask
+    padding (BERT-style).
     """
 
     ids: Tensor

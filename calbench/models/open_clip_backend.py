@@ -1,8 +1,10 @@
-"""open_clip backend: CLIP-style (causal, EOT-pooled) text transformers."""
+"""open_clip backends: CLIP-style text towers (tiny, QuiltNet, CLIP, PLIP from an OpenAI-format
+file) and Hugging Face BERT text towers (BiomedCLIP), both behind the backend protocol."""
 from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -13,33 +15,68 @@ from torch import Tensor
 
 from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch
+from calbench.models.text import bert_tokenizer, bert_tokens, clip_tokens
+from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
+
+__all__ = ["OpenClipBackend", "OpenClipBertBackend", "load_open_clip", "openai_config", "state_dict_digest", "load_state_dict_file"]
+
+#: the file names open_clip's Hub models publish, preferred first
+CONFIG_NAME = "open_clip_config.json"
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: Hub ids of HF text towers whose architecture calbench ships, so no config download is needed
+SHIPPED_TEXT_CONFIGS = {
+    "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract": "biomedbert",
+    "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract": "biomedbert",
+}
 
 
-def state_dict_digest(module: torch.nn.Module) -> str:
-    """SHA-256 over every tensor's name, shape and bytes: the weights' identity."""
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+def shipped_config(name: str) -> dict:
+    """An architecture config that ships with calbench (``configs/<name>.json``)."""
+    return json.loads(resources.files("calbench.models").joinpath("configs", f"{name}.json").read_text())
 
 
-def load_state_dict_file(path: Path) -> dict[str, Tensor]:
-    """Read weights from safetensors or a torch checkpoint (safely: tensors only)."""
-    if not path.is_file():
-        raise CalbenchError(f"weights file {path} does not exist; pass --weights with an existing file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def _preprocess(model_cfg: dict, pp: dict) -> PreprocessConfig:
+    size = pp.get("size", model_cfg["vision_cfg"].get("image_size", 224))
+    return PreprocessConfig(
+        size=int(size[0] if isinstance(size, (list, tuple)) else size),
+        mean=tuple(pp.get("mean", PreprocessConfig.mean)),
+        std=tuple(pp.get("std", PreprocessConfig.std)),
+        interpolation=pp.get("interpolation", "bicubic"),
+    )
 
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise CalbenchError(f"cannot read weights file {path}: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
+
+def _config_id(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def openai_config(state: dict[str, Tensor]) -> dict:
+    """The open_clip config of an OpenAI-format CLIP ViT state dict, read off its shapes.
+
+    OpenAI's convention fixes the head width at 64 and uses QuickGELU, so shapes and
+    key counts determine the whole architecture.
+    """
+    if "visual.proj" not in state:
+        raise CalbenchError("only OpenAI-format ViT checkpoints (with 'visual.proj') are supported")
+    patch = state["visual.conv1.weight"].shape[-1]
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = state["ln_final.weight"].shape[0]
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": int(patch * grid),
+            "layers": len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")}),
+            "width": int(state["visual.conv1.weight"].shape[0]),
+            "patch_size": int(patch),
+        },
+        "text_cfg": {
+            "context_length": int(state["positional_embedding"].shape[0]),
+            "vocab_size": int(state["token_embedding.weight"].shape[0]),
+            "width": int(text_width),
+            "heads": int(text_width // 64),
+            "layers": len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}),
+        },
+    }
 
 
 class OpenClipBackend:
@@ -50,20 +87,26 @@ class OpenClipBackend:
     def __init__(
         self,
         name: str,
-        model: open_clip.CLIP,
+        model: torch.nn.Module,
         preprocess: PreprocessConfig,
         config_id: str,
         device: torch.device,
     ) -> None:
-        if model.text_pool_type != "argmax":
-            raise ValueError(f"{name}: only EOT (argmax) text pooling is supported, got {model.text_pool_type!r}")
+        self._check(name, model)
         self.name = name
         self.model = model.eval().requires_grad_(False).to(device)
         self.preprocess = preprocess
         self.device = device
-        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         self._config_id = config_id
         self._fingerprint: Optional[str] = None
+        self._tokenizer = self._make_tokenizer()
+
+    def _check(self, name: str, model: torch.nn.Module) -> None:
+        if model.text_pool_type != "argmax":
+            raise ValueError(f"{name}: only EOT (argmax) text pooling is supported, got {model.text_pool_type!r}")
+
+    def _make_tokenizer(self) -> Any:
+        return open_clip.tokenizer.SimpleTokenizer(context_length=self.model.context_length)
 
     @classmethod
     def from_config(
@@ -73,29 +116,21 @@ class OpenClipBackend:
         device: torch.device,
         seed: int = 0,
         weights: Optional[Path] = None,
+        config_id: Optional[str] = None,
+        **kwargs: Any,
     ) -> "OpenClipBackend":
         """Build from an open_clip config dict; random weights from ``seed`` unless ``weights`` is given."""
         cfg = dict(config)
-        pp = cfg.pop("preprocess_cfg", {})
-        preprocess = PreprocessConfig(
-            size=int(pp.get("size", cfg["vision_cfg"]["image_size"])),
-            mean=tuple(pp.get("mean", PreprocessConfig.mean)),
-            std=tuple(pp.get("std", PreprocessConfig.std)),
-            interpolation=pp.get("interpolation", "bicubic"),
-        )
+        preprocess = _preprocess(cfg, cfg.pop("preprocess_cfg", {}))
+        cfg.pop("custom_text", None)
+        model_cls = open_clip.CustomTextCLIP if "hf_model_name" in cfg.get("text_cfg", {}) else open_clip.CLIP
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.CLIP(**cfg)
+            model = model_cls(**cfg)
         if weights is not None:
-            state = load_state_dict_file(Path(weights))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise CalbenchError(
-                    f"weights {weights} do not fit model {name!r}: {len(missing)} missing keys "
-                    f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-                )
-        config_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        return cls(name, model, preprocess, config_id, device)
+            state = weights if isinstance(weights, dict) else load_state_dict_file(Path(weights))
+            load_strict(model, state, name, "given" if isinstance(weights, dict) else weights)
+        return cls(name, model, preprocess, config_id or _config_id(config), device, **kwargs)
 
     @property
     def fingerprint(self) -> str:
@@ -116,14 +151,8 @@ class OpenClipBackend:
         return F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
-        """Token ids cut after the longest prompt's EOT.
-
-        The text tower is causal and pools at EOT, so positions after EOT cannot
-        change the feature: cutting them is exact and saves most of the compute.
-        """
-        ids = self._tokenizer(list(texts))
-        eot = ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
-        return TokenBatch(ids[:, : int(eot.max()) + 1].to(self.device), eot.to(self.device))
+        """Token ids cut after the longest prompt's EOT (exact for a causal, EOT-pooled tower)."""
+        return clip_tokens(self._tokenizer, texts, self.device)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.model.token_embedding(ids.to(self.device))
@@ -142,3 +171,84 @@ class OpenClipBackend:
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         ids = self._tokenizer(list(texts)).to(self.device)
         return F.normalize(self.model.encode_text(ids).float(), dim=-1)
+
+
+class OpenClipBertBackend(OpenClipBackend):
+    """open_clip ``CustomTextCLIP`` with a Hugging Face BERT text tower (BiomedCLIP).
+
+    The tower attends only to real tokens (``attention_mask``) and pools at [CLS]
+    (or as its open_clip pooler says), then projects with open_clip's head.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, preprocess: PreprocessConfig, config_id: str, device: torch.device, tokenizer: Any = None, context_length: int = 256) -> None:
+        self._hf_tokenizer = tokenizer
+        self.context_length = context_length
+        super().__init__(name, model, preprocess, config_id, device)
+
+    def _check(self, name: str, model: torch.nn.Module) -> None:
+        if not isinstance(model.text, open_clip.hf_model.HFTextEncoder):
+            raise ValueError(f"{name}: expected a Hugging Face text tower")
+
+    def _make_tokenizer(self) -> Any:
+        if self._hf_tokenizer is None:
+            raise CalbenchError(f"model {self.name!r} needs its WordPiece tokenizer (vocab.txt next to the weights)")
+        return self._hf_tokenizer
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text.output_dim)
+
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch:
+        """[CLS] .. [SEP] ids cut to the longest prompt, with the attention mask (exact: padding is masked)."""
+        return bert_tokens(self._tokenizer, texts, self.context_length, self.device)[1]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.model.text.transformer.embeddings.word_embeddings(ids.to(self.device))
+
+    def encode_embeddings(self, embeddings: Tensor, tokens: TokenBatch) -> Tensor:
+        text = self.model.text
+        out = text.transformer(inputs_embeds=embeddings, attention_mask=tokens.attention_mask)
+        return text.proj(text.pooler(out, tokens.attention_mask))
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """open_clip's own forward on the full 256-token padded ids (it masks ``id != pad``)."""
+        ids = bert_tokens(self._tokenizer, texts, self.context_length, self.device)[0].to(self.device)
+        return F.normalize(self.model.encode_text(ids).float(), dim=-1)
+
+
+def _text_config_folder(name: str, folder: Optional[Path]) -> str:
+    """Where the HF text tower's config.json is: next to the weights, shipped with calbench, or a hub id."""
+    if folder is not None and ((folder / name / "config.json").is_file() or (folder / name).is_file()):
+        return str(folder / name)
+    if name in SHIPPED_TEXT_CONFIGS:
+        return str(resources.files("calbench.models").joinpath("configs", f"{SHIPPED_TEXT_CONFIGS[name]}.json"))
+    return name
+
+
+def load_open_clip(name: str, path: Path, default_config: str, device: torch.device, overrides: Optional[dict] = None) -> OpenClipBackend:
+    """Load from a folder in open_clip's Hub layout (``open_clip_config.json`` + weights) or a state-dict file.
+
+    Without ``open_clip_config.json`` the architecture shipped with calbench is used;
+    ``overrides`` are model settings a model's source fixes outside its config file
+    (OpenAI CLIP's QuickGELU).
+    """
+    folder = path if path.is_dir() else None
+    weights = first_file(path, WEIGHT_NAMES) if folder else path
+    if weights is None:
+        raise CalbenchError(f"{path} has none of {', '.join(WEIGHT_NAMES)}; pass the folder that holds {name}'s weights")
+    raw = json.loads((path / CONFIG_NAME).read_text()) if folder and (path / CONFIG_NAME).is_file() else shipped_config(default_config)
+    config = dict(raw["model_cfg"], **(overrides or {}), preprocess_cfg=raw.get("preprocess_cfg", {}))
+    config_id = _config_id(config)  # before local paths are filled in: moving the folder keeps cache keys
+    text_cfg = dict(config.get("text_cfg", {}))
+    if "hf_model_name" not in text_cfg:
+        return OpenClipBackend.from_config(name, config, device, weights=weights, config_id=config_id)
+    hub_name = text_cfg["hf_model_name"]
+    text_cfg["hf_model_name"] = _text_config_folder(hub_name, folder)
+    text_cfg["hf_model_pretrained"] = False  # the checkpoint holds the text tower's weights
+    context_length = int(text_cfg.get("context_length", 77))
+    for key in ("hf_tokenizer_name", "tokenizer_kwargs"):
+        text_cfg.pop(key, None)
+    config["text_cfg"] = text_cfg
+    sources = [folder or path.parent, raw["model_cfg"]["text_cfg"].get("hf_tokenizer_name", hub_name)]
+    tokenizer = bert_tokenizer(sources)
+    return OpenClipBertBackend.from_config(name, config, device, weights=weights, config_id=config_id, tokenizer=tokenizer, context_length=context_length)
