@@ -1,0 +1,301 @@
+"""`calbench tune`: search spaces, the enqueued paper settings, best-trial selection under the
+accuracy constraint, pruning checkpoints, resuming, reports, and a search that never reads the test split."""
+import json
+import math
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from calbench.cli.app import app
+from calbench.errors import CalbenchError
+from calbench.experiment import load_params_file, run_compare
+from calbench.methods import METHODS, make_method
+from calbench.metrics import ece
+from calbench.train import logits_for
+from calbench.tune import (
+    ACCURACY,
+    PAPER_SETTINGS,
+    SPACES,
+    TuneConfig,
+    Worker,
+    append_results,
+    counts_toward_total,
+    first_trials,
+    method_params,
+    modality_pairs,
+    parse_space,
+    run_tune,
+    search,
+    select_best,
+)
+
+EPOCHS = 4  # fast trials; the demo itself keeps the paper's 50
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one torch thread per process is faster than two fighting ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method", [m for m in SPACES if m in METHODS])
+def test_space_defaults_build_the_methods_own_defaults(method):
+    """The enqueued first trial is the untuned method: same objective and training config."""
+    defaults = method_params({k: p.default for k, p in SPACES[method].items()}, None)
+    plain, explicit = make_method(method), make_method(method, **defaults)
+    assert explicit.objective == plain.objective
+    assert explicit.config == plain.config
+
+
+def test_paper_setting_is_enqueued_first_then_the_defaults():
+    space = SPACES["calibprompt"]
+    default = {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0, "n_ctx": 16, "lr": 0.002}
+    assert first_trials("calibprompt", [("tiny", "synthetic")], space) == [("default", default)]
+    assert first_trials("calibprompt", [("plip", "digestpath")], space) == [
+        ("paper plip/digestpath", {**default, "alpha": 0.03, "w_as": 0.001}),
+        ("default", default),
+    ]
+    # PLIP on Kather is the paper's default setting: enqueued once
+    assert first_trials("calibprompt", [("plip", "kather")], space) == [("paper plip/kather", default)]
+    assert PAPER_SETTINGS[("quiltnet", "kather")] == {"alpha": 0.01, "w_as": 1.0}
+    assert len(PAPER_SETTINGS) == 10
+    # a narrowed space drops values it excludes instead of enqueueing them
+    narrow = parse_space("calibprompt", {"alpha": {"low": 0.1, "high": 0.3}, "w_smac": None})
+    assert first_trials("calibprompt", [("biomedclip", "covid")], narrow) == [
+        ("paper biomedclip/covid", {"alpha": 0.1, "w_as": 3.0, "n_ctx": 16, "lr": 0.002}),
+        ("default", {"w_as": 0.01, "n_ctx": 16, "lr": 0.002}),
+    ]
+
+
+def test_space_file_narrows_extends_and_rejects():
+    space = parse_space("calibprompt", {"alpha": {"high": 0.1}, "w_smac": None, "epochs": {"choices": [20, 50]}, "batch_size": {"low": 8, "high": 32}})
+    assert (space["alpha"].low, space["alpha"].high, space["alpha"].log, space["alpha"].default) == (0.005, 0.1, True, 0.05)
+    assert "w_smac" not in space
+    assert space["epochs"].choices == (20, 50) and space["batch_size"].kind == "int"
+    with pytest.raises(CalbenchError, match="alpha needs 0 < low < high"):
+        parse_space("calibprompt", {"alpha": {"low": 0.0, "high": 0.1}})
+    with pytest.raises(CalbenchError, match="unknown key"):
+        parse_space("calibprompt", {"alpha": {"lo": 0.1}})
+    with pytest.raises(CalbenchError, match="no search space for 'coop-ce'"):
+        parse_space("coop-ce", {})
+
+
+def _trial(number, value, violation, state=TrialState.COMPLETE):
+    return optuna.trial.FrozenTrial(
+        number=number,
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        datetime_start=None,
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={f"constraints:{ACCURACY}": violation},
+        intermediate_values={},
+        trial_id=number,
+    )
+
+
+def test_best_is_the_lowest_feasible_value_else_the_smallest_violation():
+    trials = [_trial(0, 0.05, 0.02), _trial(1, 0.09, -0.01), _trial(2, 0.07, 0.0), _trial(3, 0.01, -0.5, TrialState.PRUNED)]
+    assert select_best(trials, "ece").number == 2  # 0.05 breaks the constraint, pruned trials never win
+    assert select_best([_trial(0, 0.05, 0.02), _trial(1, 0.01, 0.03)], "ece").number == 0
+    assert select_best([], "ece") is None
+
+
+def test_killed_and_surplus_trials_do_not_count_toward_the_total():
+    done = _trial(0, 0.1, 0.0)
+    killed = _trial(1, None, 0.0, TrialState.FAIL)
+    diverged = _trial(2, None, 0.0, TrialState.FAIL)
+    diverged.user_attrs["fail_reason"] = "diverged"
+    assert [counts_toward_total(t) for t in (done, killed, diverged)] == [True, False, True]
+
+
+def test_checkpoint_reports_the_validation_ece_and_prunes(tiny, synthetic, cache_dir):
+    """Each tenth of training reports the validation ECE of the prompt as it is at that epoch."""
+    config = TuneConfig(epochs=20)
+    worker = Worker(config, 5, "cpu", cache_dir, None, None, False)
+    fit = worker.fit_data(("tiny", "synthetic"), 1)
+    worker.reference = {"tiny/synthetic": 0.5}
+
+    class Trial:
+        reported: list = []
+        constraints: dict = {}
+
+        def report(self, value, step):
+            self.reported.append((value, step))
+
+        def should_prune(self):
+            return len(self.reported) == 3
+
+        def set_user_attr(self, key, value):
+            setattr(self, key, value)
+
+        def set_constraint(self, key, value):
+            self.constraints[key] = value
+
+    trial = Trial()
+    method = make_method("calibprompt", epochs=20)
+    method.on_epoch = worker._checkpoint(trial, method, fit, ("tiny", "synthetic"), "ece", step0=40)
+    with pytest.raises(optuna.TrialPruned):
+        method.fit(fit)
+    assert [step for _, step in trial.reported] == [42, 44, 46]  # every 2 epochs of 20, after the third run's offset
+    with torch.no_grad():  # training stopped right after epoch 6: the learner is that prompt
+        probs = torch.softmax(logits_for(fit.val_features, method.learner.text_features(), fit.vlm.logit_scale), dim=1)
+    assert trial.reported[-1][0] == pytest.approx(ece(probs.double().numpy(), fit.val_labels.numpy()), abs=1e-12)
+    assert trial.pruned_at == "epoch 6 of 20 (split seed 1, tiny/synthetic)"
+    accuracy = float((probs.argmax(1) == fit.val_labels).double().mean())
+    assert trial.constraints[ACCURACY] == pytest.approx(0.5 - 0.01 - accuracy)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("tune")
+    torch.set_num_threads(1)  # set up before the per-test fixture; retraining must match bit for bit
+    first = run_tune(TuneConfig(epochs=EPOCHS), n_trials=8, out=out, final_seeds=[1], device="cpu", cache_dir=cache_dir, heartbeat=1)
+    again = run_tune(TuneConfig(epochs=EPOCHS), n_trials=10, out=out, search_only=True, device="cpu", cache_dir=cache_dir, heartbeat=1)
+    return out, first, again
+
+
+def test_demo_writes_study_best_params_test_table_and_reports(demo):
+    out, first, _ = demo
+    trials = first.search.trials
+    assert first.search.ran == 8  # (the study now also holds the re-run's trials)
+    assert trials[0].params == {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0, "n_ctx": 16, "lr": 0.002}
+    assert trials[0].user_attrs["enqueued"] == "default"
+    document = json.loads((out / "best_params.json").read_text())
+    assert load_params_file(out / "best_params.json") == {"calibprompt": document["params"]}
+    assert document["params"]["epochs"] == EPOCHS
+    assert (out / "study.db").is_file()
+    for name in ("report.md", "report.html"):
+        assert (out / name).is_file()
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "plots/" not in html
+    assert "## Best setting" in (out / "report.md").read_text()
+
+
+def test_best_params_retrain_to_the_trials_validation_numbers(demo, cache_dir, tmp_path):
+    """`calbench train --params best_params.json` reproduces the best trial on the same split."""
+    from calbench.experiment import train_one
+
+    out = demo[0]
+    document = json.loads((out / "best_params.json").read_text())
+    _, metrics = train_one("calibprompt", "tiny", "synthetic", 1, 8, None, 10, "cpu", tmp_path, cache_dir, params=document["params"])
+    assert metrics["ece"] == pytest.approx(document["val"]["ece"], abs=1e-12)
+    assert metrics["accuracy"] == document["val"]["accuracy"]
+
+
+def test_best_meets_the_accuracy_constraint_against_coop_ce(demo):
+    _, first, again = demo
+    reference = again.search.study.user_attrs["reference_accuracy"]["tiny/synthetic"]
+    complete = [t for t in again.search.trials if t.state == TrialState.COMPLETE]
+    feasible = [t for t in complete if t.user_attrs["val"]["accuracy"] >= reference - 0.01 - 1e-12]
+    expected = min(feasible, key=lambda t: t.value) if feasible else None
+    document = json.loads((demo[0] / "best_params.json").read_text())
+    if expected is not None:
+        assert document["trial"] == expected.number and document["val"]["ece"] == expected.value
+    for t in complete:  # the objective is the mean validation ECE the trial recorded
+        assert t.value == t.user_attrs["val"]["ece"] == t.user_attrs["pairs"]["tiny/synthetic"]["ece"]
+
+
+def test_rerun_with_a_larger_total_runs_exactly_the_missing_trials(demo):
+    out, _, again = demo
+    assert again.search.ran == 2 and len(again.search.trials) == 10
+    rows = (out / "results.csv").read_text().splitlines()
+    assert sorted(line.split(",")[2] for line in rows[1:]) == ["calibprompt:default", "calibprompt:tuned", "coop-ce"]
+
+
+def test_results_are_appended_replacing_the_same_method_and_seed(tmp_path):
+    path = tmp_path / "results.csv"
+    row = {"model": "tiny", "dataset": "synthetic", "seed": 1, "accuracy": 0.5}
+    append_results([{**row, "method": "coop-ce"}, {**row, "method": "calibprompt:tuned"}], path)
+    append_results([{**row, "method": "calibprompt:tuned", "accuracy": 0.75}, {**row, "method": "calibprompt:paper"}], path)
+    lines = path.read_text().splitlines()
+    assert [(l.split(",")[2], l.split(",")[4]) for l in lines[1:]] == [("coop-ce", "0.5"), ("calibprompt:tuned", "0.75"), ("calibprompt:paper", "0.5")]
+
+
+def test_search_never_loads_the_test_split(monkeypatch, cache_dir, tmp_path):
+    from calbench.cache import FeatureCache
+    from calbench.data.folder import ImageFolderDataset
+
+    files, features = ImageFolderDataset.files, FeatureCache.features
+
+    def no_test_files(self, split):
+        if split == "test":
+            raise AssertionError("the search listed the test split")
+        return files(self, split)
+
+    def no_test_features(self, dataset, split, *args, **kwargs):
+        if split == "test":
+            raise AssertionError("the search encoded or read test features")
+        return features(self, dataset, split, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFolderDataset, "files", no_test_files)
+    monkeypatch.setattr(FeatureCache, "features", no_test_features)
+    result = search(TuneConfig(epochs=2, split_seeds=[1, 2]), 3, "honest", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    assert sum(t.state == TrialState.COMPLETE for t in result.trials) == 3
+    with pytest.raises(AssertionError, match="test split"):  # the guard does bite on a test evaluation
+        run_compare(methods=["zero-shot"], seeds=[1], device="cpu", out=tmp_path / "c", cache_dir=cache_dir, progress=False)
+
+
+def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypatch, cache_dir, tmp_path):
+    from dataclasses import replace
+
+    from calbench.data import DATASETS
+
+    from calbench.data.synthetic import write_synthetic
+
+    other = replace(DATASETS.get("synthetic"), name="synthetic-b", locate=lambda root, cache: write_synthetic(tmp_path / "synthetic-b", seed=1))
+    monkeypatch.setitem(DATASETS._entries, "synthetic-b", other)
+    pairs = modality_pairs("demo", None)
+    assert pairs == [("tiny", "synthetic"), ("tiny", "synthetic-b")]
+    config = TuneConfig(pairs=pairs, modality="demo", epochs=2, objective="pareto")
+    result = search(config, 3, "modality", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    for t in result.trials:
+        per_pair = t.user_attrs["pairs"]
+        assert t.values[0] == pytest.approx(np.mean([per_pair[k]["ece"] for k in ("tiny/synthetic", "tiny/synthetic-b")]), abs=1e-15)
+        assert t.values[1] == pytest.approx(np.mean([per_pair[k]["accuracy"] for k in per_pair]), abs=1e-15)
+    from calbench.tune import best_params_document
+
+    document = best_params_document(result)
+    assert set(document["per_pair"]) == {"tiny/synthetic", "tiny/synthetic-b"}
+    for key, info in document["per_pair"].items():
+        assert info["val"]["ece"] <= info["shared_val"]["ece"] or info["val"]["constraint"] > 0
+    assert document["pareto_front"] and all(math.isfinite(p["ece"]) for p in document["pareto_front"])
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune", "--modality", "demo", "--model", "tiny"], "error: give either --modality or --model/--data"),
+        (["tune", "--method", "zero-shot"], "error: no search space for 'zero-shot'"),
+        (["tune", "--objective", "auc"], "error: --objective 'auc': choose one of ece, nll, pareto"),
+        (["tune", "--modality", "radiology-x"], "error: no models and datasets of modality 'radiology-x'"),
+        (["tune", "--space", "/no/such/space.yaml"], "error: --space file /no/such/space.yaml does not exist"),
+    ],
+)
+def test_bad_tune_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path):
+    from calbench.tune import best_params_document
+
+    space = parse_space("calibprompt", {"lr": {"choices": [1e12]}})
+    result = search(TuneConfig(epochs=3, space=space), 2, "diverge", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    assert [t.state for t in result.trials] == [TrialState.FAIL, TrialState.FAIL] and result.ran == 2
+    assert result.trials[0].user_attrs["fail_reason"].startswith("diverged (split seed 1, tiny/synthetic): loss became nan")
+    with pytest.raises(CalbenchError, match="has no completed trial yet"):
+        best_params_document(result)
