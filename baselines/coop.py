@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
-from calbench.methods import Method, PromptMethod, register_method, split_train_params
+from calbench.methods import Method, PromptMethod, as_number, register_method, split_train_params
 from calbench.train import TrainConfig
 
 
@@ -131,7 +131,7 @@ def _factory(name: str, spec: LossMethod):
                 f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}; known: "
                 f"{', '.join(spec.params) or 'none'} and training options ({', '.join(f.name for f in fields(TrainConfig))})"
             )
-        values = {p: float(rest.get(p, param.default)) for p, param in spec.params.items()}
+        values = {p: as_number(rest.get(p, param.default), f"{name} {p}") for p, param in spec.params.items()}
         return PromptMethod(spec.objective(values), cfg)
 
     return build

@@ -185,7 +185,7 @@ def promptsmooth_as(**params: Any) -> Method:
     return PromptSmooth(Objective({"ce": Term("cross_entropy"), "as": Term("angular_separation", w_as)}), cfg, **values)
 
 
-@register_method("promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)")
+@register_method("promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)", trainable=False)
 def promptsmooth_zs(**params: Any) -> Method:
     init = params.get("init", DEFAULTS["init"][0])
     if init not in ("hand", "fewshot"):

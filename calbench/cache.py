@@ -75,6 +75,8 @@ class FeatureCache:
             "split": split,
             "transform": describe(kind, self.vlm.preprocess),
             "view": str(view),
+            # CUDA encodes under fp16 autocast, the CPU in fp32: different numbers, different keys
+            "precision": "fp16-autocast" if self.vlm.device.type == "cuda" else "fp32",
         }
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         return self.root / f"{dataset.name}-{split}-{kind}{view}-{digest}.safetensors", meta

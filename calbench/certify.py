@@ -22,7 +22,7 @@ from torch import Tensor
 from calbench.cache import CacheStats
 from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError
-from calbench.experiment import fewshot_features, open_run, write_csv_atomic
+from calbench.experiment import check_settings, fewshot_features, open_run, write_csv_atomic
 from calbench.methods import Calibrated, Method, feature_requests, make_method, parse_method
 from calbench.smoothing import DEFAULT_RADII, certified_accuracy, certify_predictions
 
@@ -127,6 +127,7 @@ def run_certify(
     smoothed = _build(method, sigma, dict(params or {}))
     config = getattr(_base(smoothed), "config", None)
     shots = shots if shots is not None else (config.shots if config is not None else 8)
+    check_settings(shots, val_shots, views)
 
     vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress)
     smoothed.fit(fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, feature_requests(smoothed)).fit)

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs into one folder are unsafe there
+    fcntl = None  # type: ignore[assignment]
 import io
 import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +36,7 @@ from calbench.methods import (
     FitData,
     Method,
     PromptMethod,
+    VAL_AS_TEST,
     feature_requests,
     list_methods,
     make_method,
@@ -165,7 +171,11 @@ def read_results(path: Path) -> list[dict[str, object]]:
     if not Path(path).is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in ("model", "dataset", "method", "seed", *METRICS) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CalbenchError(f"{path} is not a calbench results.csv (no column {missing[0]!r}); point to a folder written by `calbench compare`")
+        rows = list(reader)
     numeric = set(METRICS) | {"ece_ci_low", "ece_ci_high"}
     for row in rows:
         row["seed"] = int(row["seed"])
@@ -197,7 +207,7 @@ class ResultsStore:
         return next((row for row in self.rows if self.key(row) == wanted), None)
 
     def put(self, row: dict[str, object], probs: Optional[np.ndarray] = None) -> None:
-        self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
+        """Add or replace one row; other processes writing the same file keep their rows."""
         if probs is not None:
             path = self.predictions_path(row)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,11 +215,54 @@ class ResultsStore:
             os.close(fd)
             np.save(tmp, probs.astype(np.float32))
             os.replace(tmp, path)
-        write_csv_atomic(self.rows, self.path, RESULT_COLUMNS)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / ".results.lock", "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # re-read under the lock: another run may have added rows
+            merged = [r for r in read_results(self.path) if self.key(r) != self.key(row)]
+            self.rows = merged + [row]
+            write_csv_atomic(self.rows, self.path, RESULT_COLUMNS)
 
     def predictions_path(self, row: dict[str, object]) -> Path:
         name = "__".join(str(row[k]) for k in KEY).replace("/", "_").replace("+", "_")
         return self.out / "predictions" / f"{name}.npy"
+
+
+def method_signature(method: Method) -> dict[str, object]:
+    """Every resolved setting of a built method (defaults included), for the run's config hash.
+
+    Hashing resolved settings, not the user's overrides, means a changed default is a new
+    config, and spelling out a default is not.
+    """
+    if isinstance(method, Calibrated):
+        return {"base": method_signature(method.base), "calibrator": type(method.calibrator).__name__}
+    plain = (int, float, str, bool, tuple, list, type(None))
+    signature: dict[str, object] = {"class": type(method).__name__}
+    signature.update({k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and isinstance(v, plain)})
+    if isinstance(method, PromptMethod):
+        signature["config"] = asdict(method.config)
+        signature["objective"] = {name: [t.loss, t.weight, dict(t.kwargs)] for name, t in method.objective.terms.items()}
+    return signature
+
+
+def check_settings(shots: int, val_shots: Optional[int], views: int, bootstrap: int = 0) -> None:
+    """Reject run settings that cannot work, before any work, with the option to fix."""
+    if shots < 1:
+        raise CalbenchError(f"--shots must be at least 1, got {shots}")
+    if val_shots is not None and val_shots < 1:
+        raise CalbenchError(f"--val-shots must be at least 1 (post-hoc calibrators fit on the validation split), got {val_shots}")
+    if views < 1:
+        raise CalbenchError(f"--views must be at least 1, got {views}")
+    if bootstrap < 0:
+        raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {bootstrap}")
+
+
+def check_method_params(method_params: dict[str, dict[str, object]]) -> None:
+    """Parameters must name registered base methods and build: a typo must not be ignored silently."""
+    for name, params in method_params.items():
+        if name not in METHODS:
+            raise CalbenchError(f"--params names {name!r}, which is not a base method; use one of: {', '.join(list_methods())}")
+        make_method(name, **params)
 
 
 def run_config(vlm: VLMBackend, dataset: ImageFolderDataset, method: str, settings: dict[str, object]) -> str:
@@ -261,13 +314,17 @@ def compare_pair(
     log: Callable[[str], None],
 ) -> tuple[list[dict[str, object]], int]:
     """Every (method, seed) of one model and dataset; rows already in ``store`` are reused unless ``force``."""
-    settings = {"shots": shots, "val_shots": val_shots, "views": views, "n_bins": n_bins, "bootstrap": bootstrap}
-    configs = {name: run_config(vlm, dataset, name, {**settings, "params": method_params.get(parse_method(name)[0], {})}) for name in methods}
+    settings = {"shots": shots, "val_shots": val_shots, "views": views, "n_bins": n_bins}
+    configs = {name: run_config(vlm, dataset, name, {**settings, "method": method_signature(make_method(name, **method_params.get(parse_method(name)[0], {})))}) for name in methods}
     test_labels = dataset.labels("test")
     test_features: Optional[torch.Tensor] = None
     rows, computed = [], 0
     for seed in seeds:
-        todo = [name for name in methods if force or store.find(model=model, dataset=dataset.name, method=name, seed=seed, config=configs[name]) is None]
+        def done(name: str, seed: int = seed) -> bool:
+            row = store.find(model=model, dataset=dataset.name, method=name, seed=seed, config=configs[name])
+            return row is not None and row["status"] == "ok"  # failed runs are retried
+
+        todo = [name for name in methods if force or not done(name)]
         if not todo:
             continue
         if test_features is None:
@@ -290,8 +347,12 @@ def compare_pair(
                 if base in errors:
                     raise CalbenchError(errors[base])
                 if base not in fitted:
-                    method = make_method(base, **method_params.get(base, {}))
-                    fitted[base] = method.fit(_fit_data(method))
+                    try:
+                        method = make_method(base, **method_params.get(base, {}))
+                        fitted[base] = method.fit(_fit_data(method))
+                    except Exception as exc:  # noqa: BLE001 - the base failed: so do its post-hoc variants
+                        errors[base] = str(exc) if isinstance(exc, CalbenchError) else f"{type(exc).__name__}: {exc}"
+                        raise CalbenchError(errors[base]) from exc
                 method = fitted[base]
                 if calibrator is not None:
                     method = Calibrated(method, CALIBRATORS.get(calibrator)(), base_is_fitted=True)
@@ -303,7 +364,6 @@ def compare_pair(
                 row.update(_evaluate_run(probs, test_labels, seed, n_bins, bootstrap))
             except Exception as exc:  # noqa: BLE001 - one failed run is reported in its row; the grid goes on
                 reason = str(exc) if isinstance(exc, CalbenchError) else f"{type(exc).__name__}: {exc}"
-                errors.setdefault(base, reason)
                 row.update(_failed(reason))
                 probs = None
                 log(f"{model} · {dataset.name} · seed {seed}: {name} failed: {reason}")
@@ -385,10 +445,12 @@ def run_compare(
     ``method_params`` maps a base method id to constructor parameters (e.g. tuned ones).
     """
     start = time.perf_counter()
+    if not methods:
+        raise CalbenchError("--methods is empty; name at least one method, e.g. --methods coop-ce,calibprompt")
     for name in methods:
         parse_method(name)  # reject unknown names before any work
-    if shots < 1:
-        raise CalbenchError(f"--shots must be at least 1, got {shots}")
+    check_settings(shots, val_shots, views, bootstrap)
+    check_method_params(method_params or {})
     if not seeds:
         raise CalbenchError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
     pairs, skipped = plan_grid(all_pairs, model, data, data_root)
@@ -431,9 +493,10 @@ def train_one(
 ) -> tuple[Path, dict[str, float]]:
     """Train one prompt method on one few-shot split, save its context; return path and validation metrics."""
     base, calibrator = parse_method(method)
-    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress, strict)
+    check_settings(shots, val_shots, views)
     untrained = make_method(method, **(params or {}))
-    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, feature_requests(untrained)).fit
+    vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress, strict)
+    fit = fewshot_features(vlm, dataset, cache, shots, seed, val_shots, views, feature_requests(untrained, validate=True)).fit
     trained = untrained.fit(fit)
     prompt = trained.base if isinstance(trained, Calibrated) else trained
     if not isinstance(prompt, PromptMethod):
@@ -444,7 +507,8 @@ def train_one(
     path = Path(out) / f"{method.replace('+', '_')}-{model}-{dataset.name}-seed{seed}.safetensors"
     save_prompt(path, prompt.learner, prompt.config, extra)
     with torch.no_grad():
-        metrics = evaluate(trained.predict_proba(fit.val_features).double().cpu().numpy(), fit.val_labels.cpu().numpy())
+        val = fit.extra.get(VAL_AS_TEST, fit.val_features)  # smoothed methods are judged on noisy copies, as at test time
+        metrics = evaluate(trained.predict_proba(val).double().cpu().numpy(), fit.val_labels.cpu().numpy())
     return path, metrics
 
 
@@ -463,6 +527,7 @@ def build_cache(
     strict: bool = False,
 ) -> tuple[CacheStats, Path]:
     """Encode the test split and each seed's few-shot views ahead of training."""
+    check_settings(shots, val_shots, views)
     vlm, dataset, cache = open_run(model, data, device, cache_dir, weights, data_root, progress, strict)
     cache.features(dataset, "test", np.arange(len(dataset.files("test"))), kind="eval")
     for seed in seeds:

@@ -150,16 +150,17 @@ class Calibrated:
 VAL_AS_TEST = "val-as-test"
 
 
-def feature_requests(method: Method) -> dict[str, FeatureRequest]:
+def feature_requests(method: Method, validate: bool = False) -> dict[str, FeatureRequest]:
     """Every extra feature set ``method`` needs to fit, post-hoc wrappers included.
 
-    A calibrator on top of a method that predicts from test-time views (smoothing)
-    needs the validation images in that same form, under ``VAL_AS_TEST``.
+    A method that predicts from test-time views (smoothing) is calibrated, and with
+    ``validate`` also scored, on the validation images in that same form, under
+    ``VAL_AS_TEST``.
     """
     base = method.base if isinstance(method, Calibrated) else method
     requests = dict(getattr(base, "fit_requests", None) or {})
     test = getattr(base, "test_request", None)
-    if isinstance(method, Calibrated) and test is not None:
+    if (validate or isinstance(method, Calibrated)) and test is not None:
         requests[VAL_AS_TEST] = FeatureRequest("val", test.kind, test.views)
     return requests
 
@@ -186,9 +187,21 @@ def register_method(name: str, description: str, trainable: bool = True) -> Call
 
 def split_train_params(params: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """Separate TrainConfig fields (lr, n_ctx, ...) from a method's own parameters."""
-    names = {f.name for f in fields(TrainConfig)}
-    train = {k: v for k, v in params.items() if k in names}
-    return replace(TrainConfig(), **train), {k: v for k, v in params.items() if k not in names}
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    train: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in types:
+            continue
+        kind = types[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind not in (int, float):
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            raise CalbenchError(f"training option {key}={value!r} must be {'a number' if kind is float else kind.__name__}")
+        train[key] = int(value) if kind is int else float(value) if kind is float else value
+    return replace(TrainConfig(), **train), {k: v for k, v in params.items() if k not in types}
 
 
 def list_methods() -> list[str]:
@@ -233,7 +246,14 @@ def calibprompt(**params: Any) -> Method:
             f"calibprompt: unknown parameter(s) {', '.join(sorted(set(rest) - known))}; "
             f"known: {', '.join(sorted(known))} and training options ({', '.join(f.name for f in fields(TrainConfig))})"
         )
-    return PromptMethod(calibprompt_objective(**rest), cfg)
+    return PromptMethod(calibprompt_objective(**{k: as_number(v, f"calibprompt {k}") for k, v in rest.items()}), cfg)
+
+
+def as_number(value: Any, what: str) -> float:
+    """A method parameter from a JSON/YAML file as a float, or a one-line error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CalbenchError(f"{what} must be a number, got {value!r}")
+    return float(value)
 
 
 import calbench.baselines  # noqa: E402,F401  (registers the comparison methods)

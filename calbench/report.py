@@ -92,9 +92,13 @@ def _pct(mean: float, std: Optional[float]) -> str:
 
 def build_blocks(results_dir: Path) -> list[Block]:
     """Everything the report says, in order."""
-    rows = read_results(results_dir / "results.csv")
-    if not rows:
+    logged = read_results(results_dir / "results.csv")
+    if not logged:
         raise CalbenchError(f"{results_dir / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first")
+    # runs with other settings (shots, parameters, weights) are not extra seeds: keep each
+    # (model, dataset, method)'s most recent config only
+    latest = {(r["model"], r["dataset"], r["method"]): r.get("config", "") for r in logged}
+    rows = [r for r in logged if r.get("config", "") == latest[(r["model"], r["dataset"], r["method"])]]
     pairs = list(dict.fromkeys((str(r["model"]), str(r["dataset"])) for r in rows))
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
     cell: dict[tuple[str, str, str], dict[str, tuple[float, Optional[float]]]] = {}
@@ -109,6 +113,7 @@ def build_blocks(results_dir: Path) -> list[Block]:
         Text(
             f"{len(rows)} runs: {len(pairs)} model · dataset pair(s), {len(methods)} method(s), seeds {', '.join(map(str, seeds))}. "
             f"Test-split metrics, mean ± std over seeds (percent). Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
+            + (f" {len(logged) - len(rows)} older run(s) with other settings are in results.csv but not shown." if len(logged) > len(rows) else "")
         ),
     ]
 

@@ -41,10 +41,14 @@ class TrainConfig:
 
 
 def learning_rate(epoch: int, cfg: TrainConfig) -> float:
-    """Constant ``warmup_lr`` for the warm-up epochs, then cosine from ``lr`` over all epochs (Dassl's schedule)."""
+    """Constant ``warmup_lr`` for the warm-up epochs, then cosine from ``lr`` with period ``epochs``.
+
+    As Dassl's ConstantWarmupScheduler: the cosine scheduler (T_max = epochs) takes its
+    first step only after warm-up, so the first epoch after warm-up runs at the full ``lr``.
+    """
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
 
 
 class TrainingDiverged(CalbenchError):

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from calbench.errors import CalbenchError
 from calbench.experiment import RESULT_COLUMNS, fewshot_features, open_run, run_compare, write_csv_atomic
-from calbench.methods import METHODS, FitData, PromptMethod, make_method
+from calbench.methods import METHODS, VAL_AS_TEST, FitData, PromptMethod, feature_requests, make_method
 from calbench.metrics import accuracy, ece, nll
 from calbench.train import TrainConfig, TrainingDiverged, logits_for
 from calbench.tune_storage import default_storage, open_storage
@@ -373,7 +373,7 @@ class Worker:
         prunable = c.objective != "pareto"
         for index, (pair, seed) in enumerate(runs):
             method = make_method(c.method, **method_params(params, c.epochs))
-            fit = self.fit_data(pair, seed, getattr(method, "fit_requests", None))
+            fit = self.fit_data(pair, seed, feature_requests(method, validate=True))
             step0 = index * c.train_epochs
             if prunable and isinstance(method, PromptMethod):
                 method.on_epoch = self._checkpoint(trial, method, fit, pair, metric, step0)
@@ -383,7 +383,8 @@ class Worker:
                 trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {exc}")
                 raise
             with torch.no_grad():
-                metrics = _val_metrics(method.predict_proba(fit.val_features), fit.val_labels)
+                # smoothed methods are scored on noisy validation copies, as compare scores them on test
+                metrics = _val_metrics(method.predict_proba(fit.extra.get(VAL_AS_TEST, fit.val_features)), fit.val_labels)
             sums = per_pair.setdefault(pair_key(pair), {k: 0.0 for k in metrics})
             for k, v in metrics.items():
                 sums[k] += v / len(c.split_seeds)
@@ -536,6 +537,15 @@ class _progress:
 # --------------------------------------------------------------------------- after the search
 
 
+def non_dominated(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials no other trial beats on both (lower ECE, higher accuracy)."""
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        return a.values[0] <= b.values[0] and a.values[1] >= b.values[1] and tuple(a.values) != tuple(b.values)
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials)]
+
+
 def best_params_document(result: SearchResult) -> dict[str, Any]:
     """best_params.json: {"method", "params"} as `train --params` / `compare --params` read it, plus provenance."""
     best = result.best
@@ -552,7 +562,12 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
         per_pair[key] = {"trial": own.number, "params": method_params(own.params, c.epochs), "val": own.user_attrs["pairs"][key], "shared_val": best.user_attrs["pairs"][key]}
     front = []
     if c.objective == "pareto":  # Optuna's non-dominated feasible trials (lower ECE, higher accuracy)
-        front = [{"trial": t.number, "ece": t.values[0], "accuracy": t.values[1], "params": method_params(t.params, c.epochs)} for t in sorted(result.study.best_trials, key=lambda t: t.values[0])]
+        # with no feasible trial Optuna's front is empty: then show the unconstrained front, marked so
+        members = result.study.best_trials or non_dominated([t for t in result.trials if t.state == TrialState.COMPLETE])
+        front = [
+            {"trial": t.number, "ece": t.values[0], "accuracy": t.values[1], "feasible": is_feasible(t), "params": method_params(t.params, c.epochs)}
+            for t in sorted(members, key=lambda t: t.values[0])
+        ]
     return {
         "method": c.method,
         "params": method_params(best.params, c.epochs),
@@ -611,7 +626,8 @@ def final_test(
             rows.append({**row, "method": f"{c.method}:{label}"})
         failures = tuned.failures + hand.failures
         if failures:
-            raise CalbenchError(f"final test run failed: {failures[0][0]} (seed {failures[0][1]}): {failures[0][2]}")
+            first = failures[0]
+            raise CalbenchError(f"final test run failed: {first['method']} (seed {first['seed']}): {first['error']}")
     append_results(rows, Path(out) / "results.csv")
     return rows
 

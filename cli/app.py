@@ -91,7 +91,7 @@ def compare(
     from calbench.experiment import DEFAULT_METHODS, all_methods, load_params_file, run_compare
     from calbench.report import write_report
 
-    chosen = parse_names(methods) or (all_methods() if (all_pairs or every_method) else DEFAULT_METHODS)
+    chosen = parse_names(methods) if methods is not None else (all_methods() if (all_pairs or every_method) else DEFAULT_METHODS)
     result = run_compare(
         model=model,
         data=data,

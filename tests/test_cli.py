@@ -53,6 +53,14 @@ def test_second_compare_reuses_the_cache_and_repeats_the_numbers(demo):
         (["compare", "--shots", "60", "--seeds", "1"], "has 80 training images but 60 shots + 60 validation shots need 120"),
         (["compare", "--seeds", "1,x"], "error: --seeds takes comma-separated integers"),
         (["train", "--method", "zero-shot"], "error: zero-shot learns no prompt"),
+        (["compare", "--val-shots", "0"], "error: --val-shots must be at least 1"),
+        (["compare", "--views", "0"], "error: --views must be at least 1"),
+        (["train", "--shots", "0"], "error: --shots must be at least 1"),
+        (["cache", "--views", "-1"], "error: --views must be at least 1"),
+        (["compare", "--bootstrap", "-1"], "error: --bootstrap must be 0"),
+        (["compare", "--methods", ""], "error: --methods is empty"),
+        (["compare", "--device", "foo"], "error: unknown device 'foo'"),
+        (["compare", "--params", "/no/such.json"], "error: parameter file /no/such.json does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cache_dir, args, message):

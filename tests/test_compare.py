@@ -133,3 +133,79 @@ def test_report_pivots_the_certification_table(tmp_path, cache_dir):
     md = (tmp_path / "report.md").read_text()
     assert "| model | dataset | method | seed | sigma | n0 | n | alpha | subset | r=0 | r=0.25 | r=0.5 |" in md
     assert "| tiny | synthetic | promptsmooth | 1 | 0.25 | 10 | 100 | 0.001 | 300 | 38.7 | 17.0 | 0.0 |" in md
+
+
+def test_report_shows_only_each_methods_latest_settings(tmp_path, cache_dir):
+    base = dict(methods=["zero-shot+ts"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, bootstrap=0)
+    old = run_compare(**base, val_shots=2).rows[0]
+    new = run_compare(**base, val_shots=8).rows[0]
+    assert old["config"] != new["config"] and old["ece"] != new["ece"]
+    runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
+    md = (tmp_path / "report.md").read_text()
+    assert f"| zero-shot+ts | **ECE {100 * new['ece']:.2f} / Acc {100 * new['accuracy']:.2f}** |" in md  # one seed: no ± at all
+    assert "1 older run(s) with other settings are in results.csv but not shown" in md
+
+
+def test_spelling_out_a_default_is_the_same_config_and_changing_one_is_not(tmp_path, cache_dir):
+    base = dict(methods=["coop-ls"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, bootstrap=0)
+    first = run_compare(**base, method_params={"coop-ls": {"epochs": 2}})
+    same = run_compare(**base, method_params={"coop-ls": {"epochs": 2, "alpha": 0.05, "lr": 0.002}})
+    other = run_compare(**base, method_params={"coop-ls": {"epochs": 2, "alpha": 0.1}})
+    assert same.computed == 0 and other.computed == 1
+    assert other.rows[0]["config"] != first.rows[0]["config"]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"coop-lss": {"alpha": 0.1}}, "--params names 'coop-lss', which is not a base method"),
+        ({"coop-ls": {"alpha": "x"}}, "coop-ls alpha must be a number, got 'x'"),
+        ({"coop-ce": {"epochs": "2"}}, "training option epochs='2' must be int"),
+    ],
+)
+def test_bad_parameters_are_refused_before_any_work(tmp_path, cache_dir, params, message):
+    with pytest.raises(CalbenchError, match=message):
+        run_compare(methods=["coop-ce"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, method_params=params)
+    assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.fixture()
+def broken_calibrator():
+    from calbench.methods import CALIBRATORS
+
+    class Broken:
+        def fit(self, logits, labels):
+            raise ValueError("calibrator exploded")
+
+    CALIBRATORS._entries["broken"] = Broken
+    yield "broken"
+    del CALIBRATORS._entries["broken"]
+
+
+def test_a_failing_calibrator_fails_only_its_own_row(tmp_path, cache_dir, broken_calibrator):
+    result = run_compare(methods=["zero-shot+broken", "zero-shot+ts", "zero-shot"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, bootstrap=0)
+    status = {r["method"]: (r["status"], r["error"]) for r in result.rows}
+    assert status == {"zero-shot+broken": ("failed", "ValueError: calibrator exploded"), "zero-shot+ts": ("ok", ""), "zero-shot": ("ok", "")}
+
+
+def test_failed_rows_are_retried_on_the_next_run(tmp_path, cache_dir, exploding_method):
+    args = dict(methods=["exploding", "zero-shot"], seeds=[1], out=tmp_path, cache_dir=cache_dir, progress=False, bootstrap=0)
+    assert run_compare(**args).computed == 2
+    assert run_compare(**args).computed == 1  # zero-shot is reused, the failed run is tried again
+
+
+def test_two_runs_writing_one_results_file_keep_each_others_rows(tmp_path):
+    from calbench.experiment import ResultsStore
+
+    a, b = ResultsStore(tmp_path), ResultsStore(tmp_path)  # both opened before either writes
+    row = {"model": "m", "dataset": "d", "seed": 1, "config": "c", "status": "ok", "error": "", "ece_ci_low": 0.0, "ece_ci_high": 0.0}
+    row.update({k: 0.5 for k in ("accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier", "macro_f1")})
+    a.put({**row, "method": "x"})
+    b.put({**row, "method": "y"})
+    assert sorted(r["method"] for r in read_results(tmp_path / "results.csv")) == ["x", "y"]
+
+
+def test_a_foreign_csv_is_not_a_results_file(tmp_path):
+    (tmp_path / "results.csv").write_text("a,b\n1,2\n")
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a calbench results.csv (no column 'model')" in result.output

@@ -27,9 +27,10 @@ def test_paper_defaults_live_in_the_config():
 def test_schedule_is_constant_warmup_then_cosine():
     cfg = TrainConfig(epochs=10)
     assert learning_rate(0, cfg) == 1e-5
-    assert learning_rate(1, cfg) == pytest.approx(0.001 * (1 + math.cos(math.pi / 10)))
-    assert learning_rate(5, cfg) == pytest.approx(0.001)
-    assert learning_rate(9, cfg) == pytest.approx(0.001 * (1 + math.cos(math.pi * 0.9)))
+    assert learning_rate(1, cfg) == pytest.approx(0.002)  # the cosine's first step comes after warm-up
+    assert learning_rate(2, cfg) == pytest.approx(0.001 * (1 + math.cos(math.pi / 10)))
+    assert learning_rate(6, cfg) == pytest.approx(0.001)
+    assert learning_rate(9, cfg) == pytest.approx(0.001 * (1 + math.cos(math.pi * 0.8)))
 
 
 def test_training_is_deterministic_and_lowers_the_loss(tiny, synthetic, cache_dir):

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch, VLMBackend
 from calbench.models.weights import WEIGHTS_ENV, HubSource, Source, UrlSource, load_state_dict_file, locate
 from calbench.registry import Registry
@@ -61,10 +62,16 @@ def list_models() -> list[str]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' means CUDA when present, else CPU."""
+    """'auto' means CUDA when present, else CPU; an unusable device is a user error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CalbenchError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
+        raise CalbenchError(f"device {str(device)!r} is not available here (CUDA devices: {torch.cuda.device_count()}); use --device auto or cpu")
+    return resolved
 
 
 def load_vlm(name: str, device: str | torch.device = "cpu", weights: Optional[str | Path] = None) -> VLMBackend:
