@@ -115,7 +115,9 @@ def compare(
         strict=strict,
     )
     stats = result.stats
-    if stats.encoded == 0:
+    if result.computed == 0:
+        console.print(f"nothing to compute: every run is already in {result.out / 'results.csv'} (--force recomputes)")
+    elif stats.encoded == 0:
         console.print(f"features: all {stats.loaded} read from the cache, no image encoded")
     else:
         console.print(f"features: {stats.encoded} image views encoded, {stats.loaded} read from the cache")

@@ -85,3 +85,11 @@ def test_cache_models_and_datasets_commands(cache_dir):
     assert built.exit_code == 0 and "image views encoded" in built.output
     assert "tiny" in _run("models").output
     assert "synthetic" in _run("datasets").output
+
+
+def test_rerunning_into_the_same_folder_computes_nothing(demo, cache_dir):
+    out, _, _ = demo
+    again = _run("compare", "--seeds", "1", "--out", str(out / "a"), "--cache-dir", str(cache_dir / "cli"))
+    assert again.exit_code == 0
+    assert "nothing to compute: every run is already in" in again.output
+    assert "0 run(s) computed, 7 reused" in again.output
