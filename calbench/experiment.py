@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from calbench.atomic import write_text_atomic
 from calbench.cache import CacheStats, FeatureCache, default_cache_dir
 from calbench.data import load_dataset
 from calbench.data.folder import ImageFolderDataset, few_shot_split
@@ -159,11 +160,7 @@ def write_csv_atomic(rows: Sequence[dict[str, object]], path: Path, columns: Seq
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_results(path: Path) -> list[dict[str, object]]:

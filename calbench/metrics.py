@@ -165,7 +165,6 @@ def bootstrap_ece(probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_
     draws = rng.integers(0, n, size=(n_boot, n))
     slots = (bins[draws] + n_bins * np.arange(n_boot)[:, None]).ravel()
     size = n_boot * n_bins
-    counts = np.bincount(slots, minlength=size).reshape(n_boot, n_bins)
     conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
     hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
     values = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum over bins of count * |acc - conf|, over n

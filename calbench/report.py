@@ -12,7 +12,6 @@ import csv
 import html
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from calbench.atomic import write_text_atomic
 from calbench.errors import CalbenchError
 from calbench.experiment import read_results
 
@@ -260,13 +260,6 @@ def render_html(blocks: Sequence[Block]) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(results_dir: Path) -> tuple[Path, Path]:
     """Write report.md and report.html into ``results_dir``; return their paths."""
     results_dir = Path(results_dir)
@@ -274,6 +267,6 @@ def write_report(results_dir: Path) -> tuple[Path, Path]:
         raise CalbenchError(f"results folder {results_dir} does not exist; run `calbench compare --out {results_dir}` first")
     blocks = build_blocks(results_dir)
     md, page = results_dir / "report.md", results_dir / "report.html"
-    _write_atomic(md, render_markdown(blocks, results_dir))
-    _write_atomic(page, render_html(blocks))
+    write_text_atomic(md, render_markdown(blocks, results_dir))
+    write_text_atomic(page, render_html(blocks))
     return md, page

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from optuna.trial import FrozenTrial, TrialState
 
+from calbench.atomic import write_text_atomic
 from calbench.errors import CalbenchError
 from calbench.experiment import RESULT_COLUMNS, fewshot_features, open_run, run_compare, write_csv_atomic
 from calbench.methods import METHODS, VAL_AS_TEST, FitData, PromptMethod, feature_requests, make_method
@@ -582,21 +583,6 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
     }
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write via a temp file in the same folder and a rename, so readers never see half a file."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def final_test(
     result: SearchResult,
     best: Mapping[str, Any],
@@ -701,7 +687,7 @@ def run_tune(
         return run
     document = best_params_document(result)
     run.best_params = out / "best_params.json"
-    write_text_atomic(json.dumps(document, indent=2) + "\n", run.best_params)
+    write_text_atomic(run.best_params, json.dumps(document, indent=2) + "\n")
     run.test_rows = final_test(result, document, final_seeds, out, device, cache_dir, weights, data_root, progress)
     run.reports = write_report(result, document, run.test_rows, out)
     return run

@@ -20,11 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
-from calbench.tune import SURPLUS, SearchResult, counts_toward_total, is_feasible, pair_key, reference_params, write_text_atomic  # noqa: E402
+from calbench.atomic import write_text_atomic
+from calbench.tune import SURPLUS, SearchResult, counts_toward_total, is_feasible, pair_key, reference_params  # noqa: E402
 
 TEST_COLUMNS = [("accuracy", "Acc %", 100.0), ("ece", "ECE %", 100.0), ("adaptive_ece", "AdaECE %", 100.0), ("nll", "NLL", 1.0), ("brier", "Brier", 1.0)]
 
@@ -217,6 +217,6 @@ def write_report(result: SearchResult, best: Mapping[str, Any], test_rows: Seque
     plots = _plots(result, out / "plots")
     markdown = render_markdown(result, best, test_rows, plots, lambda p: p.relative_to(out).as_posix())
     embedded = render_markdown(result, best, test_rows, plots, lambda p: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode())
-    write_text_atomic(markdown, out / "report.md")
-    write_text_atomic(_markdown_to_html(embedded, f"tune {result.study.study_name}"), out / "report.html")
+    write_text_atomic(out / "report.md", markdown)
+    write_text_atomic(out / "report.html", _markdown_to_html(embedded, f"tune {result.study.study_name}"))
     return [out / "report.md", out / "report.html"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from calbench.atomic import write_text_atomic
 from calbench.errors import CalbenchError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -186,7 +186,7 @@ class ImageFolderDataset:
             problems = list(pool.map(decode_problem, paths))
         bad = {str(p.relative_to(self.root)): why for p, why in zip(paths, problems) if why is not None}
         if record is not None:
-            _write_text_atomic(record, json.dumps({"unreadable": bad}))
+            write_text_atomic(record, json.dumps({"unreadable": bad}))
         return bad
 
     def _verified_by_prepare(self, split: str) -> bool:
@@ -227,18 +227,6 @@ class ImageFolderDataset:
                 return to_rgb(image)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise CalbenchError(f"cannot read image {path}: {exc}; it changed after the folder was checked, run again") from None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from calbench.data.folder import IMAGE_SUFFIXES, SPLITS, ImageFolderDataset, _image_paths, _write_text_atomic, count_images, to_8bit
+from calbench.atomic import write_text_atomic
+from calbench.data.folder import IMAGE_SUFFIXES, SPLITS, ImageFolderDataset, _image_paths, count_images, to_8bit
 from calbench.errors import CalbenchError
 
 SIZE = 224
@@ -127,7 +128,7 @@ def prepare_folder(
     if partial.exists() and (not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe):
         shutil.rmtree(partial)  # half-made from other inputs: start over
     partial.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(recipe_file, json.dumps(recipe, sort_keys=True))
+    write_text_atomic(recipe_file, json.dumps(recipe, sort_keys=True))
     done = set(journal.read_text().split("\n")) if journal.is_file() else set()
     for split in SPLITS:
         for folder, _ in classes:
