@@ -1,2 +1,3 @@
-"""Comparison methods; importing this package registers them in :data:`calbench.methods.METHODS`."""
+"""Comparison methods; importing this package registers them in :data:`calbench.base.METHODS` (imported once, by :mod:`calbench.methods`)."""
+
 from calbench.baselines import coop, posthoc, promptsmooth, zero_shot  # noqa: F401

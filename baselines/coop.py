@@ -5,15 +5,16 @@ their defaults and sources. A parameter sets one or more term fields ("term.weig
 "term.<kwarg>"), so a shared hyper-parameter (CalibPrompt's alpha for LS and SMAC) is one
 knob. Training options (lr, n_ctx, epochs, ...) are accepted by every method.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from calbench.errors import CalbenchError
+from calbench.base import Method, as_number, check_known, register_method, split_train_params
+from calbench.calibprompt import PromptMethod
 from calbench.losses import Objective, Term
-from calbench.methods import Method, PromptMethod, as_number, register_method, split_train_params
-from calbench.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ LOSS_METHODS: dict[str, LossMethod] = {
     "coop-mbls": LossMethod(
         "CoOp with margin-based label smoothing (Liu et al., CVPR 2022)",
         {"mbls": "mbls"},
-        {"margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022"), "alpha": Param(0.1, ("mbls.alpha",), "Liu et al., CVPR 2022")},
+        {
+            "margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022"),
+            "alpha": Param(0.1, ("mbls.alpha",), "Liu et al., CVPR 2022"),
+        },
     ),
     "coop-focal": LossMethod(
         "CoOp with focal loss (Lin et al., 2017; for calibration Mukhoti et al., NeurIPS 2020)",
@@ -92,7 +96,10 @@ LOSS_METHODS: dict[str, LossMethod] = {
     "coop-mmv": LossMethod(
         "CoOp with CE + margin mean-variance regulariser",
         {"ce": "cross_entropy", "mmv": "margin_mean_var"},
-        {"alpha": Param(0.1, ("mmv.alpha",), "calbench default"), "beta": Param(0.01, ("mmv.beta",), "calbench default")},
+        {
+            "alpha": Param(0.1, ("mmv.alpha",), "calbench default"),
+            "beta": Param(0.01, ("mmv.beta",), "calbench default"),
+        },
     ),
     "coop-tmm": LossMethod(
         "CoOp with CE + text moment matching to the zero-shot class features",
@@ -102,7 +109,10 @@ LOSS_METHODS: dict[str, LossMethod] = {
     "ls+smac": LossMethod(
         "CalibPrompt ablation: label smoothing + SMAC, no AS",
         {"ls": "label_smoothing", "smac": "smac"},
-        {"alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT), "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT)},
+        {
+            "alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT),
+            "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
+        },
     ),
     "ls+as": LossMethod(
         "CalibPrompt ablation: label smoothing + AS, no SMAC",
@@ -125,12 +135,7 @@ LOSS_METHODS: dict[str, LossMethod] = {
 def _factory(name: str, spec: LossMethod):
     def build(**params: Any) -> Method:
         cfg, rest = split_train_params(params)
-        unknown = set(rest) - set(spec.params)
-        if unknown:
-            raise CalbenchError(
-                f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}; known: "
-                f"{', '.join(spec.params) or 'none'} and training options ({', '.join(f.name for f in fields(TrainConfig))})"
-            )
+        check_known(name, rest, spec.params)
         values = {p: as_number(rest.get(p, param.default), f"{name} {p}") for p, param in spec.params.items()}
         return PromptMethod(spec.objective(values), cfg)
 

@@ -4,22 +4,26 @@
 netcal in the tests); ``hist``, ``iso`` and ``beta`` use netcal's implementations
 (one-vs-all on the softmax probabilities, rows renormalised).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from calbench.methods import CALIBRATORS
+from calbench.base import CALIBRATORS
 
 
 def _lbfgs_nll(params: list[Tensor], logits_fn: Callable[[], Tensor], labels: Tensor) -> None:
     """Minimise the mean NLL of ``logits_fn()`` over ``params`` (float64, strong Wolfe line search)."""
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -40,7 +44,7 @@ class TemperatureScaling:
     def __init__(self) -> None:
         self.temperature = 1.0
 
-    def fit(self, logits: Tensor, labels: Tensor) -> "TemperatureScaling":
+    def fit(self, logits: Tensor, labels: Tensor) -> TemperatureScaling:
         z = logits.detach().double().cpu()
         log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
         _lbfgs_nll([log_t], lambda: z / log_t.exp(), labels.detach().cpu())
@@ -58,7 +62,7 @@ class VectorScaling:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
-    def fit(self, logits: Tensor, labels: Tensor) -> "VectorScaling":
+    def fit(self, logits: Tensor, labels: Tensor) -> VectorScaling:
         z = logits.detach().double().cpu()
         w = torch.ones(z.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -78,7 +82,7 @@ class NetcalCalibrator:
     def __init__(self, factory: Callable[[], Any]) -> None:
         self.model = factory()
 
-    def fit(self, logits: Tensor, labels: Tensor) -> "NetcalCalibrator":
+    def fit(self, logits: Tensor, labels: Tensor) -> NetcalCalibrator:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # netcal's pyro/scipy deprecation chatter
             self.model.fit(F.softmax(logits.double(), dim=1).cpu().numpy(), labels.cpu().numpy())
@@ -91,7 +95,9 @@ class NetcalCalibrator:
         probs = np.nan_to_num(probs, nan=0.0)
         totals = probs.sum(axis=1, keepdims=True)
         uniform = np.full_like(probs, 1.0 / probs.shape[1])
-        probs = np.where(totals > 0, probs / np.where(totals > 0, totals, 1.0), uniform)  # an all-zero row knows nothing
+        probs = np.where(
+            totals > 0, probs / np.where(totals > 0, totals, 1.0), uniform
+        )  # an all-zero row knows nothing
         return torch.as_tensor(probs, device=logits.device)
 
 

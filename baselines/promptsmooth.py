@@ -10,24 +10,37 @@
   (TPT's marginal entropy, Shu et al., NeurIPS 2022), from the hand prompt or from
   the few-shot PromptSmooth prompt; the context is reset before every image.
 
-All three are smoothed classifiers: ``predict_proba`` on (S, N, D) features of S
-noisy copies returns the mean softmax over the copies. Their noisy views come from
-the feature cache (transform kinds ``train-noise<sigma>`` and ``noise<sigma>``).
+All three are smoothed classifiers (``Capabilities.test_copies``): ``predict_proba`` takes
+(S, N, D) features of S noisy copies of each image and returns the mean softmax over the
+copies; ``base_logits`` is the base classifier on one (N, D) view. Their noisy views come
+from the feature cache (transform kinds ``train-noise<sigma>`` and ``noise<sigma>``).
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from calbench.base import (
+    Capabilities,
+    FeatureRequest,
+    FitData,
+    LogitMethod,
+    Method,
+    check_known,
+    register_method,
+    split_train_params,
+)
+from calbench.calibprompt import PromptMethod
 from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
-from calbench.methods import FeatureRequest, FitData, LogitMethod, Method, PromptMethod, register_method
 from calbench.prompts import PromptLearner
 from calbench.smoothing import smoothed_proba
 from calbench.train import TrainConfig
@@ -37,7 +50,11 @@ PROMPTSMOOTH = "Hussein et al., MICCAI 2024 (PromptSmooth configs)"
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "n_ctx": (5, PROMPTSMOOTH + ": n_ctx 5"),
     "epochs": (50, PROMPTSMOOTH + ": 50 epochs"),
-    "shots": (16, PROMPTSMOOTH + ": 16 shots; used by `calbench certify`, while `compare --shots` applies one value to every method"),
+    "shots": (
+        16,
+        PROMPTSMOOTH
+        + ": 16 shots; used by `calbench certify`, while `compare --shots` applies one value to every method",
+    ),
     "sigma": (0.25, "noise of the smoothed classifier at test time; PromptSmooth reports sigma 0.25, 0.5 and 1.0"),
     "train_sigmas": ((0.25, 0.5, 1.0), PROMPTSMOOTH + ": one prompt serves several noise levels"),
     "views_per_sigma": (10, "calbench: as many noisy views per sigma as `--views` augmented views"),
@@ -45,22 +62,23 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "w_as": (0.01, "Basu et al., BMVC 2025 (CalibPrompt's AS weight)"),
     "tta_steps": (1, PROMPTSMOOTH + " zero-shot: one test-time step, as TPT"),
     "tta_lr": (5e-3, PROMPTSMOOTH + " zero-shot: AdamW, lr 5e-3, as TPT"),
-    "init": ("hand", "promptsmooth-zs starts from the hand prompt ('hand') or the few-shot PromptSmooth prompt ('fewshot')"),
+    "init": (
+        "hand",
+        "promptsmooth-zs starts from the hand prompt ('hand') or the few-shot PromptSmooth prompt ('fewshot')",
+    ),
 }
 FEWSHOT_PARAMS = ("sigma", "train_sigmas", "views_per_sigma", "n_samples")
 ZEROSHOT_PARAMS = ("sigma", "n_samples", "tta_steps", "tta_lr", "init")
 
 
-def _settings(method: str, params: dict[str, Any], own: tuple[str, ...], trains: bool) -> tuple[TrainConfig, dict[str, Any]]:
+def _settings(
+    method: str, params: dict[str, Any], own: tuple[str, ...], trains: bool
+) -> tuple[TrainConfig, dict[str, Any]]:
     """Split user parameters into a TrainConfig (PromptSmooth's training defaults) and the method's own ones."""
-    train_names = {f.name for f in fields(TrainConfig)} if trains else set()
-    unknown = set(params) - train_names - set(own)
-    if unknown:
-        known = ", ".join([*own, *(["training options (" + ", ".join(sorted(train_names)) + ")"] if trains else [])])
-        raise CalbenchError(f"{method}: unknown parameter(s) {', '.join(sorted(unknown))}; known: {known}")
-    train = {name: DEFAULTS[name][0] for name in ("n_ctx", "epochs", "shots")}
-    train.update({k: v for k, v in params.items() if k in train_names})
-    values = {name: params.get(name, DEFAULTS[name][0]) for name in own}
+    check_known(method, params, own, train_options=trains)
+    defaults = replace(TrainConfig(), **{name: DEFAULTS[name][0] for name in ("n_ctx", "epochs", "shots")})
+    cfg, rest = split_train_params(params if trains else {}, defaults)
+    values = {name: (rest if trains else params).get(name, DEFAULTS[name][0]) for name in own}
     if "train_sigmas" in values:
         sigmas = values["train_sigmas"]
         values["train_sigmas"] = tuple(float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas]))
@@ -70,34 +88,52 @@ def _settings(method: str, params: dict[str, Any], own: tuple[str, ...], trains:
     for name, least in (("views_per_sigma", 1), ("n_samples", 1), ("tta_steps", 0)):
         if name in values and not (float(values[name]) == int(values[name]) and int(values[name]) >= least):
             raise CalbenchError(f"{method}: {name} must be an integer of at least {least}, got {values[name]}")
-    return replace(TrainConfig(), **train), values
+    return cfg, values
 
 
 class PromptSmooth(PromptMethod):
     """Few-shot PromptSmooth: a prompt trained on noisy views, used as the base classifier of a smoothed classifier."""
 
     def __init__(
-        self, objective: Objective, config: TrainConfig, sigma: float, train_sigmas: tuple[float, ...], views_per_sigma: int, n_samples: int
+        self,
+        objective: Objective,
+        config: TrainConfig,
+        sigma: float,
+        train_sigmas: tuple[float, ...],
+        views_per_sigma: int,
+        n_samples: int,
     ) -> None:
         super().__init__(objective, config)
         self.sigma = float(sigma)
-        self.fit_requests = {noise_kind(s, train=True): FeatureRequest("train", noise_kind(s, train=True), int(views_per_sigma)) for s in train_sigmas}
-        self.test_request = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
+        train = {
+            noise_kind(s, train=True): FeatureRequest("train", noise_kind(s, train=True), int(views_per_sigma))
+            for s in train_sigmas
+        }
+        copies = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
+        self.capabilities = Capabilities(fit_features=train, test_copies=copies, learns_prompt=True)
 
-    def fit(self, data: FitData) -> "PromptSmooth":
-        views = torch.stack([data.extra[name] for name in self.fit_requests], dim=1)  # (V, S, N, D)
+    def fit(self, data: FitData) -> PromptSmooth:
+        views = torch.stack([data.extra[name] for name in self.capabilities.fit_features], dim=1)  # (V, S, N, D)
         return super().fit(replace(data, train_features=views.flatten(0, 1)))  # v0s0, v0s1, ..., v1s0, ...
 
-    def predict_logits(self, features: Tensor) -> Tensor:
-        """Base logits for (N, D); log of the smoothed probabilities for (S, N, D) noisy copies."""
-        if features.dim() == 3:
-            return torch.log(self.predict_proba(features).clamp_min(1e-12))
+    def base_logits(self, features: Tensor) -> Tensor:
+        """The base classifier: logits of the learned prompt on (N, D) features of one view."""
         return super().predict_logits(features)
 
-    def predict_proba(self, features: Tensor) -> Tensor:
-        if features.dim() == 3:
-            return smoothed_proba(super().predict_logits(features))
-        return super().predict_proba(features)
+    def predict_proba(self, inputs: Tensor) -> Tensor:
+        """The smoothed classifier: mean softmax of the base classifier over (S, N, D) noisy copies."""
+        return smoothed_proba(self.base_logits(_copies(inputs)))
+
+    def predict_logits(self, inputs: Tensor) -> Tensor:
+        return torch.log(self.predict_proba(inputs).clamp_min(1e-12))
+
+
+def _copies(inputs: Tensor) -> Tensor:
+    if inputs.dim() != 3:
+        raise ValueError(
+            f"a smoothed classifier predicts from (S, N, D) noisy copies, got shape {tuple(inputs.shape)}; use base_logits for (N, D) features"
+        )
+    return inputs
 
 
 def marginal_entropy(logits: Tensor) -> Tensor:
@@ -110,24 +146,28 @@ def hand_context(template: str) -> str:
     """The words of a prompt template before the class name, to start the context from ("a photo of a")."""
     prefix = template.split("{}")[0].strip()
     if "{}" not in template or not prefix:
-        raise CalbenchError(f"promptsmooth-zs: the prompt template {template!r} has no words before '{{}}' to start from; pass init=fewshot")
+        raise CalbenchError(
+            f"promptsmooth-zs: the prompt template {template!r} has no words before '{{}}' to start from; pass init=fewshot"
+        )
     return prefix
 
 
 class PromptSmoothZeroShot(LogitMethod):
     """Zero-shot PromptSmooth: test-time prompt tuning on each image's noisy copies, then smoothing."""
 
-    def __init__(self, sigma: float, n_samples: int, tta_steps: int, tta_lr: float, fewshot: Optional[PromptSmooth] = None) -> None:
+    def __init__(
+        self, sigma: float, n_samples: int, tta_steps: int, tta_lr: float, fewshot: Optional[PromptSmooth] = None
+    ) -> None:
         self.sigma = float(sigma)
         self.tta_steps = int(tta_steps)
         self.tta_lr = float(tta_lr)
         self.fewshot = fewshot
-        self.test_request = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
-        if fewshot is not None:
-            self.fit_requests = fewshot.fit_requests
+        copies = FeatureRequest("test", noise_kind(self.sigma), int(n_samples))
+        train = fewshot.capabilities.fit_features if fewshot is not None else {}
+        self.capabilities = Capabilities(fit_features=train, test_copies=copies, adapts_at_test=True)
         self.learner: Optional[PromptLearner] = None
 
-    def fit(self, data: FitData) -> "PromptSmoothZeroShot":
+    def fit(self, data: FitData) -> PromptSmoothZeroShot:
         if self.fewshot is not None:
             self.learner = self.fewshot.fit(data).learner
         else:
@@ -163,16 +203,22 @@ class PromptSmoothZeroShot(LogitMethod):
         text = torch.stack(texts)  # (N, C, D), one tuned prompt set per image
         return lambda views: self._scale * torch.einsum("vnd,ncd->vnc", views.to(text.device), text)
 
-    def predict_proba(self, features: Tensor) -> Tensor:
-        """Mean softmax over (S, N, D) noisy copies after tuning on them; (N, D) counts as one copy."""
-        copies = features if features.dim() == 3 else features.unsqueeze(0)
+    def predict_proba(self, inputs: Tensor) -> Tensor:
+        """Mean softmax over (S, N, D) noisy copies after tuning on them."""
+        copies = _copies(inputs)
         return smoothed_proba(self.adapt(copies)(copies))
 
-    def predict_logits(self, features: Tensor) -> Tensor:
-        return torch.log(self.predict_proba(features).clamp_min(1e-12))
+    def predict_logits(self, inputs: Tensor) -> Tensor:
+        return torch.log(self.predict_proba(inputs).clamp_min(1e-12))
+
+    def base_logits(self, features: Tensor) -> Tensor:
+        """Tuning needs an image's copies: the base classifier exists only after :meth:`adapt`."""
+        raise TypeError("promptsmooth-zs tunes on each image's noisy copies first; classify with adapt(copies)")
 
 
-@register_method("promptsmooth", "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)")
+@register_method(
+    "promptsmooth", "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)"
+)
 def promptsmooth(**params: Any) -> Method:
     cfg, values = _settings("promptsmooth", params, FEWSHOT_PARAMS, trains=True)
     return PromptSmooth(Objective({"ce": Term("cross_entropy")}), cfg, **values)
@@ -185,15 +231,23 @@ def promptsmooth_as(**params: Any) -> Method:
     return PromptSmooth(Objective({"ce": Term("cross_entropy"), "as": Term("angular_separation", w_as)}), cfg, **values)
 
 
-@register_method("promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)", trainable=False)
+@register_method(
+    "promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)"
+)
 def promptsmooth_zs(**params: Any) -> Method:
     init = params.get("init", DEFAULTS["init"][0])
     if init not in ("hand", "fewshot"):
         raise CalbenchError(f"promptsmooth-zs: init must be 'hand' or 'fewshot', got {init!r}")
-    _, values = _settings("promptsmooth-zs", {k: v for k, v in params.items() if k in ZEROSHOT_PARAMS}, ZEROSHOT_PARAMS, trains=False)
+    _, values = _settings(
+        "promptsmooth-zs", {k: v for k, v in params.items() if k in ZEROSHOT_PARAMS}, ZEROSHOT_PARAMS, trains=False
+    )
     values.pop("init")
     others = {k: v for k, v in params.items() if k not in ZEROSHOT_PARAMS}
     if init == "hand" and others:
-        raise CalbenchError(f"promptsmooth-zs: {', '.join(sorted(others))} only apply with init=fewshot; known: {', '.join(ZEROSHOT_PARAMS)}")
-    fewshot = promptsmooth(sigma=values["sigma"], n_samples=values["n_samples"], **others) if init == "fewshot" else None
+        raise CalbenchError(
+            f"promptsmooth-zs: {', '.join(sorted(others))} only apply with init=fewshot; known: {', '.join(ZEROSHOT_PARAMS)}"
+        )
+    fewshot = (
+        promptsmooth(sigma=values["sigma"], n_samples=values["n_samples"], **others) if init == "fewshot" else None
+    )
     return PromptSmoothZeroShot(fewshot=fewshot, **values)

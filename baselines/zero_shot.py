@@ -1,16 +1,17 @@
 """Zero-shot CLIP classification with the dataset's hand prompt."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from calbench.methods import FitData, LogitMethod, register_method
+from calbench.base import FitData, LogitMethod, register_method
 from calbench.train import logits_for
 
 
-@register_method("zero-shot", "hand prompt, no training", trainable=False)
+@register_method("zero-shot", "hand prompt, no training")
 class ZeroShot(LogitMethod):
-    def fit(self, data: FitData) -> "ZeroShot":
+    def fit(self, data: FitData) -> ZeroShot:
         with torch.no_grad():
             self._text = data.vlm.encode_texts(data.hand_prompts())
         self._scale = data.vlm.logit_scale

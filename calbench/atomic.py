@@ -1,20 +1,76 @@
-"""Atomic file writes: a temp file in the same folder, then a rename, so readers and
-interrupted runs never see half a file."""
+"""Atomic file writes: every file calbench writes goes through :func:`atomic_path`.
+
+A temp file in the target's folder is written, then renamed over the target, so readers
+and interrupted runs never see half a file. Heavy libraries (numpy, safetensors,
+matplotlib) are imported only by the writer that needs them.
+"""
+
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on a clean exit it replaces ``path``, on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_csv_atomic(rows: Sequence[Mapping[str, object]], path: Path, columns: Sequence[str]) -> None:
+    """Rows as CSV with a header; floats are written with ``repr`` so they read back exactly."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def save_npy_atomic(path: Path, array: Any) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+def save_safetensors_atomic(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+
+
+def save_figure_atomic(path: Path, figure: Any, **savefig: Any) -> None:
+    """Save a matplotlib figure as PNG and close it, whatever happens."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", **savefig)
+    finally:
+        plt.close(figure)

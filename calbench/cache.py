@@ -6,24 +6,25 @@ indices in the split; asking for more images encodes only the missing ones and
 rewrites the file atomically (temp file + rename). A corrupt file is rebuilt
 with a warning; a changed model, file set or transform gives a new key.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from calbench.atomic import save_safetensors_atomic
 from calbench.data.folder import ImageFolderDataset
 from calbench.data.transforms import describe, to_tensor
 from calbench.models.base import VLMBackend
@@ -37,19 +38,6 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("calbench"))
-
-
-def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write safetensors via a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -127,12 +115,14 @@ class FeatureCache:
             if added:
                 features = torch.cat([features, torch.stack([new[(i, view)] for i in added])])
                 stored = torch.cat([stored, torch.tensor(added, dtype=torch.int64)])
-                atomic_save({"features": features, "indices": stored}, path, metadata=meta)
+                save_safetensors_atomic(path, {"features": features, "indices": stored}, meta)
             position = {int(i): row for row, i in enumerate(stored.tolist())}
             out.append(features[[position[int(i)] for i in wanted]])
         return torch.stack(out)
 
-    def _encode(self, dataset: ImageFolderDataset, split: str, kind: str, jobs: dict[int, list[int]]) -> dict[tuple[int, int], Tensor]:
+    def _encode(
+        self, dataset: ImageFolderDataset, split: str, kind: str, jobs: dict[int, list[int]]
+    ) -> dict[tuple[int, int], Tensor]:
         device = self.vlm.device
         autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
         pending = [(index, view) for index in sorted(jobs) for view in jobs[index]]

@@ -4,9 +4,10 @@ Everything a user can get wrong (a name, a folder, a shot count) raises
 :class:`CalbenchError` with a one-line message that says what is wrong and
 what to do; the CLI prints that line and exits non-zero instead of a traceback.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class CalbenchError(Exception):

@@ -8,12 +8,14 @@ device or a model: callers pass tensors already where they live.
 A training objective is a weighted sum of named terms (:class:`Objective`), so
 CalibPrompt, its ablations and every CoOp baseline are one table of weights.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Callable, Dict, Mapping, Optional
+from functools import cache
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +191,7 @@ def text_moment_matching(text_features: Tensor, zs_text_features: Tensor) -> Ten
     return ((mu_t - mu_0) ** 2).sum() + ((cov_t - cov_0) ** 2).sum()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _required_inputs(loss: str) -> tuple[str, ...]:
     """Names of a loss's tensor arguments (those without defaults), read once per loss."""
     params = inspect.signature(LOSSES.get(loss)).parameters.values()
@@ -224,10 +226,10 @@ class Objective:
         """Names of the tensors the terms read (so callers compute only those)."""
         return {name for term in self.terms.values() for name in _required_inputs(term.loss) if name not in term.kwargs}
 
-    def __call__(self, **inputs: Optional[Tensor]) -> tuple[Tensor, Dict[str, float]]:
+    def __call__(self, **inputs: Optional[Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Return the total loss and each term's unweighted value (for logging)."""
         total: Optional[Tensor] = None
-        parts: Dict[str, float] = {}
+        parts: dict[str, float] = {}
         for name, term in self.terms.items():
             args = {k: inputs[k] for k in _required_inputs(term.loss) if k not in term.kwargs}
             value = LOSSES.get(term.loss)(**args, **term.kwargs)

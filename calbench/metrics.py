@@ -5,9 +5,10 @@ be a numpy array or a torch tensor. Every value is a fraction in [0, 1] (tables
 multiply by 100). Binning follows Guo et al. (2017): equal-width bins
 (i/n, (i+1)/n], each bin's |accuracy - confidence| weighted by its share of samples.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 
@@ -130,13 +131,15 @@ METRICS = {
 }
 
 
-def evaluate(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, float]:
+def evaluate(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, float]:
     """Every metric above, keyed by the column names of ``results.csv``."""
     binned = {"ece", "mce", "adaptive_ece", "classwise_ece"}
-    return {name: fn(probs, labels, n_bins=n_bins) if name in binned else fn(probs, labels) for name, fn in METRICS.items()}
+    return {
+        name: fn(probs, labels, n_bins=n_bins) if name in binned else fn(probs, labels) for name, fn in METRICS.items()
+    }
 
 
-def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, np.ndarray]:
+def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, np.ndarray]:
     """Per-bin accuracy, confidence and count for a reliability diagram."""
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
@@ -151,7 +154,9 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> Dict[str, np.
     }
 
 
-def bootstrap_ece(probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_bins: int = 10, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ece(
+    probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_bins: int = 10, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the ECE over test items (resampled with replacement).
 
     All resamples are binned at once: bin ids are offset by resample so one bincount

@@ -1,8 +1,7 @@
 """Reliability diagrams (matplotlib, headless)."""
+
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from calbench.atomic import save_figure_atomic  # noqa: E402
 from calbench.metrics import ece, reliability_bins  # noqa: E402
 
 
@@ -21,7 +21,9 @@ def reliability_diagram(probs: Any, labels: Any, title: str, path: Path, n_bins:
     width = 1.0 / n_bins
     filled = bins["count"] > 0
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 5.0), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    top.bar(centres[filled], bins["accuracy"][filled], width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+    top.bar(
+        centres[filled], bins["accuracy"][filled], width=width, edgecolor="black", color="#4c72b0", label="accuracy"
+    )
     top.bar(
         centres[filled],
         bins["confidence"][filled] - bins["accuracy"][filled],
@@ -42,12 +44,4 @@ def reliability_diagram(probs: Any, labels: Any, title: str, path: Path, n_bins:
     bottom.set_ylabel("share")
     bottom.set_xlim(0, 1)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure_atomic(path, fig, dpi=110)

@@ -2,16 +2,23 @@
 
 Prompt i is [prefix] ctx_1 ... ctx_M <class name i> . [EOT], where [prefix] is the
 backend's start token(s) and ctx are free vectors in the token-embedding space,
-shared by all classes or one set per class. Only ctx is trained.
+shared by all classes or one set per class. Only ctx is trained. A trained context is saved
+as a small safetensors file (:func:`save_prompt`) and scored later by `calbench evaluate`.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from calbench.atomic import save_safetensors_atomic
+from calbench.errors import CalbenchError
 from calbench.models.base import VLMBackend
 
 PLACEHOLDER = "X"
@@ -70,3 +77,62 @@ class PromptLearner(nn.Module):
         ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
         embeddings = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
         return F.normalize(self.vlm.encode_embeddings(embeddings, self.tokens).float(), dim=-1)
+
+
+def save_prompt(
+    path: Path, learner: PromptLearner, train_config: dict[str, Any], extra: Optional[dict[str, Any]] = None
+) -> None:
+    """Save the learned context (safetensors) with everything needed to rebuild the prompts.
+
+    ``extra`` records how it was trained (method, parameters, model and dataset names, a
+    fitted temperature), which `calbench evaluate` reads back.
+    """
+    meta = {
+        "model": learner.vlm.fingerprint,
+        "classnames": json.dumps(learner.classnames),
+        "train_config": json.dumps(train_config),
+        "n_ctx": str(learner.n_ctx),
+        "class_specific": str(learner.class_specific),
+        "ctx_init": learner.ctx_init or "",
+        "extra": json.dumps(extra or {}),
+    }
+    save_safetensors_atomic(Path(path), {"ctx": learner.ctx.detach()}, meta)
+
+
+def read_prompt_info(path: Path) -> dict[str, Any]:
+    """A prompt file's metadata, decoded, without loading any model: what `load_prompt` needs to check."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalbenchError(f"prompt file {path} does not exist; train one with `calbench train`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        info = {**meta, "classnames": json.loads(meta["classnames"]), "extra": json.loads(meta.get("extra", "{}"))}
+    except (KeyError, ValueError, OSError) as exc:
+        raise CalbenchError(
+            f"{path} is not a prompt file written by `calbench train` ({exc}); train one again"
+        ) from None
+    return info
+
+
+def load_prompt(path: Path, vlm: VLMBackend) -> PromptLearner:
+    """Rebuild a saved prompt learner on ``vlm`` (which must be the model it was trained on)."""
+    from safetensors import safe_open
+
+    info = read_prompt_info(path)
+    if info["model"] != vlm.fingerprint:
+        raise CalbenchError(f"{path} was trained on model {info['model']}, not {vlm.fingerprint}; load the same model")
+    with safe_open(str(path), framework="pt") as f:
+        ctx = f.get_tensor("ctx")
+    learner = PromptLearner(
+        vlm,
+        info["classnames"],
+        n_ctx=int(info["n_ctx"]),
+        ctx_init=info["ctx_init"] or None,
+        class_specific=info["class_specific"] == "True",
+    )
+    with torch.no_grad():
+        learner.ctx.copy_(ctx.to(learner.ctx.device))
+    return learner

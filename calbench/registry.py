@@ -1,7 +1,9 @@
 """A tiny name -> object registry shared by models, datasets, losses and methods."""
+
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from calbench.errors import unknown_name
 
@@ -13,7 +15,7 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: Dict[str, T] = {}
+        self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(entry: T) -> T:

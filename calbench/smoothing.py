@@ -13,9 +13,10 @@ its prediction and certified L2 radius come from vote counts:
 
 Nothing here touches a model or a device: callers pass counts or tensors.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,10 @@ def predict_from_counts(counts: Sequence[int] | np.ndarray, alpha: float) -> int
 
 
 def certify_from_counts(
-    counts_selection: Sequence[int] | np.ndarray, counts_estimation: Sequence[int] | np.ndarray, sigma: float, alpha: float
+    counts_selection: Sequence[int] | np.ndarray,
+    counts_estimation: Sequence[int] | np.ndarray,
+    sigma: float,
+    alpha: float,
 ) -> tuple[int, float]:
     """Cohen et al.'s CERTIFY: (class, L2 radius), or (-1, 0.0) when pA_lower < 1/2.
 
@@ -85,14 +89,21 @@ def certify_predictions(
     return np.array([label for label, _ in results], dtype=np.int64), np.array([radius for _, radius in results])
 
 
-def certified_accuracy(predicted: np.ndarray, radii: np.ndarray, labels: np.ndarray, at: Sequence[float] = DEFAULT_RADII) -> dict[float, float]:
+def certified_accuracy(
+    predicted: np.ndarray, radii: np.ndarray, labels: np.ndarray, at: Sequence[float] = DEFAULT_RADII
+) -> dict[float, float]:
     """Fraction of inputs certified correct with radius >= r, for each r (Cohen et al., Sec. 4)."""
     correct = np.asarray(predicted) == np.asarray(labels)
     return {float(r): float(np.mean(correct & (np.asarray(radii) >= r))) for r in at}
 
 
 def sample_predictions(
-    classify: Callable[[Tensor], Tensor], x: Tensor, sigma: float, num: int, generator: torch.Generator, batch_size: int = 10_000
+    classify: Callable[[Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    num: int,
+    generator: torch.Generator,
+    batch_size: int = 10_000,
 ) -> Tensor:
     """(num, N) base-classifier labels on x + N(0, sigma^2 I), for models that take raw inputs.
 

@@ -4,22 +4,19 @@ The image encoder never runs here: each epoch reads one cached augmented view of
 the few-shot images (epoch e uses view e mod V), so training sees CoOp's
 augmentation distribution at the cost of a matrix product per step.
 """
+
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from calbench.cache import atomic_save
 from calbench.errors import CalbenchError
 from calbench.losses import Objective
-from calbench.models.base import VLMBackend
 from calbench.prompts import PromptLearner
 
 
@@ -101,7 +98,9 @@ def train_prompt_learner(
                 inputs["zs_text_features"] = zs_text_features
             loss, parts = objective(**inputs)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}; lower the learning rate or loss weights")
+                raise TrainingDiverged(
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}; lower the learning rate or loss weights"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -112,39 +111,3 @@ def train_prompt_learner(
         if on_epoch is not None:
             on_epoch(epoch, record)
     return history
-
-
-def save_prompt(path: Path, learner: PromptLearner, cfg: TrainConfig, extra: Optional[dict[str, Any]] = None) -> None:
-    """Save the learned context (safetensors) with everything needed to rebuild the prompts."""
-    meta = {
-        "model": learner.vlm.fingerprint,
-        "classnames": json.dumps(learner.classnames),
-        "train_config": json.dumps(asdict(cfg)),
-        "n_ctx": str(learner.n_ctx),
-        "class_specific": str(learner.class_specific),
-        "ctx_init": learner.ctx_init or "",
-        "extra": json.dumps(extra or {}),
-    }
-    atomic_save({"ctx": learner.ctx.detach()}, Path(path), metadata=meta)
-
-
-def load_prompt(path: Path, vlm: VLMBackend) -> PromptLearner:
-    """Rebuild a saved prompt learner on ``vlm`` (which must be the model it was trained on)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalbenchError(f"prompt file {path} does not exist; train one with `calbench train`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        ctx = f.get_tensor("ctx")
-    if meta["model"] != vlm.fingerprint:
-        raise CalbenchError(f"{path} was trained on model {meta['model']}, not {vlm.fingerprint}; load the same model")
-    learner = PromptLearner(
-        vlm,
-        json.loads(meta["classnames"]),
-        n_ctx=int(meta["n_ctx"]),
-        ctx_init=meta["ctx_init"] or None,
-        class_specific=meta["class_specific"] == "True",
-    )
-    with torch.no_grad():
-        learner.ctx.copy_(ctx.to(learner.ctx.device))
-    return learner

@@ -1,16 +1,23 @@
 """What every command module shares: the Typer app, consoles, common options, error handling."""
+
 from __future__ import annotations
 
 import functools
+import math
 import warnings
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from calbench.errors import CalbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs."
+)
 console = Console()
 if not console.is_terminal:  # logs and CI: no 80-column wrapping of the results table
     console = Console(width=160)
@@ -18,15 +25,25 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelOpt = typer.Option("tiny", "--model", "-m", help="Model name (see `calbench models`).")
-DataOpt = typer.Option("synthetic", "--data", "-d", help="Dataset name (see `calbench datasets`) or a folder in calbench's layout.")
+DataOpt = typer.Option(
+    "synthetic", "--data", "-d", help="Dataset name (see `calbench datasets`) or a folder in calbench's layout."
+)
 ShotsOpt = typer.Option(8, "--shots", help="Training images per class.")
-ValShotsOpt = typer.Option(None, "--val-shots", help="Validation images per class, from the train pool (default: --shots).")
+ValShotsOpt = typer.Option(
+    None, "--val-shots", help="Validation images per class, from the train pool (default: --shots)."
+)
 ViewsOpt = typer.Option(10, "--views", help="Cached augmented views per training image (epoch e uses view e mod V).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-CacheOpt = typer.Option(None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir).")
+CacheOpt = typer.Option(
+    None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir)."
+)
 WeightsOpt = typer.Option(None, "--weights", help="Model weights file or folder (default: the model's own source).")
-ParamsOpt = typer.Option(None, "--params", help="JSON of method parameters: best_params.json from `tune`, or {method: {param: value}}.")
-StrictOpt = typer.Option(False, "--strict", help="Treat an unreadable image as an error instead of skipping it with a warning.")
+ParamsOpt = typer.Option(
+    None, "--params", help="JSON of method parameters: best_params.json from `tune`, or {method: {param: value}}."
+)
+StrictOpt = typer.Option(
+    False, "--strict", help="Treat an unreadable image as an error instead of skipping it with a warning."
+)
 DataRootOpt = typer.Option(None, "--data-root", envvar="CALBENCH_DATA", help="Folder holding registered datasets.")
 
 
@@ -35,7 +52,9 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        def one_line_warning(
+            message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+        ) -> None:
             err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
         previous = warnings.showwarning
@@ -63,3 +82,62 @@ def parse_ints(text: str, option: str) -> list[int]:
 
 def parse_names(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_context(
+    device: str,
+    cache_dir: Optional[Path],
+    weights: Optional[Path] = None,
+    data_root: Optional[Path] = None,
+    strict: bool = False,
+) -> Any:
+    """The library's :class:`~calbench.session.RunContext` from the common options (progress bars on a terminal)."""
+    from calbench.session import RunContext
+
+    return RunContext(
+        device=device,
+        cache_dir=cache_dir,
+        weights=weights,
+        data_root=data_root,
+        strict=strict,
+        progress=console.is_terminal,
+    )
+
+
+def read_params(params: Optional[Path]) -> dict[str, dict[str, object]]:
+    """``--params FILE`` as {base method: parameters}; empty without the option."""
+    from calbench.methods import read_params_file
+
+    return read_params_file(params) if params else {}
+
+
+def results_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Mean ± std over seeds per method: percentages for rates, raw values for NLL and Brier."""
+    from calbench.results import format_mean_std
+
+    columns = [
+        ("accuracy", "Acc %", 100),
+        ("ece", "ECE %", 100),
+        ("mce", "MCE %", 100),
+        ("adaptive_ece", "AdaECE %", 100),
+        ("nll", "NLL", 1),
+        ("brier", "Brier", 1),
+    ]
+    table = Table(title=title)
+    table.add_column("method", no_wrap=True)
+    table.add_column("seeds", justify="right")
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    single = len({row["seed"] for row in rows}) == 1
+    if single:
+        table.add_column("ECE 95% CI", justify="right")
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        ok = [row for row in mine if row["status"] == "ok"]
+        seeds = f"{len(ok)}" if len(ok) == len(mine) else f"{len(ok)}/{len(mine)} ok"
+        cells = [format_mean_std([float(row[key]) for row in ok], scale, sep="±") for key, _, scale in columns]
+        if single:
+            low, high = (float(ok[0][k]) if ok else float("nan") for k in ("ece_ci_low", "ece_ci_high"))
+            cells.append("–" if math.isnan(low) else f"[{100 * low:.2f}, {100 * high:.2f}]")
+        table.add_row(method, seeds, *cells)
+    return table

@@ -1,8 +1,9 @@
 """`calbench datasets` (list, check) and `calbench data prepare <name>` (official downloads -> layout)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -15,7 +16,10 @@ datasets_app = typer.Typer(invoke_without_command=True, help="List the registere
 app.add_typer(datasets_app, name="datasets")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets from their official downloads.")
 app.add_typer(data_app, name="data")
-prepare_app = typer.Typer(no_args_is_help=True, help="Build calbench's folder layout from an official download (zip, tar or extracted folder).")
+prepare_app = typer.Typer(
+    no_args_is_help=True,
+    help="Build calbench's folder layout from an official download (zip, tar or extracted folder).",
+)
 data_app.add_typer(prepare_app, name="prepare")
 
 OutOpt = typer.Option(None, "--out", help="Output folder (default: <data root>/<name>, where --data NAME finds it).")
@@ -47,7 +51,7 @@ def datasets(ctx: typer.Context, data_root: Optional[Path] = DataRootOpt) -> Non
         except CalbenchError as exc:
             classes = str(exc)
         variants = [DATASETS.get(n) for n in names if DATASETS.get(n).variant_of == name]
-        label = name + (f" [{'|'.join(v.name[len(name):] for v in variants)}]" if variants else "")
+        label = name + (f" [{'|'.join(v.name[len(name) :] for v in variants)}]" if variants else "")
         present, hint = _presence(spec, data_root, variants)
         table.add_row(label, spec.modality, classes, _where(spec, data_root), present)
         if hint:
@@ -62,7 +66,9 @@ def datasets(ctx: typer.Context, data_root: Optional[Path] = DataRootOpt) -> Non
 def check(
     path: str = typer.Argument(..., help="A dataset folder in calbench's layout, or a registered name."),
     strict: bool = StrictOpt,
-    shots: Optional[int] = typer.Option(None, "--shots", help="Also check there are enough training images for this many shots."),
+    shots: Optional[int] = typer.Option(
+        None, "--shots", help="Also check there are enough training images for this many shots."
+    ),
     val_shots: Optional[int] = ValShotsOpt,
     cache_dir: Optional[Path] = CacheOpt,
     data_root: Optional[Path] = DataRootOpt,
@@ -71,7 +77,9 @@ def check(
     from calbench.cache import default_cache_dir
     from calbench.data import check_dataset
 
-    report = check_dataset(path, cache_dir or default_cache_dir(), data_root, strict=strict, shots=shots, val_shots=val_shots)
+    report = check_dataset(
+        path, cache_dir or default_cache_dir(), data_root, strict=strict, shots=shots, val_shots=val_shots
+    )
     table = Table(title=f"{report.dataset.name} · {report.dataset.root}")
     for column in ("class", "train", "test"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -79,7 +87,10 @@ def check(
         table.add_row(name, str(report.counts["train"][name]), str(report.counts["test"][name]))
     console.print(table)
     skipped = sum(len(v) for v in report.skipped.values())
-    console.print(f"ok: {report.dataset.n_classes} classes, prompt template {report.dataset.template!r}" + (f", {skipped} unreadable image(s) skipped" if skipped else ""))
+    console.print(
+        f"ok: {report.dataset.n_classes} classes, prompt template {report.dataset.template!r}"
+        + (f", {skipped} unreadable image(s) skipped" if skipped else "")
+    )
 
 
 def _where(spec: DatasetSpec, data_root: Optional[Path]) -> str:
@@ -92,7 +103,11 @@ def _presence(spec: DatasetSpec, data_root: Optional[Path], variants: list[Datas
 
     counts = present_counts(spec.folder(data_root)) if spec.folder is not None else {}
     ok, hint = spec.available(data_root)
-    text = "yes: " + ", ".join(f"{split} {n}" for split, n in counts.items()) if counts else ("yes (built on first use)" if ok else "no")
+    text = (
+        "yes: " + ", ".join(f"{split} {n}" for split, n in counts.items())
+        if counts
+        else ("yes (built on first use)" if ok else "no")
+    )
     also = [v.name for v in variants if v.available(data_root)[0]]
     return text + (f"; also {', '.join(also)}" if also else ""), hint
 
@@ -118,7 +133,9 @@ def _help(name: str) -> str:
 @prepare_app.command("kather", help=_help("kather"))
 @user_errors
 def prepare_kather(
-    train: Path = typer.Option(..., "--train", help="NCT-CRC-HE-100K.zip (or NCT-CRC-HE-100K-NONORM.zip), or the extracted folder."),
+    train: Path = typer.Option(
+        ..., "--train", help="NCT-CRC-HE-100K.zip (or NCT-CRC-HE-100K-NONORM.zip), or the extracted folder."
+    ),
     test: Path = typer.Option(..., "--test", help="CRC-VAL-HE-7K.zip, or the extracted folder."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
@@ -131,8 +148,10 @@ def prepare_kather(
 @prepare_app.command("pannuke", help=_help("pannuke"))
 @user_errors
 def prepare_pannuke(
-    train: List[Path] = typer.Option(..., "--train", help="A PanNuke fold (fold_1.zip or its folder); repeat for several."),
-    test: List[Path] = typer.Option(..., "--test", help="The held-out fold (fold_3.zip); repeatable."),
+    train: list[Path] = typer.Option(
+        ..., "--train", help="A PanNuke fold (fold_1.zip or its folder); repeat for several."
+    ),
+    test: list[Path] = typer.Option(..., "--test", help="The held-out fold (fold_3.zip); repeatable."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
 ) -> None:
@@ -144,9 +163,13 @@ def prepare_pannuke(
 @prepare_app.command("digestpath", help=_help("digestpath"))
 @user_errors
 def prepare_digestpath(
-    pos: Path = typer.Option(..., "--pos", help="tissue-train-pos-v1 (zip or folder): malignant images with *_mask.jpg."),
+    pos: Path = typer.Option(
+        ..., "--pos", help="tissue-train-pos-v1 (zip or folder): malignant images with *_mask.jpg."
+    ),
     neg: Path = typer.Option(..., "--neg", help="tissue-train-neg (zip or folder): benign images."),
-    test_fraction: float = typer.Option(0.3, "--test-fraction", help="Share of source images per class held out for test."),
+    test_fraction: float = typer.Option(
+        0.3, "--test-fraction", help="Share of source images per class held out for test."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split and the patch choice."),
     max_patches: int = typer.Option(20, "--max-patches", help="At most this many 224 px patches per source image."),
     out: Optional[Path] = OutOpt,
@@ -154,7 +177,18 @@ def prepare_digestpath(
 ) -> None:
     from calbench.data.official import prepare_digestpath as run
 
-    _report(run(pos, neg, out=out, data_root=data_root, test_fraction=test_fraction, seed=seed, max_patches=max_patches, log=console.log))
+    _report(
+        run(
+            pos,
+            neg,
+            out=out,
+            data_root=data_root,
+            test_fraction=test_fraction,
+            seed=seed,
+            max_patches=max_patches,
+            log=console.log,
+        )
+    )
 
 
 @prepare_app.command("covid", help=_help("covid"))
@@ -174,7 +208,9 @@ def prepare_covid(
 @prepare_app.command("rsna18", help=_help("rsna18"))
 @user_errors
 def prepare_rsna18(
-    images: Path = typer.Option(..., "--images", help="stage_2_train_images (folder or zip of .dcm; .png/.jpg conversions also work)."),
+    images: Path = typer.Option(
+        ..., "--images", help="stage_2_train_images (folder or zip of .dcm; .png/.jpg conversions also work)."
+    ),
     labels: Path = typer.Option(..., "--labels", help="stage_2_detailed_class_info.csv."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of patients per class held out for test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),

@@ -1,4 +1,5 @@
 """`calbench models`: what models exist, whether their weights are here, and fetching them."""
+
 from __future__ import annotations
 
 import typer
@@ -26,10 +27,18 @@ def models(ctx: typer.Context) -> None:
         spec = MODELS.get(name)
         ok, where = availability(name)
         missing |= not ok
-        table.add_row(name, spec.modality, spec.source, f"{spec.resolution} px", f"[green]yes[/] {where}" if ok else "[yellow]no[/]")
+        table.add_row(
+            name,
+            spec.modality,
+            spec.source,
+            f"{spec.resolution} px",
+            f"[green]yes[/] {where}" if ok else "[yellow]no[/]",
+        )
     console.print(table)
     if missing:
-        console.print("get missing weights with `calbench models fetch NAME` (needs internet), or copy them into $CALBENCH_WEIGHTS/NAME/, or pass --weights")
+        console.print(
+            "get missing weights with `calbench models fetch NAME` (needs internet), or copy them into $CALBENCH_WEIGHTS/NAME/, or pass --weights"
+        )
 
 
 @models_app.command("fetch")
@@ -37,7 +46,8 @@ def models(ctx: typer.Context) -> None:
 def fetch(name: str = typer.Argument(..., help="Model name (see `calbench models`).")) -> None:
     """Download a model's weights (and tokenizer) ahead of time, e.g. on a login node with internet."""
     from calbench.errors import CalbenchError
-    from calbench.models import MODELS, fetch as fetch_weights
+    from calbench.models import MODELS
+    from calbench.models import fetch as fetch_weights
     from calbench.models.weights import offline
 
     spec = MODELS.get(name)
@@ -49,5 +59,7 @@ def fetch(name: str = typer.Argument(..., help="Model name (see `calbench models
         raise
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CalbenchError(f"downloading {name} from {spec.source} failed ({reason}); check the network, or copy the files into $CALBENCH_WEIGHTS/{name}/") from None
+        raise CalbenchError(
+            f"downloading {name} from {spec.source} failed ({reason}); check the network, or copy the files into $CALBENCH_WEIGHTS/{name}/"
+        ) from None
     console.print(f"{name}: weights in {where}")

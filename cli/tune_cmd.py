@@ -1,36 +1,96 @@
 """`calbench tune`: Optuna search of a method's hyper-parameters on the validation split."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
-from calbench.cli.common import CacheOpt, DataRootOpt, DeviceOpt, ShotsOpt, ValShotsOpt, ViewsOpt, WeightsOpt, app, console, parse_ints, user_errors
+from calbench.cli.common import (
+    CacheOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ShotsOpt,
+    ValShotsOpt,
+    ViewsOpt,
+    WeightsOpt,
+    app,
+    console,
+    parse_ints,
+    results_table,
+    run_context,
+    user_errors,
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality.")
+DataOpt = typer.Option(None, "--data", "-d", help="Dataset name or folder (default: synthetic); or use --modality.")
+ModalityOpt = typer.Option(
+    None, "--modality", help="Search one setting shared by every available (model, dataset) of this modality."
+)
+MethodOpt = typer.Option("calibprompt", "--method", help="The method whose hyper-parameters to search.")
+TrialsOpt = typer.Option(
+    50, "--trials", help="The study's total number of trials; a re-run adds only the missing ones."
+)
+ObjectiveOpt = typer.Option(
+    "ece",
+    "--objective",
+    help="ece (validation ECE under the accuracy constraint), nll, or pareto (ECE and accuracy).",
+)
+AccToleranceOpt = typer.Option(
+    1.0, "--acc-tolerance", help="Accuracy points a trial may lose against CoOp-CE on the same validation split."
+)
+SplitSeedsOpt = typer.Option("1", "--split-seeds", help="Few-shot splits each trial is averaged over, e.g. 1,2,3.")
+PrunerOpt = typer.Option("median", "--pruner", help="median, hyperband or none (single-objective studies only).")
+SpaceOpt = typer.Option(None, "--space", help="YAML/JSON that narrows or extends the method's search space.")
+EpochsOpt = typer.Option(
+    None, "--epochs", help="Training epochs per trial and in the final test (default: the method's 50)."
+)
+StorageOpt = typer.Option(
+    None,
+    "--storage",
+    help="Optuna storage URL (sqlite:///..., postgresql://..., mysql://...) or a journal file (default: OUT/study.db).",
+)
+StudyOpt = typer.Option(None, "--study", help="Study name (default: <method>/<model>/<dataset>).")
+OutOpt = typer.Option(
+    None,
+    "--out",
+    help="Folder for the study, best_params.json, results.csv and the reports (default: results/tune/<study>).",
+)
+FinalSeedsOpt = typer.Option("1,2,3", "--final-seeds", help="Seeds of the one test-split evaluation after the search.")
+SearchOnlyOpt = typer.Option(
+    False, "--search-only", help="Only run trials (cluster workers); a later run without it writes the results."
+)
+HeartbeatOpt = typer.Option(
+    10, "--heartbeat", help="Seconds between trial heartbeats; a trial silent for 3x this is failed and retried."
+)
+ThreadsOpt = typer.Option(
+    None, "--threads", help="CPU threads per process (give each of several workers on one machine its share)."
+)
 
 
 @app.command()
 @user_errors
 def tune(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset name or folder (default: synthetic); or use --modality."),
-    modality: Optional[str] = typer.Option(None, "--modality", help="Search one setting shared by every available (model, dataset) of this modality."),
-    method: str = typer.Option("calibprompt", "--method", help="The method whose hyper-parameters to search."),
-    trials: int = typer.Option(50, "--trials", help="The study's total number of trials; a re-run adds only the missing ones."),
-    objective: str = typer.Option("ece", "--objective", help="ece (validation ECE under the accuracy constraint), nll, or pareto (ECE and accuracy)."),
-    acc_tolerance: float = typer.Option(1.0, "--acc-tolerance", help="Accuracy points a trial may lose against CoOp-CE on the same validation split."),
-    split_seeds: str = typer.Option("1", "--split-seeds", help="Few-shot splits each trial is averaged over, e.g. 1,2,3."),
-    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none (single-objective studies only)."),
-    space: Optional[Path] = typer.Option(None, "--space", help="YAML/JSON that narrows or extends the method's search space."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per trial and in the final test (default: the method's 50)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (sqlite:///..., postgresql://..., mysql://...) or a journal file (default: OUT/study.db)."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: <method>/<model>/<dataset>)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the study, best_params.json, results.csv and the reports (default: results/tune/<study>)."),
-    final_seeds: str = typer.Option("1,2,3", "--final-seeds", help="Seeds of the one test-split evaluation after the search."),
-    search_only: bool = typer.Option(False, "--search-only", help="Only run trials (cluster workers); a later run without it writes the results."),
-    heartbeat: int = typer.Option(10, "--heartbeat", help="Seconds between trial heartbeats; a trial silent for 3x this is failed and retried."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (give each of several workers on one machine its share)."),
+    model: Optional[str] = ModelOpt,
+    data: Optional[str] = DataOpt,
+    modality: Optional[str] = ModalityOpt,
+    method: str = MethodOpt,
+    trials: int = TrialsOpt,
+    objective: str = ObjectiveOpt,
+    acc_tolerance: float = AccToleranceOpt,
+    split_seeds: str = SplitSeedsOpt,
+    pruner: str = PrunerOpt,
+    space: Optional[Path] = SpaceOpt,
+    epochs: Optional[int] = EpochsOpt,
+    storage: Optional[str] = StorageOpt,
+    study: Optional[str] = StudyOpt,
+    out: Optional[Path] = OutOpt,
+    final_seeds: str = FinalSeedsOpt,
+    search_only: bool = SearchOnlyOpt,
+    heartbeat: int = HeartbeatOpt,
+    threads: Optional[int] = ThreadsOpt,
     shots: int = ShotsOpt,
     val_shots: Optional[int] = ValShotsOpt,
     views: int = ViewsOpt,
@@ -50,38 +110,25 @@ def tune(
 
         torch.set_num_threads(max(1, threads))
     pairs = modality_pairs(modality, data_root) if modality else [(model or "tiny", data or "synthetic")]
+    searched = read_space_file(method, space) if space else {}
+    seeds = parse_ints(split_seeds, "--split-seeds")
     config = TuneConfig(
-        method=method,
-        pairs=pairs,
-        modality=modality,
-        objective=objective,
-        acc_tolerance=acc_tolerance,
-        shots=shots,
-        val_shots=val_shots,
-        views=views,
-        split_seeds=parse_ints(split_seeds, "--split-seeds"),
-        epochs=epochs,
-        pruner=pruner,
-        space=read_space_file(method, space) if space else {},
+        method, pairs, modality, objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched
     )
-    run = run_tune(
-        config,
-        n_trials=trials,
-        study_name=study,
-        storage=storage,
-        out=out,
-        final_seeds=parse_ints(final_seeds, "--final-seeds"),
-        search_only=search_only,
-        device=device,
-        cache_dir=cache_dir,
-        weights=weights,
-        data_root=data_root,
-        heartbeat=heartbeat,
-        progress=console.is_terminal,
-    )
+    context = run_context(device, cache_dir, weights, data_root)
+    final = parse_ints(final_seeds, "--final-seeds")
+    run = run_tune(config, trials, study, storage, out, final, search_only, context, heartbeat)
+    _render(run)
+
+
+def _render(run: Any) -> None:
+    """The search's pace, the best setting and the final test tables."""
     result = run.search
     minutes = result.seconds / 60
-    console.print(f"study {result.study.study_name!r}: {len(result.trials)} trials in the study, {result.ran} run here in {result.seconds:.1f} s ({result.ran / minutes if minutes else 0:.1f} per minute)")
+    pace = result.ran / minutes if minutes else 0
+    console.print(
+        f"study {result.study.study_name!r}: {len(result.trials)} trials in the study, {result.ran} run here in {result.seconds:.1f} s ({pace:.1f} per minute)"
+    )
     if run.best_params is None:
         return
     best = result.best
@@ -91,10 +138,8 @@ def tune(
     for name, value in best.params.items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
-    from calbench.cli.app import render_table
-
-    for model_name, dataset in config.pairs:
+    for model_name, dataset in run.search.config.pairs:
         rows = [r for r in run.test_rows if r["model"] == model_name and r["dataset"] == dataset]
         if rows:
-            console.print(render_table(rows, f"{model_name} · {dataset} · test split"))
+            console.print(results_table(rows, f"{model_name} · {dataset} · test split"))
     console.print(f"wrote {run.best_params}, {run.out / 'results.csv'}, " + " and ".join(str(p) for p in run.reports))

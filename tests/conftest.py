@@ -1,4 +1,5 @@
 """Shared fixtures. Tests never touch the network and never write outside tmp folders."""
+
 from __future__ import annotations
 
 import os
@@ -30,3 +31,11 @@ def synthetic(cache_dir: Path):
     from calbench.data import load_dataset
 
     return load_dataset("synthetic", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def session(cache_dir: Path):
+    """The tiny model on the synthetic dataset, reading the session's feature cache."""
+    from calbench.session import RunContext, Session
+
+    return Session("tiny", "synthetic", RunContext(device="cpu", cache_dir=cache_dir))

@@ -4,6 +4,7 @@ model's published on-disk format and loaded through ``load_vlm(name, weights=...
 Each replica's own forward (``CLIPModel.get_*_features``, open_clip ``encode_*``, MedCLIP's
 published pooling) is the reference for our features.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from calbench.models.medclip import MedCLIPModel
 from calbench.prompts import PromptLearner
 
 CLASSNAMES = ["crimson striped tissue", "amber striped tissue", "normal lung tissue", "lymphocytes"]
-WORDS = "a photo of an x . , - chest radiograph showing crimson amber striped tissue normal lung lymph ##ocytes ##s".split()
+WORDS = (
+    "a photo of an x . , - chest radiograph showing crimson amber striped tissue normal lung lymph ##ocytes ##s".split()
+)
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HAND = "a photo of a"
 
@@ -38,8 +41,17 @@ def _plip_hf(root: Path):
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -76,7 +88,9 @@ def _open_clip_replica(root: Path, quick_gelu: bool, file_only: bool):
     else:
         path = root
         torch.save(model.state_dict(), root / "open_clip_pytorch_model.bin")
-        (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+        (root / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+        )
     return path, 32, lambda texts: model.encode_text(open_clip.tokenize(texts)), model.encode_image
 
 
@@ -85,19 +99,52 @@ def _biomedclip(root: Path):
 
     _write_vocab(root)
     text_dir = root / "text"
-    BertConfig(vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=256).save_pretrained(text_dir)
+    BertConfig(
+        vocab_size=len(SPECIALS + WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    ).save_pretrained(text_dir)
     cfg = {
         "embed_dim": 16,
-        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear", "image_size": 32},
-        "text_cfg": {"hf_model_name": "text", "hf_tokenizer_name": "text", "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+        "vision_cfg": {
+            "timm_model_name": "test_vit",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 32,
+        },
+        "text_cfg": {
+            "hf_model_name": "text",
+            "hf_tokenizer_name": "text",
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 256,
+        },
     }
     text_cfg = {k: v for k, v in cfg["text_cfg"].items() if k != "hf_tokenizer_name"}
     torch.manual_seed(0)
-    model = open_clip.CustomTextCLIP(embed_dim=16, vision_cfg=cfg["vision_cfg"], text_cfg=dict(text_cfg, hf_model_name=str(text_dir), hf_model_pretrained=False)).eval()
+    model = open_clip.CustomTextCLIP(
+        embed_dim=16,
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=dict(text_cfg, hf_model_name=str(text_dir), hf_model_pretrained=False),
+    ).eval()
     state = model.state_dict()
     state["text.transformer.embeddings.position_ids"] = torch.arange(256)[None]  # as older transformers saved it
     torch.save(state, root / "open_clip_pytorch_model.bin")
-    (root / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    (root / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": cfg,
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            }
+        )
+    )
     from transformers import BertTokenizerFast
 
     tokenizer = BertTokenizerFast.from_pretrained(str(root))
@@ -110,8 +157,24 @@ def _biomedclip(root: Path):
 
 
 MEDCLIP_SMALL = {
-    "vision": {"model_type": "swin", "image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4},
-    "text": {"model_type": "bert", "vocab_size": len(SPECIALS + WORDS), "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+    "vision": {
+        "model_type": "swin",
+        "image_size": 32,
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depths": [1, 1],
+        "num_heads": [1, 2],
+        "window_size": 4,
+    },
+    "text": {
+        "model_type": "bert",
+        "vocab_size": len(SPECIALS + WORDS),
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
     "projection_dim": 16,
     "context_length": 77,
     "preprocess_cfg": {"size": 32, "mean": [0.586, 0.586, 0.586], "std": [0.2795, 0.2795, 0.2795]},
@@ -129,7 +192,9 @@ def _medclip(root: Path):
     state = model.state_dict()
     # buffers that transformers < 4.31 saved in the published checkpoint
     state["text_model.model.embeddings.position_ids"] = torch.arange(128)[None]
-    state["vision_model.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(16 * 16, dtype=torch.long)
+    state["vision_model.model.encoder.layers.0.blocks.0.attention.self.relative_position_index"] = torch.zeros(
+        16 * 16, dtype=torch.long
+    )
     torch.save(state, root / "pytorch_model.bin")
     (root / "medclip_config.json").write_text(json.dumps(MEDCLIP_SMALL))
     tokenizer = BertTokenizerFast.from_pretrained(str(root))
@@ -174,9 +239,13 @@ def test_features_equal_the_replicas_own_forward(replica):
     key, vlm, size, ref_text, ref_image = replica
     texts = [f"{HAND} {c}." for c in CLASSNAMES]
     with torch.no_grad():
-        torch.testing.assert_close(vlm.encode_texts(texts), F.normalize(ref_text(texts).float(), dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            vlm.encode_texts(texts), F.normalize(ref_text(texts).float(), dim=-1), atol=1e-5, rtol=0
+        )
         pixels = _pixels(size)
-        torch.testing.assert_close(vlm.encode_images(pixels), F.normalize(ref_image(pixels).float(), dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            vlm.encode_images(pixels), F.normalize(ref_image(pixels).float(), dim=-1), atol=1e-5, rtol=0
+        )
     assert vlm.embed_dim == 16 and vlm.preprocess.size == size
 
 

@@ -1,6 +1,5 @@
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,7 +47,9 @@ def test_augmented_views_are_seeded_and_distinct(tiny, own_dataset, tmp_path):
     assert views.shape == (3, 2, 64)
     assert not torch.allclose(views[0], views[1])
     # a fresh cache folder re-draws the same augmentations: views depend on (view, image) only
-    fresh = FeatureCache(tmp_path / "other", tiny, progress=False).features(own_dataset, "train", [1], kind="train", views=[2])
+    fresh = FeatureCache(tmp_path / "other", tiny, progress=False).features(
+        own_dataset, "train", [1], kind="train", views=[2]
+    )
     torch.testing.assert_close(fresh[0, 0], views[2, 1], atol=1e-6, rtol=0)
     # each image is decoded once per batch of views, and every view file is written
     assert len(list((tmp_path / "c" / "features").glob("*train*.safetensors"))) == 3
@@ -80,8 +81,9 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(tiny, own_dataset, tmp_pat
 
 
 def test_a_different_model_never_reads_another_models_features(tiny, own_dataset, tmp_path):
-    from calbench.models import load_vlm
     from safetensors.torch import save_file
+
+    from calbench.models import load_vlm
 
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     state["visual.proj"] = state["visual.proj"] * 2.0

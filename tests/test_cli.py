@@ -4,9 +4,12 @@ import pytest
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
-from calbench.experiment import DEFAULT_METHODS, RESULT_COLUMNS
+from calbench.methods import DEFAULT_METHODS
+from calbench.results import RESULT_COLUMNS
 
 runner = CliRunner()
+
+pytestmark = pytest.mark.e2e
 
 
 def _run(*args: str):
@@ -50,7 +53,10 @@ def test_second_compare_reuses_the_cache_and_repeats_the_numbers(demo):
         (["compare", "--model", "plip2"], "error: unknown model 'plip2'; choose one of: "),
         (["compare", "--methods", "coop-ce,nope"], "error: unknown method 'nope'; choose one of:"),
         (["compare", "--data", "/no/such/folder"], "error: unknown dataset '/no/such/folder'"),
-        (["compare", "--shots", "60", "--seeds", "1"], "has 80 training images but 60 shots + 60 validation shots need 120"),
+        (
+            ["compare", "--shots", "60", "--seeds", "1"],
+            "has 80 training images but 60 shots + 60 validation shots need 120",
+        ),
         (["compare", "--seeds", "1,x"], "error: --seeds takes comma-separated integers"),
         (["train", "--method", "zero-shot"], "error: zero-shot learns no prompt"),
         (["compare", "--val-shots", "0"], "error: --val-shots must be at least 1"),
@@ -72,7 +78,17 @@ def test_bad_input_is_one_line_and_exit_2(cache_dir, args, message):
 
 
 def test_train_saves_a_prompt_and_never_encodes_the_test_split(tmp_path):
-    result = _run("train", "--method", "calibprompt", "--seed", "2", "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"))
+    result = _run(
+        "train",
+        "--method",
+        "calibprompt",
+        "--seed",
+        "2",
+        "--out",
+        str(tmp_path / "p"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    )
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
     assert (tmp_path / "p" / "calibprompt-tiny-synthetic-seed2.safetensors").is_file()

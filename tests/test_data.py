@@ -42,7 +42,10 @@ def test_few_shot_split_is_seeded_disjoint_and_balanced():
 
 def test_too_few_images_names_the_class_and_the_count():
     labels = np.array([0] * 20 + [1] * 6)
-    with pytest.raises(CalbenchError, match=r"class 'lymphocytes' has 6 training images but 4 shots \+ 4 validation shots need 8; lower --shots"):
+    with pytest.raises(
+        CalbenchError,
+        match=r"class 'lymphocytes' has 6 training images but 4 shots \+ 4 validation shots need 8; lower --shots",
+    ):
         few_shot_split(labels, 4, 4, 0, names=["adipose", "lymphocytes"])
 
 

@@ -1,4 +1,5 @@
 """Every way a dataset folder can be wrong gives one exact line; fingerprints, corrupt files and image modes."""
+
 import os
 import re
 import shutil
@@ -63,17 +64,32 @@ def _break(root, case):
 
 
 CASES = [
-    ("missing root", "unknown dataset '{root}': no such folder; check the path (registered names: `calbench datasets`)"),
+    (
+        "missing root",
+        "unknown dataset '{root}': no such folder; check the path (registered names: `calbench datasets`)",
+    ),
     ("missing train", "{root}/images/train is missing; a dataset needs images/train and images/test"),
     ("missing test", "{root}/images/test is missing; a dataset needs images/train and images/test"),
     ("no classnames", "{root}/classnames.txt is missing; write one line '<class_folder> <class name>' per class"),
     ("unnamed folder", "class folder(s) b have no line in {root}/classnames.txt; add '<folder> <class name>'"),
-    ("line names no folder", "{root}/classnames.txt:3 names class folder 'c', which is in neither images/train nor images/test; add the folder or remove the line"),
+    (
+        "line names no folder",
+        "{root}/classnames.txt:3 names class folder 'c', which is in neither images/train nor images/test; add the folder or remove the line",
+    ),
     ("bad line", "{root}/classnames.txt:2: expected '<class_folder> <class name>', got 'b'"),
-    ("duplicate line", "{root}/classnames.txt:3: class folder 'a' is already named on line 1; keep one line per folder"),
-    ("splits differ", "{root}: images/train and images/test have different class folders (only in train: b; only in test: c); both splits need the same classes"),
+    (
+        "duplicate line",
+        "{root}/classnames.txt:3: class folder 'a' is already named on line 1; keep one line per folder",
+    ),
+    (
+        "splits differ",
+        "{root}: images/train and images/test have different class folders (only in train: b; only in test: c); both splits need the same classes",
+    ),
     ("one class", "{root}/images/train has 1 class folder(s); need at least 2"),
-    ("empty class", "{root}/images/test/b holds no images (.bmp, .jpeg, .jpg, .png, .tif, .tiff); add images or remove the class"),
+    (
+        "empty class",
+        "{root}/images/test/b holds no images (.bmp, .jpeg, .jpg, .png, .tif, .tiff); add images or remove the class",
+    ),
     ("all corrupt", "{root}/images/train/a holds no readable images; replace the broken files"),
 ]
 
@@ -101,8 +117,14 @@ def test_fewer_images_than_shots_names_the_class(tmp_path):
     root = make_folder(tmp_path / "d", per_class=3)
     with pytest.raises(CalbenchError) as info:
         check_dataset(str(root), tmp_path / "cache", shots=2, val_shots=2)
-    assert str(info.value) == "class 'class a' has 3 training images but 2 shots + 2 validation shots need 4; lower --shots or add images"
-    assert check_dataset(str(root), tmp_path / "cache", shots=2, val_shots=1).counts == {"train": {"class a": 3, "class b": 3}, "test": {"class a": 3, "class b": 3}}
+    assert (
+        str(info.value)
+        == "class 'class a' has 3 training images but 2 shots + 2 validation shots need 4; lower --shots or add images"
+    )
+    assert check_dataset(str(root), tmp_path / "cache", shots=2, val_shots=1).counts == {
+        "train": {"class a": 3, "class b": 3},
+        "test": {"class a": 3, "class b": 3},
+    }
 
 
 def test_corrupt_image_is_skipped_with_a_warning_naming_it_and_indices_stay_consistent(tmp_path):
@@ -136,7 +158,12 @@ def test_corrupt_image_with_strict_is_an_error(tmp_path):
     dataset = load_dataset(str(root), cache_dir=tmp_path / "cache", strict=True)
     with pytest.raises(CalbenchError) as info:
         dataset.files("test")
-    assert re.fullmatch(re.escape(f"cannot read image {bad} (") + r".+" + re.escape(") and 0 more; remove or replace them, or drop --strict to skip them"), str(info.value))
+    assert re.fullmatch(
+        re.escape(f"cannot read image {bad} (")
+        + r".+"
+        + re.escape(") and 0 more; remove or replace them, or drop --strict to skip them"),
+        str(info.value),
+    )
 
 
 def test_fingerprint_follows_names_sizes_and_mtimes_without_decoding(tmp_path, monkeypatch):
@@ -170,14 +197,16 @@ def test_fingerprint_follows_names_sizes_and_mtimes_without_decoding(tmp_path, m
 def test_mixed_modes_become_rgb_and_load(tmp_path):
     root = make_folder(tmp_path / "d", per_class=1)
     folder = root / "images" / "train" / "a"
-    Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(folder / "xray16.png")
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(folder / "xray16.png")
     Image.new("L", (8, 8), 77).save(folder / "grey.png")
     Image.new("RGBA", (8, 8), (200, 100, 50, 0)).save(folder / "rgba.png")
     Image.new("P", (8, 8), 3).save(folder / "palette.png")
     Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(folder / "cmyk.jpg")
     dataset = load_dataset(str(root), cache_dir=tmp_path / "cache")
     loaded = {p.name: dataset.load_image("train", i) for i, (p, _) in enumerate(dataset.files("train"))}
-    assert {name: image.mode for name, image in loaded.items()} == {n: "RGB" for n in ("a0.png", "b0.png", "cmyk.jpg", "grey.png", "palette.png", "rgba.png", "xray16.png")}
+    assert {name: image.mode for name, image in loaded.items()} == {
+        n: "RGB" for n in ("a0.png", "b0.png", "cmyk.jpg", "grey.png", "palette.png", "rgba.png", "xray16.png")
+    }
     xray = np.asarray(loaded["xray16.png"])[..., 0]
     assert xray.max() == 255 and xray[0, 1] == round(1000 / 63000 * 255)  # scaled by the brightest pixel
     assert loaded["grey.png"].getpixel((0, 0)) == (77, 77, 77)

@@ -1,4 +1,5 @@
 """MedMNIST: a fake .npz in the package's layout is materialised; class names come from its INFO; offline error."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,7 +30,16 @@ def no_home_npz(tmp_path, monkeypatch):
 
 
 def test_every_set_and_size_is_registered_outside_the_paper_grid():
-    assert list(SETS) == ["pathmnist", "pneumoniamnist", "dermamnist", "bloodmnist", "breastmnist", "octmnist", "retinamnist", "organamnist"]
+    assert list(SETS) == [
+        "pathmnist",
+        "pneumoniamnist",
+        "dermamnist",
+        "bloodmnist",
+        "breastmnist",
+        "octmnist",
+        "retinamnist",
+        "organamnist",
+    ]
     for flag in SETS:
         for size in SIZES:
             name = flag if size == 28 else f"{flag}_{size}"
@@ -80,10 +90,17 @@ def test_offline_and_absent_is_one_clear_line(tmp_path, monkeypatch):
     root = tmp_path / "data"
     ok, hint = availability("dermamnist", root)
     url = medmnist_info.INFO["dermamnist"]["url"]
-    assert not ok and hint == f"dermamnist is not downloaded; it downloads on first use when online, or put {url} into {root / 'medmnist'}"
+    assert (
+        not ok
+        and hint
+        == f"dermamnist is not downloaded; it downloads on first use when online, or put {url} into {root / 'medmnist'}"
+    )
     with pytest.raises(CalbenchError) as info:
         load_dataset("dermamnist", tmp_path / "cache", data_root=root)
-    assert str(info.value) == f"dermamnist.npz is not in {root / 'medmnist'} and could not be downloaded (offline?); download {url} into {root / 'medmnist'} and run again"
+    assert (
+        str(info.value)
+        == f"dermamnist.npz is not in {root / 'medmnist'} and could not be downloaded (offline?); download {url} into {root / 'medmnist'} and run again"
+    )
     assert not (root / "dermamnist").exists()
 
 
@@ -102,7 +119,10 @@ def test_without_the_package_the_error_says_how_to_install(monkeypatch, tmp_path
     import sys
 
     monkeypatch.setitem(sys.modules, "medmnist.info", None)
-    assert availability("octmnist", tmp_path) == (False, "octmnist needs the medmnist package: pip install 'calbench[medmnist]' (then it downloads on first use)")
+    assert availability("octmnist", tmp_path) == (
+        False,
+        "octmnist needs the medmnist package: pip install 'calbench[medmnist]' (then it downloads on first use)",
+    )
     with pytest.raises(CalbenchError) as info:
         classes_of("octmnist")
     assert str(info.value) == "MedMNIST needs the medmnist package: pip install 'calbench[medmnist]'"

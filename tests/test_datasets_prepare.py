@@ -1,4 +1,5 @@
 """`calbench data prepare` on small fakes of each official download layout; archive safety; re-runs."""
+
 import csv
 import io
 import os
@@ -11,7 +12,14 @@ from PIL import Image
 
 from calbench.data import availability, load_dataset
 from calbench.data.archive import Source
-from calbench.data.official import OFFICIAL, prepare_covid, prepare_digestpath, prepare_kather, prepare_pannuke, prepare_rsna18
+from calbench.data.official import (
+    OFFICIAL,
+    prepare_covid,
+    prepare_digestpath,
+    prepare_kather,
+    prepare_pannuke,
+    prepare_rsna18,
+)
 from calbench.data.prepare import fit_square, stratified_test_keys
 from calbench.errors import CalbenchError
 
@@ -41,14 +49,25 @@ def _tree(root, members):
 def fake_kather(tmp_path, train_per_class=3, test_per_class=2):
     """NCT-CRC-HE-100K.zip (224 px tif, copied as is) and CRC-VAL-HE-7K as an extracted folder (non-square png, resized)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    train = {f"NCT-CRC-HE-100K/{c}/{c}-{i:04d}.tif": _png((224, 224), (20 * k, 10 * i, 100), fmt="TIFF") for k, c in enumerate(KATHER) for i in range(train_per_class)}
+    train = {
+        f"NCT-CRC-HE-100K/{c}/{c}-{i:04d}.tif": _png((224, 224), (20 * k, 10 * i, 100), fmt="TIFF")
+        for k, c in enumerate(KATHER)
+        for i in range(train_per_class)
+    }
     train["NCT-CRC-HE-100K/README.txt"] = b"not an image"
-    test = {f"CRC-VAL-HE-7K/{c}/{c}-TEST-{i}.png": _png((300, 250), (20 * k, 5, 50 + i)) for k, c in enumerate(KATHER) for i in range(test_per_class)}
+    test = {
+        f"CRC-VAL-HE-7K/{c}/{c}-TEST-{i}.png": _png((300, 250), (20 * k, 5, 50 + i))
+        for k, c in enumerate(KATHER)
+        for i in range(test_per_class)
+    }
     return _zip(tmp_path / "NCT-CRC-HE-100K.zip", train), _tree(tmp_path / "CRC-VAL-HE-7K", test)
 
 
 def _counts(out):
-    return {split: {c.name: len(list(c.iterdir())) for c in sorted((out / "images" / split).iterdir())} for split in ("train", "test")}
+    return {
+        split: {c.name: len(list(c.iterdir())) for c in sorted((out / "images" / split).iterdir())}
+        for split in ("train", "test")
+    }
 
 
 def test_kather_from_the_official_zip_and_folder_loads_by_name(tmp_path):
@@ -65,12 +84,16 @@ def test_kather_from_the_official_zip_and_folder_loads_by_name(tmp_path):
     assert report.counts == {"train": {c: 3 for c in KATHER}, "test": {c: 2 for c in KATHER}} == _counts(out)
     assert (out / "classnames.txt").read_text().splitlines()[0] == "ADI adipose tissue"
     copied = out / "images" / "train" / "ADI" / "ADI-0001.tif"
-    assert copied.read_bytes() == zipfile.ZipFile(train).read("NCT-CRC-HE-100K/ADI/ADI-0001.tif")  # 224 px: byte-for-byte
+    assert copied.read_bytes() == zipfile.ZipFile(train).read(
+        "NCT-CRC-HE-100K/ADI/ADI-0001.tif"
+    )  # 224 px: byte-for-byte
     resized = Image.open(out / "images" / "test" / "MUS" / "MUS-TEST-1.png")
     assert resized.size == (224, 224) and resized.getpixel((100, 100)) == (100, 5, 51)
     assert availability("kather", root) == (True, "")
     dataset = load_dataset("kather", cache_dir=tmp_path / "cache", data_root=root)
-    assert dataset.template == "An H&E image of {}." and dataset.classnames[-1] == "colorectal adenocarcinoma epithelium"
+    assert (
+        dataset.template == "An H&E image of {}." and dataset.classnames[-1] == "colorectal adenocarcinoma epithelium"
+    )
     assert dataset.labels("test").tolist() == np.repeat(np.arange(9), 2).tolist()
     assert not list(root.glob(".*"))  # no temp folder left
 
@@ -117,12 +140,18 @@ def test_existing_unrelated_folder_and_changed_downloads_are_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     with pytest.raises(CalbenchError) as info:
         prepare_kather(train, test, out=tmp_path / "mine")
-    assert str(info.value) == f"{tmp_path / 'mine'} exists and was not written by `calbench data prepare`; remove it or choose another --out"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'mine'} exists and was not written by `calbench data prepare`; remove it or choose another --out"
+    )
     prepare_kather(train, test, out=tmp_path / "k")
     os.utime(train, ns=(0, 10**18))
     with pytest.raises(CalbenchError) as info:
         prepare_kather(train, test, out=tmp_path / "k")
-    assert str(info.value) == f"{tmp_path / 'k'} was prepared from other downloads or options; remove it to rebuild, or choose another --out"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'k'} was prepared from other downloads or options; remove it to rebuild, or choose another --out"
+    )
 
 
 def test_wrong_download_names_the_missing_classes_and_writes_nothing(tmp_path):
@@ -130,14 +159,20 @@ def test_wrong_download_names_the_missing_classes_and_writes_nothing(tmp_path):
     wrong = _tree(tmp_path / "dl" / "other", {"CRC-VAL-HE-7K/ADI/a.png": _png()})
     with pytest.raises(CalbenchError) as info:
         prepare_kather(train, wrong, out=tmp_path / "k")
-    assert str(info.value) == f"{wrong} has no images in class folder(s) BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM; is it the CRC-VAL-HE-7K download?"
+    assert (
+        str(info.value)
+        == f"{wrong} has no images in class folder(s) BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM; is it the CRC-VAL-HE-7K download?"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
 
 
 def test_corrupt_source_image_is_skipped_with_a_warning(tmp_path):
     train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=1)
     (test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-9.png").write_bytes(b"broken")
-    with pytest.warns(UserWarning, match=r"skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png \(cannot identify image file"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png \(cannot identify image file",
+    ):
         report = prepare_kather(train, test, out=tmp_path / "k")
     assert report.counts["test"]["ADI"] == 1 and len(report.skipped) == 1
 
@@ -159,7 +194,7 @@ def test_unsafe_archives_are_refused_before_anything_is_written(tmp_path, kind, 
     elif kind == "zip-link":
         with zipfile.ZipFile(path, "w") as archive:
             info = zipfile.ZipInfo(member)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             archive.writestr(info, "/etc/passwd")
     else:
         with tarfile.open(path, "w") as archive:
@@ -173,7 +208,10 @@ def test_unsafe_archives_are_refused_before_anything_is_written(tmp_path, kind, 
                 archive.addfile(info, io.BytesIO(data))
     with pytest.raises(CalbenchError) as info:
         prepare_kather(path, path, out=tmp_path / "out" / "k")
-    assert str(info.value) == f"{path}: archive member {member!r} {why}; refusing to read this archive (nothing was written)"
+    assert (
+        str(info.value)
+        == f"{path}: archive member {member!r} {why}; refusing to read this archive (nothing was written)"
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "outside.png").exists()
 
 
@@ -203,8 +241,12 @@ def test_covid_from_the_kaggle_class_folders(tmp_path):
     assert report.counts == {"train": {"covid": 4, "normal": 4}, "test": {"covid": 1, "normal": 1}}
     image = Image.open(next((tmp_path / "covid" / "images" / "test" / "covid").iterdir()))
     assert image.size == (224, 224) and image.mode == "L" and image.getpixel((0, 0)) == 200
-    expected_test = stratified_test_keys([f"COVID-19_Radiography_Dataset/COVID/images/COVID-{i}.png" for i in range(5)], ["covid"] * 5, 0.2, 0)
-    assert {p.stem for p in (tmp_path / "covid" / "images" / "test" / "covid").iterdir()} == {k.rsplit("/", 1)[1][:-4] for k in expected_test}
+    expected_test = stratified_test_keys(
+        [f"COVID-19_Radiography_Dataset/COVID/images/COVID-{i}.png" for i in range(5)], ["covid"] * 5, 0.2, 0
+    )
+    assert {p.stem for p in (tmp_path / "covid" / "images" / "test" / "covid").iterdir()} == {
+        k.rsplit("/", 1)[1][:-4] for k in expected_test
+    }
     dataset = load_dataset(str(tmp_path / "covid"), tmp_path / "cache")
     assert dataset.template == "A chest X-ray image of {} patient" and dataset.classnames == ["covid", "normal"]
 
@@ -252,7 +294,10 @@ def test_rsna18_from_dicom_files_and_the_label_csv(tmp_path):
         writer.writerow(["patientId", "class"])
         writer.writerows(rows)
     report = prepare_rsna18(images, tmp_path / "stage_2_detailed_class_info.csv", out=tmp_path / "rsna18", seed=1)
-    assert report.counts == {"train": {"normal": 2, "not_normal": 2, "opacity": 2}, "test": {"normal": 1, "not_normal": 1, "opacity": 1}}
+    assert report.counts == {
+        "train": {"normal": 2, "not_normal": 2, "opacity": 2},
+        "test": {"normal": 1, "not_normal": 1, "opacity": 1},
+    }
     dataset = load_dataset(str(tmp_path / "rsna18"), tmp_path / "cache")
     assert dataset.classnames == ["normal", "no lung opacity, not normal", "lung opacity"]
     path = next(p for p in (tmp_path / "rsna18" / "images").rglob("p01.png"))
@@ -262,7 +307,10 @@ def test_rsna18_from_dicom_files_and_the_label_csv(tmp_path):
     assert inverted[0, 0] == 255 and inverted[0, -1] <= 5  # MONOCHROME1: bright means low values
     with pytest.raises(CalbenchError) as info:
         prepare_rsna18(images, tmp_path / "missing.csv", out=tmp_path / "r2")
-    assert str(info.value) == f"label file {tmp_path / 'missing.csv'} does not exist; give stage_2_detailed_class_info.csv from the challenge"
+    assert (
+        str(info.value)
+        == f"label file {tmp_path / 'missing.csv'} does not exist; give stage_2_detailed_class_info.csv from the challenge"
+    )
 
 
 def _pannuke_fold(path, n, neoplastic):
@@ -332,7 +380,10 @@ def test_fit_square_resizes_the_short_side_and_centre_crops():
 
 
 def test_macos_metadata_in_an_archive_is_ignored(tmp_path):
-    path = _zip(tmp_path / "mac.zip", {"top/a/x.png": _png(), "__MACOSX/top/a/._x.png": b"\0\5\26\7", "top/a/.DS_Store": b"junk"})
+    path = _zip(
+        tmp_path / "mac.zip",
+        {"top/a/x.png": _png(), "__MACOSX/top/a/._x.png": b"\0\5\26\7", "top/a/.DS_Store": b"junk"},
+    )
     with Source(path) as source:
         assert source.names == ["top/a/x.png"]
 

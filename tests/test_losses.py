@@ -8,6 +8,7 @@ cross-entropy or the function under test.
 Most paper derivations use logits that are logarithms of small integers, so that
 p = softmax(logits) is a row of exact fractions (weights / sum of weights).
 """
+
 from __future__ import annotations
 
 import math
@@ -139,9 +140,7 @@ def test_label_smoothing_irregular_matches_loop(alpha):
 
 
 def test_label_smoothing_alpha_zero_is_cross_entropy():
-    assert _val(L.label_smoothing(*irr_batch(), alpha=0.0)) == pytest.approx(
-        _ce(IRR_LOGITS, IRR_LABELS), abs=TOL
-    )
+    assert _val(L.label_smoothing(*irr_batch(), alpha=0.0)) == pytest.approx(_ce(IRR_LOGITS, IRR_LABELS), abs=TOL)
 
 
 def test_label_smoothing_differs_from_torch_alpha_over_c():
@@ -622,8 +621,20 @@ def test_unknown_loss_name_raises_calbench_error_listing_names():
 def test_every_registered_loss_is_tested_here():
     # if a loss is added to the registry, this file must grow a test for it
     assert set(L.LOSSES.names()) == {
-        "cross_entropy", "label_smoothing", "smac", "angular_separation", "focal", "mdca", "dca",
-        "mmce", "mbls", "logit_norm", "zs_norm", "zs_penalty", "margin_mean_var", "text_moment_matching",
+        "cross_entropy",
+        "label_smoothing",
+        "smac",
+        "angular_separation",
+        "focal",
+        "mdca",
+        "dca",
+        "mmce",
+        "mbls",
+        "logit_norm",
+        "zs_norm",
+        "zs_penalty",
+        "margin_mean_var",
+        "text_moment_matching",
     }
 
 
@@ -686,7 +697,11 @@ def test_zs_losses_gradients_finite():
 @pytest.mark.parametrize("name", ["angular_separation", "text_moment_matching"])
 def test_text_losses_gradients_finite(name):
     feats = _t([[0.2, -1.0, 0.7], [1.5, 0.3, -0.2], [-0.4, 0.8, 0.9]]).requires_grad_(True)
-    args = (feats,) if name == "angular_separation" else (feats, _t([[0.0, -0.9, 0.5], [1.2, 0.5, -0.1], [-0.6, 1.0, 0.6]]))
+    args = (
+        (feats,)
+        if name == "angular_separation"
+        else (feats, _t([[0.0, -0.9, 0.5], [1.2, 0.5, -0.1], [-0.6, 1.0, 0.6]]))
+    )
     L.LOSSES.get(name)(*args).backward()
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
 

@@ -2,17 +2,17 @@ import numpy as np
 import pytest
 import torch
 
+from calbench.base import Calibrated, FitData
+from calbench.calibprompt import PromptMethod
 from calbench.errors import CalbenchError
-from calbench.experiment import DEFAULT_METHODS, fewshot_features
-from calbench.cache import FeatureCache
-from calbench.methods import Calibrated, FitData, PromptMethod, list_methods, make_method
+from calbench.methods import DEFAULT_METHODS, list_methods, make_method
+from calbench.session import FewShot
 from calbench.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def fit_data(tiny, synthetic, cache_dir) -> FitData:
-    cache = FeatureCache(cache_dir, tiny, progress=False)
-    return fewshot_features(tiny, synthetic, cache, shots=4, seed=1, views=2).fit
+def fit_data(session) -> FitData:
+    return session.fit_data(1, FewShot(shots=4, views=2))
 
 
 def test_fit_data_has_no_test_split(fit_data):
@@ -34,7 +34,12 @@ def test_calibprompt_defaults_are_the_papers():
     method = make_method("calibprompt")
     assert isinstance(method, PromptMethod)
     terms = method.objective.terms
-    assert (terms["ls"].kwargs["alpha"], terms["smac"].weight, terms["smac"].kwargs["alpha"], terms["as"].weight) == (0.05, 1.0, 0.05, 0.01)
+    assert (terms["ls"].kwargs["alpha"], terms["smac"].weight, terms["smac"].kwargs["alpha"], terms["as"].weight) == (
+        0.05,
+        1.0,
+        0.05,
+        0.01,
+    )
     assert method.config == TrainConfig()
 
 
@@ -86,21 +91,21 @@ def test_ablation_ids_with_plus_still_take_a_calibrator():
 
 
 def test_calibrators_on_smoothed_methods_fit_on_noisy_validation_views():
-    from calbench.methods import VAL_AS_TEST, FeatureRequest, feature_requests
+    from calbench.base import VAL_AS_TEST, FeatureRequest, fit_requests
 
-    plain = feature_requests(make_method("promptsmooth"))
-    wrapped = feature_requests(make_method("promptsmooth+ts"))
+    plain = fit_requests(make_method("promptsmooth"))
+    wrapped = fit_requests(make_method("promptsmooth+ts"))
     assert VAL_AS_TEST not in plain
-    test_request = make_method("promptsmooth").test_request
+    test_request = make_method("promptsmooth").capabilities.test_copies
     assert wrapped[VAL_AS_TEST] == FeatureRequest("val", test_request.kind, test_request.views)
     assert set(wrapped) - {VAL_AS_TEST} == set(plain)
-    assert feature_requests(make_method("coop-ce+ts")) == {}
+    assert fit_requests(make_method("coop-ce+ts")) == {}
 
 
 def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
     from dataclasses import replace
 
-    from calbench.methods import VAL_AS_TEST
+    from calbench.base import VAL_AS_TEST, Capabilities, FeatureRequest
 
     class Recorder:
         def fit(self, logits, labels):
@@ -111,7 +116,26 @@ def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
             return torch.softmax(logits, dim=1)
 
     base = make_method("zero-shot").fit(fit_data)
+    base.capabilities = Capabilities(
+        test_copies=FeatureRequest("test", "noise0.25", 1)
+    )  # a smoothed base: scored on VAL_AS_TEST
     noisy = fit_data.val_features.flip(0)
     recorder = Recorder()
     Calibrated(base, recorder, base_is_fitted=True).fit(replace(fit_data, extra={VAL_AS_TEST: noisy}))
     torch.testing.assert_close(recorder.seen, base.predict_logits(noisy))
+
+
+def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(session):
+    assert make_method("coop-ce").capabilities.learns_prompt and not make_method("zero-shot").capabilities.learns_prompt
+    assert make_method("promptsmooth-zs").capabilities.adapts_at_test
+    method = make_method("promptsmooth", epochs=2, views_per_sigma=1, n_samples=3)
+    assert method.capabilities.smoothed and not make_method("coop-ce").capabilities.smoothed
+    method.fit(session.fit_data(1, FewShot(shots=4, views=2), method))
+    features = session.test_features()[:5]
+    assert method.base_logits(features).shape == (5, 5)  # the base classifier on one view
+    with pytest.raises(ValueError, match=r"predicts from \(S, N, D\) noisy copies"):
+        method.predict_proba(features)  # the smoothed classifier takes copies only
+    copies = session.test_views(method.capabilities.test_copies.kind, range(3), np.arange(5))
+    torch.testing.assert_close(
+        method.predict_proba(copies), torch.softmax(method.base_logits(copies), dim=-1).mean(dim=0)
+    )

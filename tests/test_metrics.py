@@ -12,6 +12,7 @@ The two agree whenever no confidence lies exactly on an interior edge, which hol
 with probability 1 for the random inputs below; the edge case is pinned separately
 (see test_netcal_uses_left_closed_bins_we_use_right_closed).
 """
+
 from __future__ import annotations
 
 import math
@@ -279,8 +280,14 @@ def test_one_hot_confident_and_correct_is_zero_everywhere():
     probs = np.eye(3)[[0, 1, 2, 1]]
     out = M.evaluate(probs, np.array([0, 1, 2, 1]))
     assert out == {
-        "accuracy": 1.0, "ece": 0.0, "mce": 0.0, "adaptive_ece": 0.0, "classwise_ece": 0.0,
-        "nll": pytest.approx(0.0, abs=1e-15), "brier": 0.0, "macro_f1": 1.0,
+        "accuracy": 1.0,
+        "ece": 0.0,
+        "mce": 0.0,
+        "adaptive_ece": 0.0,
+        "classwise_ece": 0.0,
+        "nll": pytest.approx(0.0, abs=1e-15),
+        "brier": 0.0,
+        "macro_f1": 1.0,
     }
 
 
@@ -322,7 +329,10 @@ def _random_case(seed: int, n: int, c: int, scale: float):
     return probs, labels
 
 
-CASES = [(seed, c, scale) for seed, c, scale in [(0, 3, 2.0), (1, 4, 3.0), (2, 5, 3.0), (3, 7, 4.0), (4, 10, 4.0), (5, 10, 1.5)]]
+CASES = [
+    (seed, c, scale)
+    for seed, c, scale in [(0, 3, 2.0), (1, 4, 3.0), (2, 5, 3.0), (3, 7, 4.0), (4, 10, 4.0), (5, 10, 1.5)]
+]
 
 
 @pytest.mark.parametrize("seed,c,scale", CASES)

@@ -6,6 +6,7 @@ The published key lists come from the libraries' own architectures at the publis
 OpenAI-format PLIP file, BiomedCLIP's open_clip config, MedCLIP's module layout), built on the
 meta device, plus buffers that older ``transformers`` saved; literal shapes pin the sizes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,11 +89,15 @@ def test_biomedclip_state_dict(monkeypatch, tmp_path):
     text_cfg = dict(model_cfg["text_cfg"], hf_model_pretrained=False)
     text_cfg["hf_model_name"] = _text_config_folder(text_cfg["hf_model_name"], None)
     text_cfg.pop("hf_tokenizer_name")
-    state = _published(lambda: open_clip.CustomTextCLIP(embed_dim=512, vision_cfg=model_cfg["vision_cfg"], text_cfg=text_cfg))
+    state = _published(
+        lambda: open_clip.CustomTextCLIP(embed_dim=512, vision_cfg=model_cfg["vision_cfg"], text_cfg=text_cfg)
+    )
     state["text.transformer.embeddings.position_ids"] = torch.arange(512)[None]
     assert state["text.transformer.embeddings.word_embeddings.weight"].shape == (30522, 768)
     assert state["text.proj.0.weight"].shape == (640, 768) and state["text.proj.2.weight"].shape == (512, 640)
-    assert state["visual.trunk.patch_embed.proj.weight"].shape == (768, 3, 16, 16) and state["visual.trunk.pos_embed"].shape == (1, 197, 768)
+    assert state["visual.trunk.patch_embed.proj.weight"].shape == (768, 3, 16, 16) and state[
+        "visual.trunk.pos_embed"
+    ].shape == (1, 197, 768)
     assert state["visual.head.proj.weight"].shape == (512, 768) and not any("pooler" in k for k in state)
     folder = _placeholder(tmp_path / "biomedclip", "open_clip_pytorch_model.bin")
     vlm = _load_with(monkeypatch, "open_clip_backend", state, "biomedclip", folder)
@@ -121,7 +126,9 @@ def test_medclip_state_dict(monkeypatch, tmp_path):
     # buffers transformers < 4.31 saved in the published pytorch_model.bin
     state["text_model.model.embeddings.position_ids"] = torch.arange(512)[None]
     for key in [k for k in state if k.endswith("relative_position_bias_table")]:
-        state[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(49 * 49, dtype=torch.long)
+        state[key.replace("relative_position_bias_table", "relative_position_index")] = torch.zeros(
+            49 * 49, dtype=torch.long
+        )
     assert state["vision_model.model.embeddings.patch_embeddings.projection.weight"].shape == (96, 3, 4, 4)
     assert state["text_model.model.pooler.dense.weight"].shape == (768, 768)
     folder = _placeholder(tmp_path / "medclip", "pytorch_model.bin")

@@ -1,4 +1,5 @@
 """The model registry as a user meets it: listing, where weights come from, and the missing-weights error."""
+
 from __future__ import annotations
 
 import csv
@@ -20,16 +21,27 @@ runner = CliRunner()
 
 
 def test_every_family_is_registered_with_what_users_need():
-    for name, modality in {**MED_VLMS, "clip-b32": "general", "clip-b16": "general", "quiltnet-b16": "histopathology"}.items():
+    for name, modality in {
+        **MED_VLMS,
+        "clip-b32": "general",
+        "clip-b16": "general",
+        "quiltnet-b16": "histopathology",
+    }.items():
         spec = MODELS.get(name)
-        assert spec.modality == modality and spec.resolution == 224 and spec.license and spec.template_family == modality
+        assert (
+            spec.modality == modality and spec.resolution == 224 and spec.license and spec.template_family == modality
+        )
         assert spec.source.startswith(("hf-hub:", "https://"))
     assert MODELS.get("biomedclip").source == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
-def _open_clip_folder(folder: Path) -> "open_clip.CLIP":
+def _open_clip_folder(folder: Path) -> open_clip.CLIP:
     """A 1-layer model in open_clip's Hub layout (open_clip_config.json + open_clip_pytorch_model.bin)."""
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8}, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    }
     model = open_clip.CLIP(**config)
     folder.mkdir(parents=True)
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
@@ -37,6 +49,7 @@ def _open_clip_folder(folder: Path) -> "open_clip.CLIP":
     return model
 
 
+@pytest.mark.e2e
 def test_missing_weights_are_one_line_naming_the_model_the_places_and_the_command(monkeypatch, tmp_path):
     monkeypatch.setenv("CALBENCH_WEIGHTS", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -47,7 +60,10 @@ def test_missing_weights_are_one_line_naming_the_model_the_places_and_the_comman
         message = str(info.value)
         assert "\n" not in message and f"model {name!r}" in message
         assert f"$CALBENCH_WEIGHTS/{name}" in message and f"calbench models fetch {name}" in message
-        assert availability(name) == (False, f"run `calbench models fetch {name}` or download {MODELS.get(name).sources[0].hint()} into $CALBENCH_WEIGHTS/{name}/")
+        assert availability(name) == (
+            False,
+            f"run `calbench models fetch {name}` or download {MODELS.get(name).sources[0].hint()} into $CALBENCH_WEIGHTS/{name}/",
+        )
     result = runner.invoke(app, ["compare", "--model", "quiltnet", "--data", "synthetic"])
     assert result.exit_code == 2 and "Traceback" not in result.output
 
@@ -99,28 +115,62 @@ def test_fetch_refuses_politely_when_offline(monkeypatch):
     assert result.exit_code == 2 and "HF_HUB_OFFLINE is set" in result.output
 
 
-@pytest.mark.parametrize("name,open_clip_name", [("quiltnet-b32", "ViT-B-32"), ("quiltnet-b16", "ViT-B-16"), ("clip-b32", "ViT-B-32-quickgelu"), ("clip-b16", "ViT-B-16-quickgelu")])
+@pytest.mark.parametrize(
+    "name,open_clip_name",
+    [
+        ("quiltnet-b32", "ViT-B-32"),
+        ("quiltnet-b16", "ViT-B-16"),
+        ("clip-b32", "ViT-B-32-quickgelu"),
+        ("clip-b16", "ViT-B-16-quickgelu"),
+    ],
+)
 def test_shipped_open_clip_architectures_are_open_clips_own(name, open_clip_name):
     ours = shipped_config(name)["model_cfg"]
     theirs = open_clip.get_model_config(open_clip_name)
     assert ours == theirs
 
 
-
+@pytest.mark.e2e
 def test_compare_runs_on_a_replica_saved_in_plips_published_format(tmp_path, cache_dir):
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(tmp_path / "plip")
     out = tmp_path / "out"
     result = runner.invoke(
         app,
-        ["compare", "--model", "plip", "--weights", str(tmp_path / "plip"), "--data", "synthetic", "--methods", "zero-shot,coop-ce",
-         "--seeds", "1", "--shots", "2", "--views", "1", "--out", str(out), "--cache-dir", str(cache_dir / "plip-replica")],
+        [
+            "compare",
+            "--model",
+            "plip",
+            "--weights",
+            str(tmp_path / "plip"),
+            "--data",
+            "synthetic",
+            "--methods",
+            "zero-shot,coop-ce",
+            "--seeds",
+            "1",
+            "--shots",
+            "2",
+            "--views",
+            "1",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache_dir / "plip-replica"),
+        ],
     )
     assert result.exit_code == 0, result.output
     with open(out / "results.csv") as f:

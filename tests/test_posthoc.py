@@ -26,7 +26,9 @@ def test_temperature_scaling_matches_netcal(seed, spread):
     reference, reference_t = _netcal(logits, labels)
     ours = TemperatureScaling().fit(logits, labels)
     assert ours.temperature == pytest.approx(reference_t, rel=1e-5)
-    np.testing.assert_allclose(ours.predict_proba(logits).numpy(), reference.transform(torch.softmax(logits, dim=1).numpy()), atol=1e-5)
+    np.testing.assert_allclose(
+        ours.predict_proba(logits).numpy(), reference.transform(torch.softmax(logits, dim=1).numpy()), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed, spread", [(1, 0.5), (2, 8.0)])
@@ -36,7 +38,10 @@ def test_temperature_is_at_least_as_good_as_netcal_on_hard_cases(seed, spread):
     logits, labels = _problem(seed, spread)
     _, reference_t = _netcal(logits, labels)
     ours = TemperatureScaling().fit(logits, labels).temperature
-    nll = lambda temp: float(torch.nn.functional.cross_entropy(logits / temp, labels))
+
+    def nll(temp):
+        return float(torch.nn.functional.cross_entropy(logits / temp, labels))
+
     assert ours == pytest.approx(reference_t, rel=5e-3)
     assert nll(ours) <= nll(reference_t) + 1e-12
 
@@ -46,7 +51,10 @@ def test_temperature_minimises_validation_nll():
     labels = torch.tensor(rng.integers(0, 4, 200))
     logits = torch.tensor(rng.normal(size=(200, 4)) * 4.0)
     t = TemperatureScaling().fit(logits, labels).temperature
-    nll = lambda temp: float(torch.nn.functional.cross_entropy(logits / temp, labels))
+
+    def nll(temp):
+        return float(torch.nn.functional.cross_entropy(logits / temp, labels))
+
     assert nll(t) <= min(nll(t * 0.98), nll(t * 1.02))
 
 
@@ -64,7 +72,9 @@ def test_vector_scaling_matches_netcal():
     ours = VectorScaling().fit(log_probs, labels)
     np.testing.assert_allclose(ours.weight.numpy(), np.ravel(reference.weights), rtol=1e-3)
     np.testing.assert_allclose(ours.bias.numpy(), np.ravel(reference.intercept), atol=1e-3)
-    np.testing.assert_allclose(ours.predict_proba(log_probs).numpy(), reference.transform(log_probs.exp().numpy()), atol=1e-4)
+    np.testing.assert_allclose(
+        ours.predict_proba(log_probs).numpy(), reference.transform(log_probs.exp().numpy()), atol=1e-4
+    )
 
 
 def test_isotonic_calibrator_is_one_vs_all_isotonic_regression():
@@ -77,7 +87,12 @@ def test_isotonic_calibrator_is_one_vs_all_isotonic_regression():
     probs = torch.softmax(logits, dim=1).numpy()
     ours = CALIBRATORS.get("iso")().fit(logits, labels).predict_proba(logits).numpy()
     expected = np.stack(
-        [IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(probs[:, c], labels.numpy() == c).predict(probs[:, c]) for c in range(5)],
+        [
+            IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
+            .fit(probs[:, c], labels.numpy() == c)
+            .predict(probs[:, c])
+            for c in range(5)
+        ],
         axis=1,
     )
     expected /= expected.sum(axis=1, keepdims=True)

@@ -1,4 +1,5 @@
 """PromptSmooth on the demo: noisy transforms, the three methods, and `certify`."""
+
 import csv
 import math
 from dataclasses import replace
@@ -10,32 +11,28 @@ from scipy.stats import norm
 from typer.testing import CliRunner
 
 from calbench.baselines.promptsmooth import DEFAULTS, PromptSmooth, hand_context, marginal_entropy
-from calbench.cache import FeatureCache
-from calbench.certify import CERTIFY_COLUMNS, ITEM_COLUMNS, run_certify
+from calbench.calibprompt import PromptMethod
+from calbench.certify import ITEM_COLUMNS, run_certify
 from calbench.cli.app import app
 from calbench.data.transforms import describe, noise_kind, parse_noise_kind, to_tensor
 from calbench.errors import CalbenchError
-from calbench.experiment import fewshot_features
 from calbench.losses import Objective, Term
-from calbench.methods import PromptMethod, make_method
+from calbench.methods import make_method
+from calbench.results import CERTIFY_COLUMNS
+from calbench.session import FewShot, RunContext
 from calbench.smoothing import certified_accuracy
 
 TEST_IMAGES = np.arange(0, 300, 30)  # 10 test images, 2 per class
 SMALL = {"epochs": 2, "views_per_sigma": 2, "n_samples": 4}
 
 
-@pytest.fixture(scope="module")
-def cache(tiny, cache_dir):
-    return FeatureCache(cache_dir, tiny, progress=False)
+def _fit(method, session):
+    return session.fit_data(1, FewShot(shots=4, views=2), method)
 
 
-def _fit(method, tiny, synthetic, cache):
-    return fewshot_features(tiny, synthetic, cache, shots=4, seed=1, views=2, requests=getattr(method, "fit_requests", None)).fit
-
-
-def _copies(method, synthetic, cache):
-    request = method.test_request
-    return cache.features(synthetic, "test", TEST_IMAGES, kind=request.kind, views=range(request.views))
+def _copies(method, session):
+    request = method.capabilities.test_copies
+    return session.test_views(request.kind, range(request.views), TEST_IMAGES)
 
 
 def _assert_probabilities(probs):
@@ -69,13 +66,19 @@ def _pixels(tensor, cfg):
 @pytest.mark.parametrize("sigma", [0.25, 1.0])
 def test_noise_is_seeded_gaussian_added_in_pixel_space_before_normalisation(tiny, synthetic, sigma):
     cfg, image = tiny.preprocess, synthetic.load_image("test", 3)
-    noise = _pixels(to_tensor(image, noise_kind(sigma), cfg, 0, 3), cfg) - _pixels(to_tensor(image, "eval", cfg, 0, 3), cfg)
+    noise = _pixels(to_tensor(image, noise_kind(sigma), cfg, 0, 3), cfg) - _pixels(
+        to_tensor(image, "eval", cfg, 0, 3), cfg
+    )
     assert abs(float(noise.mean())) < 0.05 * sigma and float(noise.std()) == pytest.approx(sigma, rel=0.05)
     assert torch.equal(to_tensor(image, noise_kind(sigma), cfg, 0, 3), to_tensor(image, noise_kind(sigma), cfg, 0, 3))
-    other_view = _pixels(to_tensor(image, noise_kind(sigma), cfg, 1, 3), cfg) - _pixels(to_tensor(image, "eval", cfg, 0, 3), cfg)
+    other_view = _pixels(to_tensor(image, noise_kind(sigma), cfg, 1, 3), cfg) - _pixels(
+        to_tensor(image, "eval", cfg, 0, 3), cfg
+    )
     assert abs(float(torch.corrcoef(torch.stack([noise.flatten(), other_view.flatten()]))[0, 1])) < 0.1
     # the augmented kind keeps the crop and flip of the plain "train" view, and adds the noise
-    crop_noise = _pixels(to_tensor(image, noise_kind(sigma, train=True), cfg, 2, 3), cfg) - _pixels(to_tensor(image, "train", cfg, 2, 3), cfg)
+    crop_noise = _pixels(to_tensor(image, noise_kind(sigma, train=True), cfg, 2, 3), cfg) - _pixels(
+        to_tensor(image, "train", cfg, 2, 3), cfg
+    )
     assert float(crop_noise.std()) == pytest.approx(sigma, rel=0.05)
 
 
@@ -92,56 +95,63 @@ def test_noise_of_different_sigmas_is_independent(tiny, synthetic):
 def test_defaults_are_promptsmooths():
     method = make_method("promptsmooth")
     assert (method.config.n_ctx, method.config.epochs, method.config.shots) == (5, 50, 16)
-    assert sorted(method.fit_requests) == ["train-noise0.25", "train-noise0.5", "train-noise1"]
-    assert method.test_request.kind == "noise0.25" and method.test_request.views == DEFAULTS["n_samples"][0] == 32
+    assert sorted(method.capabilities.fit_features) == ["train-noise0.25", "train-noise0.5", "train-noise1"]
+    copies = method.capabilities.test_copies
+    assert copies.kind == "noise0.25" and copies.views == DEFAULTS["n_samples"][0] == 32
     assert set(make_method("promptsmooth-as").objective.terms) == {"ce", "as"}
     assert make_method("promptsmooth-as").objective.terms["as"].weight == 0.01
 
 
-def test_few_shot_promptsmooth_is_coop_on_interleaved_noisy_views(tiny, synthetic, cache):
+def test_few_shot_promptsmooth_is_coop_on_interleaved_noisy_views(session):
     method = make_method("promptsmooth", train_sigmas=[0.25, 0.5], **SMALL)
-    fit = _fit(method, tiny, synthetic, cache)
+    fit = _fit(method, session)
     method.fit(fit)
     a, b = fit.extra["train-noise0.25"], fit.extra["train-noise0.5"]
     interleaved = torch.stack([a[0], b[0], a[1], b[1]])
-    reference = PromptMethod(Objective({"ce": Term("cross_entropy")}), method.config).fit(replace(fit, train_features=interleaved))
+    reference = PromptMethod(Objective({"ce": Term("cross_entropy")}), method.config).fit(
+        replace(fit, train_features=interleaved)
+    )
     torch.testing.assert_close(method.learner.ctx, reference.learner.ctx)
 
 
 @pytest.mark.parametrize("name", ["promptsmooth", "promptsmooth-as"])
-def test_few_shot_probabilities_are_the_mean_softmax_over_noisy_copies(tiny, synthetic, cache, name):
+def test_few_shot_probabilities_are_the_mean_softmax_over_noisy_copies(session, name):
     method = make_method(name, **SMALL)
-    method.fit(_fit(method, tiny, synthetic, cache))
-    copies = _copies(method, synthetic, cache)
+    method.fit(_fit(method, session))
+    copies = _copies(method, session)
     with torch.no_grad():
         probs = method.predict_proba(copies)
         _assert_probabilities(probs)
-        torch.testing.assert_close(probs, torch.stack([method.predict_proba(view) for view in copies]).mean(dim=0))
+        torch.testing.assert_close(
+            probs, torch.stack([torch.softmax(method.base_logits(view), dim=1) for view in copies]).mean(dim=0)
+        )
         torch.testing.assert_close(method.predict_logits(copies).exp(), probs)
 
 
 def test_marginal_entropy_hand_value():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # softmax (1/2, 1/2), (3/4, 1/4): mean (5/8, 3/8)
-    assert float(marginal_entropy(logits)) == pytest.approx(-(0.625 * math.log(0.625) + 0.375 * math.log(0.375)), rel=1e-6)
+    assert float(marginal_entropy(logits)) == pytest.approx(
+        -(0.625 * math.log(0.625) + 0.375 * math.log(0.375)), rel=1e-6
+    )
 
 
-def test_zero_shot_promptsmooth_starts_from_the_hand_prompt(tiny, synthetic, cache):
+def test_zero_shot_promptsmooth_starts_from_the_hand_prompt(session):
     assert hand_context("a photo of a {}.") == "a photo of a"
     untuned = make_method("promptsmooth-zs", tta_steps=0, n_samples=4)
-    fit = _fit(untuned, tiny, synthetic, cache)
+    fit = _fit(untuned, session)
     untuned.fit(fit)
     zero_shot = make_method("zero-shot").fit(fit)
-    copies = _copies(untuned, synthetic, cache)
+    copies = _copies(untuned, session)
     with torch.no_grad():
         expected = torch.stack([zero_shot.predict_proba(view) for view in copies]).mean(dim=0)
         torch.testing.assert_close(untuned.predict_proba(copies), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_test_time_tuning_lowers_the_marginal_entropy_and_resets_the_prompt(tiny, synthetic, cache):
+def test_test_time_tuning_lowers_the_marginal_entropy_and_resets_the_prompt(session):
     before = make_method("promptsmooth-zs", tta_steps=0, n_samples=4)
     after = make_method("promptsmooth-zs", tta_steps=2, tta_lr=0.05, n_samples=4)
-    fit = _fit(before, tiny, synthetic, cache)
-    copies = _copies(before, synthetic, cache)
+    fit = _fit(before, session)
+    copies = _copies(before, session)
     entropy = {}
     for name, method in (("before", before), ("after", after)):
         method.fit(fit)
@@ -154,13 +164,16 @@ def test_test_time_tuning_lowers_the_marginal_entropy_and_resets_the_prompt(tiny
     assert float(entropy["after"].mean()) < float(entropy["before"].mean())
 
 
-def test_zero_shot_promptsmooth_from_the_few_shot_prompt(tiny, synthetic, cache):
+def test_zero_shot_promptsmooth_from_the_few_shot_prompt(session):
     fewshot = make_method("promptsmooth", **SMALL)
     untuned = make_method("promptsmooth-zs", init="fewshot", tta_steps=0, **SMALL)
     tuned = make_method("promptsmooth-zs", init="fewshot", **SMALL)
-    assert isinstance(untuned.fewshot, PromptSmooth) and untuned.fit_requests == fewshot.fit_requests
-    fit = _fit(fewshot, tiny, synthetic, cache)
-    copies = _copies(fewshot, synthetic, cache)
+    assert (
+        isinstance(untuned.fewshot, PromptSmooth)
+        and untuned.capabilities.fit_features == fewshot.capabilities.fit_features
+    )
+    fit = _fit(fewshot, session)
+    copies = _copies(fewshot, session)
     for method in (fewshot, untuned, tuned):
         method.fit(fit)
     with torch.no_grad():
@@ -192,12 +205,24 @@ def _read(path):
         return reader.fieldnames, list(reader)
 
 
+@pytest.mark.e2e
 def test_certify_writes_certified_accuracy_at_each_radius(tmp_path, cache_dir):
-    common = dict(n=20, n0=4, alpha=0.01, subset=12, shots=4, views=2, device="cpu", out=tmp_path, cache_dir=cache_dir, progress=False)
+    common = dict(
+        n=20,
+        n0=4,
+        alpha=0.01,
+        subset=12,
+        shots=4,
+        fewshot=FewShot(views=2),
+        context=RunContext(device="cpu", cache_dir=cache_dir),
+        out=tmp_path,
+    )
     result = run_certify(method="promptsmooth", sigma=0.5, params=SMALL, **common)
     columns, rows = _read(result.path)
     assert columns == CERTIFY_COLUMNS and [float(r["radius"]) for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert {(r["method"], r["sigma"], r["n0"], r["n"], r["subset"], r["shots"]) for r in rows} == {("promptsmooth", "0.5", "4", "20", "12", "4")}
+    assert {(r["method"], r["sigma"], r["n0"], r["n"], r["subset"], r["shots"]) for r in rows} == {
+        ("promptsmooth", "0.5", "4", "20", "12", "4")
+    }
     item_columns, items = _read(result.items_path)
     assert item_columns == ITEM_COLUMNS and len(items) == 12 and len({i["index"] for i in items}) == 12
     predicted, radii, labels = (np.array([float(i[k]) for i in items]) for k in ("predicted", "radius", "label"))
@@ -211,12 +236,31 @@ def test_certify_writes_certified_accuracy_at_each_radius(tmp_path, cache_dir):
     run_certify(method="promptsmooth-zs", sigma=0.5, params={"n_samples": 4}, **common)
     run_certify(method="promptsmooth", sigma=0.5, params=SMALL, **common)  # the same run again replaces its rows
     _, rows = _read(result.path)
-    assert [r["method"] for r in rows].count("promptsmooth") == 5 and [r["method"] for r in rows].count("promptsmooth-zs") == 5
+    assert [r["method"] for r in rows].count("promptsmooth") == 5 and [r["method"] for r in rows].count(
+        "promptsmooth-zs"
+    ) == 5
 
 
+@pytest.mark.e2e
 def test_certify_command(tmp_path, cache_dir):
     runner = CliRunner()
-    args = ["certify", "--method", "zero-shot", "--n", "10", "--n0", "3", "--subset", "8", "--shots", "2", "--out", str(tmp_path), "--cache-dir", str(cache_dir)]
+    args = [
+        "certify",
+        "--method",
+        "zero-shot",
+        "--n",
+        "10",
+        "--n0",
+        "3",
+        "--subset",
+        "8",
+        "--shots",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--cache-dir",
+        str(cache_dir),
+    ]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "certified acc %" in result.output and (tmp_path / "certification.csv").is_file()

@@ -1,4 +1,5 @@
 """Randomized smoothing maths against scipy, hand cases and a linear model with a closed-form radius."""
+
 from statistics import NormalDist
 
 import numpy as np
@@ -24,7 +25,9 @@ def _scipy_lower(n_a: int, n: int, alpha: float) -> float:
     return binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
 
 
-@pytest.mark.parametrize("n_a, n, alpha", [(95, 100, 0.001), (60, 100, 0.05), (1, 10, 0.01), (9990, 10000, 0.001), (0, 50, 0.001)])
+@pytest.mark.parametrize(
+    "n_a, n, alpha", [(95, 100, 0.001), (60, 100, 0.05), (1, 10, 0.01), (9990, 10000, 0.001), (0, 50, 0.001)]
+)
 def test_lower_bound_is_clopper_pearson(n_a, n, alpha):
     assert lower_confidence_bound(n_a, n, alpha) == pytest.approx(_scipy_lower(n_a, n, alpha), rel=1e-9, abs=1e-12)
 
@@ -36,7 +39,12 @@ def test_lower_bound_when_every_vote_agrees_is_alpha_to_the_one_over_n():
 
 @pytest.mark.parametrize(
     "selection, estimation, sigma, alpha",
-    [([2, 8, 0], [5, 95, 0], 0.5, 0.001), ([0, 10], [0, 100], 1.0, 0.001), ([0, 1, 9], [3, 7, 990], 0.25, 0.01), ([1, 9, 0], [1, 99, 0], 0.12, 0.05)],
+    [
+        ([2, 8, 0], [5, 95, 0], 0.5, 0.001),
+        ([0, 10], [0, 100], 1.0, 0.001),
+        ([0, 1, 9], [3, 7, 990], 0.25, 0.01),
+        ([1, 9, 0], [1, 99, 0], 0.12, 0.05),
+    ],
 )
 def test_certify_matches_scipy(selection, estimation, sigma, alpha):
     label, radius = certify_from_counts(selection, estimation, sigma, alpha)
@@ -47,7 +55,7 @@ def test_certify_matches_scipy(selection, estimation, sigma, alpha):
 
 def test_certify_hand_case_and_abstentions():
     label, radius = certify_from_counts([0, 10], [0, 100], sigma=1.0, alpha=0.001)
-    assert label == 1 and radius == pytest.approx(NormalDist().inv_cdf(0.001 ** 0.01), rel=1e-9)  # 1.5007...
+    assert label == 1 and radius == pytest.approx(NormalDist().inv_cdf(0.001**0.01), rel=1e-9)  # 1.5007...
     assert certify_from_counts([0, 10], [40, 60], 1.0, 0.001) == (ABSTAIN, 0.0)  # pA_lower < 1/2
     # the selection's class is certified, even when the estimation favours another one
     assert certify_from_counts([10, 0], [5, 95], 1.0, 0.001) == (ABSTAIN, 0.0)
@@ -76,7 +84,12 @@ def test_vote_counts_smoothed_proba_and_certified_accuracy():
     logits = torch.tensor([[[0.0, 0.0]], [[float(np.log(3.0)), 0.0]]])  # softmax (1/2, 1/2) and (3/4, 1/4)
     torch.testing.assert_close(smoothed_proba(logits), torch.tensor([[0.625, 0.375]]))
     predicted, radii, labels = np.array([1, 1, -1, 0]), np.array([0.3, 0.8, 0.0, 1.2]), np.array([1, 0, 2, 0])
-    assert certified_accuracy(predicted, radii, labels, at=(0.0, 0.5, 1.0, 1.5)) == {0.0: 0.5, 0.5: 0.25, 1.0: 0.25, 1.5: 0.0}
+    assert certified_accuracy(predicted, radii, labels, at=(0.0, 0.5, 1.0, 1.5)) == {
+        0.0: 0.5,
+        0.5: 0.25,
+        1.0: 0.25,
+        1.5: 0.0,
+    }
 
 
 W, B = torch.tensor([3.0, 4.0], dtype=torch.float64), -1.0  # |w| = 5
@@ -110,4 +123,6 @@ def test_smoothed_linear_classifier_abstains_on_its_hyperplane():
     votes = vote_counts(sample_predictions(_linear, x, 1.0, 1000, generator), 2)[0]
     assert predict_from_counts(votes, alpha=0.001) == ABSTAIN
     far = torch.tensor([[3.0, 3.0]], dtype=torch.float64)
-    assert predict_from_counts(vote_counts(sample_predictions(_linear, far, 1.0, 1000, generator), 2)[0], alpha=0.001) == 1
+    assert (
+        predict_from_counts(vote_counts(sample_predictions(_linear, far, 1.0, 1000, generator), 2)[0], alpha=0.001) == 1
+    )

@@ -1,11 +1,13 @@
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from calbench.losses import Objective, Term, calibprompt_objective
-from calbench.prompts import PromptLearner
-from calbench.train import TrainConfig, TrainingDiverged, learning_rate, load_prompt, save_prompt, train_prompt_learner
+from calbench.prompts import PromptLearner, load_prompt, save_prompt
+from calbench.session import FewShot
+from calbench.train import TrainConfig, TrainingDiverged, learning_rate, train_prompt_learner
 
 NAMES = ["red", "green", "blue"]
 
@@ -33,16 +35,15 @@ def test_schedule_is_constant_warmup_then_cosine():
     assert learning_rate(9, cfg) == pytest.approx(0.001 * (1 + math.cos(math.pi * 0.8)))
 
 
-def test_training_is_deterministic_and_lowers_the_loss(tiny, synthetic, cache_dir):
-    from calbench.cache import FeatureCache
-    from calbench.experiment import fewshot_features
-
-    fit = fewshot_features(tiny, synthetic, FeatureCache(cache_dir, tiny, progress=False), shots=8, seed=1, views=4).fit
+def test_training_is_deterministic_and_lowers_the_loss(tiny, synthetic, session):
+    fit = session.fit_data(1, FewShot(shots=8, views=4))
     cfg = TrainConfig(epochs=12, n_ctx=4)
     runs = []
     for _ in range(2):
         learner = PromptLearner(tiny, synthetic.classnames, n_ctx=4, seed=1)
-        history = train_prompt_learner(learner, calibprompt_objective(), fit.train_features, fit.train_labels, cfg, seed=1)
+        history = train_prompt_learner(
+            learner, calibprompt_objective(), fit.train_features, fit.train_labels, cfg, seed=1
+        )
         runs.append((learner.ctx.detach().clone(), history))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
     history = runs[0][1]
@@ -65,6 +66,6 @@ def test_saved_context_reloads_exactly(tiny, tmp_path):
     cfg = TrainConfig(epochs=2, n_ctx=4)
     learner = PromptLearner(tiny, NAMES, n_ctx=4, seed=2)
     train_prompt_learner(learner, calibprompt_objective(), feats, labels, cfg, seed=2)
-    save_prompt(tmp_path / "p.safetensors", learner, cfg, {"method": "calibprompt"})
+    save_prompt(tmp_path / "p.safetensors", learner, asdict(cfg), {"method": "calibprompt"})
     loaded = load_prompt(tmp_path / "p.safetensors", tiny)
     torch.testing.assert_close(loaded.text_features(), learner.text_features(), atol=0, rtol=0)

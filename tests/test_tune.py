@@ -1,5 +1,6 @@
 """`calbench tune`: search spaces, the enqueued paper settings, best-trial selection under the
 accuracy constraint, pruning checkpoints, resuming, reports, and a search that never reads the test split."""
+
 import json
 import math
 
@@ -11,27 +12,17 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
+from calbench.compare import Grid, run_compare
 from calbench.errors import CalbenchError
-from calbench.experiment import load_params_file, run_compare
-from calbench.methods import METHODS, make_method
+from calbench.methods import METHODS, make_method, read_params_file
 from calbench.metrics import ece
+from calbench.results import ResultsStore
+from calbench.session import FewShot, RunContext
 from calbench.train import logits_for
-from calbench.tune import (
-    ACCURACY,
-    PAPER_SETTINGS,
-    SPACES,
-    TuneConfig,
-    Worker,
-    append_results,
-    counts_toward_total,
-    first_trials,
-    method_params,
-    modality_pairs,
-    parse_space,
-    run_tune,
-    search,
-    select_best,
-)
+from calbench.tune import TuneConfig, modality_pairs, parse_space, run_tune, search
+from calbench.tune.config import ACCURACY, counts_toward_total, select_best
+from calbench.tune.space import PAPER_SETTINGS, SPACES, first_trials, method_params
+from calbench.tune.worker import Worker
 
 EPOCHS = 4  # fast trials; the demo itself keeps the paper's 50
 
@@ -75,8 +66,16 @@ def test_paper_setting_is_enqueued_first_then_the_defaults():
 
 
 def test_space_file_narrows_extends_and_rejects():
-    space = parse_space("calibprompt", {"alpha": {"high": 0.1}, "w_smac": None, "epochs": {"choices": [20, 50]}, "batch_size": {"low": 8, "high": 32}})
-    assert (space["alpha"].low, space["alpha"].high, space["alpha"].log, space["alpha"].default) == (0.005, 0.1, True, 0.05)
+    space = parse_space(
+        "calibprompt",
+        {"alpha": {"high": 0.1}, "w_smac": None, "epochs": {"choices": [20, 50]}, "batch_size": {"low": 8, "high": 32}},
+    )
+    assert (space["alpha"].low, space["alpha"].high, space["alpha"].log, space["alpha"].default) == (
+        0.005,
+        0.1,
+        True,
+        0.05,
+    )
     assert "w_smac" not in space
     assert space["epochs"].choices == (20, 50) and space["batch_size"].kind == "int"
     with pytest.raises(CalbenchError, match="alpha needs 0 < low < high"):
@@ -104,7 +103,12 @@ def _trial(number, value, violation, state=TrialState.COMPLETE):
 
 
 def test_best_is_the_lowest_feasible_value_else_the_smallest_violation():
-    trials = [_trial(0, 0.05, 0.02), _trial(1, 0.09, -0.01), _trial(2, 0.07, 0.0), _trial(3, 0.01, -0.5, TrialState.PRUNED)]
+    trials = [
+        _trial(0, 0.05, 0.02),
+        _trial(1, 0.09, -0.01),
+        _trial(2, 0.07, 0.0),
+        _trial(3, 0.01, -0.5, TrialState.PRUNED),
+    ]
     assert select_best(trials, "ece").number == 2  # 0.05 breaks the constraint, pruned trials never win
     assert select_best([_trial(0, 0.05, 0.02), _trial(1, 0.01, 0.03)], "ece").number == 0
     assert select_best([], "ece") is None
@@ -121,7 +125,7 @@ def test_killed_and_surplus_trials_do_not_count_toward_the_total():
 def test_checkpoint_reports_the_validation_ece_and_prunes(tiny, synthetic, cache_dir):
     """Each tenth of training reports the validation ECE of the prompt as it is at that epoch."""
     config = TuneConfig(epochs=20)
-    worker = Worker(config, 5, "cpu", cache_dir, None, None, False)
+    worker = Worker(config, 5, RunContext(device="cpu", cache_dir=cache_dir))
     fit = worker.fit_data(("tiny", "synthetic"), 1)
     worker.reference = {"tiny/synthetic": 0.5}
 
@@ -159,11 +163,13 @@ def test_checkpoint_reports_the_validation_ece_and_prunes(tiny, synthetic, cache
 def demo(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("tune")
     torch.set_num_threads(1)  # set up before the per-test fixture; retraining must match bit for bit
-    first = run_tune(TuneConfig(epochs=EPOCHS), n_trials=8, out=out, final_seeds=[1], device="cpu", cache_dir=cache_dir, heartbeat=1)
-    again = run_tune(TuneConfig(epochs=EPOCHS), n_trials=10, out=out, search_only=True, device="cpu", cache_dir=cache_dir, heartbeat=1)
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    first = run_tune(TuneConfig(epochs=EPOCHS), n_trials=8, out=out, final_seeds=[1], context=context, heartbeat=1)
+    again = run_tune(TuneConfig(epochs=EPOCHS), n_trials=10, out=out, search_only=True, context=context, heartbeat=1)
     return out, first, again
 
 
+@pytest.mark.e2e
 def test_demo_writes_study_best_params_test_table_and_reports(demo):
     out, first, _ = demo
     trials = first.search.trials
@@ -171,7 +177,7 @@ def test_demo_writes_study_best_params_test_table_and_reports(demo):
     assert trials[0].params == {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0, "n_ctx": 16, "lr": 0.002}
     assert trials[0].user_attrs["enqueued"] == "default"
     document = json.loads((out / "best_params.json").read_text())
-    assert load_params_file(out / "best_params.json") == {"calibprompt": document["params"]}
+    assert read_params_file(out / "best_params.json") == {"calibprompt": document["params"]}
     assert document["params"]["epochs"] == EPOCHS
     assert (out / "study.db").is_file()
     for name in ("report.md", "report.html"):
@@ -181,17 +187,22 @@ def test_demo_writes_study_best_params_test_table_and_reports(demo):
     assert "## Best setting" in (out / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_best_params_retrain_to_the_trials_validation_numbers(demo, cache_dir, tmp_path):
     """`calbench train --params best_params.json` reproduces the best trial on the same split."""
-    from calbench.experiment import train_one
+    from calbench.runs import train_one
 
     out = demo[0]
     document = json.loads((out / "best_params.json").read_text())
-    _, metrics = train_one("calibprompt", "tiny", "synthetic", 1, 8, None, 10, "cpu", tmp_path, cache_dir, params=document["params"])
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    _, metrics = train_one(
+        "calibprompt", "tiny", "synthetic", 1, FewShot(8, None, 10), context, tmp_path, params=document["params"]
+    )
     assert metrics["ece"] == pytest.approx(document["val"]["ece"], abs=1e-12)
     assert metrics["accuracy"] == document["val"]["accuracy"]
 
 
+@pytest.mark.e2e
 def test_best_meets_the_accuracy_constraint_against_coop_ce(demo):
     _, first, again = demo
     reference = again.search.study.user_attrs["reference_accuracy"]["tiny/synthetic"]
@@ -206,6 +217,7 @@ def test_best_meets_the_accuracy_constraint_against_coop_ce(demo):
         assert t.value == t.user_attrs["val"]["ece"] == t.user_attrs["pairs"]["tiny/synthetic"]["ece"]
 
 
+@pytest.mark.e2e
 def test_rerun_with_a_larger_total_runs_exactly_the_missing_trials(demo):
     out, _, again = demo
     assert again.search.ran == 2 and len(again.search.trials) == 10
@@ -215,13 +227,26 @@ def test_rerun_with_a_larger_total_runs_exactly_the_missing_trials(demo):
 
 def test_results_are_appended_replacing_the_same_method_and_seed(tmp_path):
     path = tmp_path / "results.csv"
-    row = {"model": "tiny", "dataset": "synthetic", "seed": 1, "accuracy": 0.5}
-    append_results([{**row, "method": "coop-ce"}, {**row, "method": "calibprompt:tuned"}], path)
-    append_results([{**row, "method": "calibprompt:tuned", "accuracy": 0.75}, {**row, "method": "calibprompt:paper"}], path)
+    row = {
+        "model": "tiny",
+        "dataset": "synthetic",
+        "seed": 1,
+        "config": "c",
+        "accuracy": 0.5,
+    }  # results.csv rows are keyed by config too
+    ResultsStore(tmp_path).put_rows([{**row, "method": "coop-ce"}, {**row, "method": "calibprompt:tuned"}])
+    ResultsStore(tmp_path).put_rows(
+        [{**row, "method": "calibprompt:tuned", "accuracy": 0.75}, {**row, "method": "calibprompt:paper"}]
+    )
     lines = path.read_text().splitlines()
-    assert [(l.split(",")[2], l.split(",")[4]) for l in lines[1:]] == [("coop-ce", "0.5"), ("calibprompt:tuned", "0.75"), ("calibprompt:paper", "0.5")]
+    assert [(line.split(",")[2], line.split(",")[4]) for line in lines[1:]] == [
+        ("coop-ce", "0.5"),
+        ("calibprompt:tuned", "0.75"),
+        ("calibprompt:paper", "0.5"),
+    ]
 
 
+@pytest.mark.e2e
 def test_search_never_loads_the_test_split(monkeypatch, cache_dir, tmp_path):
     from calbench.cache import FeatureCache
     from calbench.data.folder import ImageFolderDataset
@@ -240,34 +265,50 @@ def test_search_never_loads_the_test_split(monkeypatch, cache_dir, tmp_path):
 
     monkeypatch.setattr(ImageFolderDataset, "files", no_test_files)
     monkeypatch.setattr(FeatureCache, "features", no_test_features)
-    result = search(TuneConfig(epochs=2, split_seeds=[1, 2]), 3, "honest", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    result = search(
+        TuneConfig(epochs=2, split_seeds=[1, 2]),
+        3,
+        "honest",
+        f"journal:{tmp_path / 'j.log'}",
+        RunContext(device="cpu", cache_dir=cache_dir),
+    )
     assert sum(t.state == TrialState.COMPLETE for t in result.trials) == 3
     with pytest.raises(AssertionError, match="test split"):  # the guard does bite on a test evaluation
-        run_compare(methods=["zero-shot"], seeds=[1], device="cpu", out=tmp_path / "c", cache_dir=cache_dir, progress=False)
+        run_compare(
+            grid=Grid(["zero-shot"], [1]), context=RunContext(device="cpu", cache_dir=cache_dir), out=tmp_path / "c"
+        )
 
 
+@pytest.mark.e2e
 def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypatch, cache_dir, tmp_path):
     from dataclasses import replace
 
     from calbench.data import DATASETS
-
     from calbench.data.synthetic import write_synthetic
 
-    other = replace(DATASETS.get("synthetic"), name="synthetic-b", locate=lambda root, cache: write_synthetic(tmp_path / "synthetic-b", seed=1))
+    other = replace(
+        DATASETS.get("synthetic"),
+        name="synthetic-b",
+        locate=lambda root, cache: write_synthetic(tmp_path / "synthetic-b", seed=1),
+    )
     monkeypatch.setitem(DATASETS._entries, "synthetic-b", other)
     pairs = modality_pairs("demo", None)
     assert pairs == [("tiny", "synthetic"), ("tiny", "synthetic-b")]
     config = TuneConfig(pairs=pairs, modality="demo", epochs=2, objective="pareto")
-    result = search(config, 3, "modality", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    result = search(
+        config, 3, "modality", f"journal:{tmp_path / 'j.log'}", RunContext(device="cpu", cache_dir=cache_dir)
+    )
     for t in result.trials:
         per_pair = t.user_attrs["pairs"]
-        assert t.values[0] == pytest.approx(np.mean([per_pair[k]["ece"] for k in ("tiny/synthetic", "tiny/synthetic-b")]), abs=1e-15)
+        assert t.values[0] == pytest.approx(
+            np.mean([per_pair[k]["ece"] for k in ("tiny/synthetic", "tiny/synthetic-b")]), abs=1e-15
+        )
         assert t.values[1] == pytest.approx(np.mean([per_pair[k]["accuracy"] for k in per_pair]), abs=1e-15)
     from calbench.tune import best_params_document
 
     document = best_params_document(result)
     assert set(document["per_pair"]) == {"tiny/synthetic", "tiny/synthetic-b"}
-    for key, info in document["per_pair"].items():
+    for _key, info in document["per_pair"].items():
         assert info["val"]["ece"] <= info["shared_val"]["ece"] or info["val"]["constraint"] > 0
     assert document["pareto_front"] and all(math.isfinite(p["ece"]) for p in document["pareto_front"])
 
@@ -275,6 +316,7 @@ def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypat
 runner = CliRunner()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -291,12 +333,23 @@ def test_bad_tune_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert message in result.output
 
 
+@pytest.mark.e2e
 def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path):
     from calbench.tune import best_params_document
 
     space = parse_space("calibprompt", {"lr": {"choices": [1e12]}})
-    result = search(TuneConfig(epochs=3, space=space), 2, "diverge", f"journal:{tmp_path / 'j.log'}", device="cpu", cache_dir=cache_dir)
+    result = search(
+        TuneConfig(epochs=3, space=space),
+        2,
+        "diverge",
+        f"journal:{tmp_path / 'j.log'}",
+        RunContext(device="cpu", cache_dir=cache_dir),
+    )
     assert [t.state for t in result.trials] == [TrialState.FAIL, TrialState.FAIL] and result.ran == 2
-    assert result.trials[0].user_attrs["fail_reason"].startswith("diverged (split seed 1, tiny/synthetic): loss became nan")
+    assert (
+        result.trials[0]
+        .user_attrs["fail_reason"]
+        .startswith("diverged (split seed 1, tiny/synthetic): loss became nan")
+    )
     with pytest.raises(CalbenchError, match="has no completed trial yet"):
         best_params_document(result)

@@ -1,26 +1,28 @@
 """Several `calbench tune` processes on one study: the total is met exactly, and a killed worker's
 trial is retried by the next run (heartbeats)."""
+
 import multiprocessing
 import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
-import torch
-
 from calbench.errors import CalbenchError
-from calbench.tune import SURPLUS, TuneConfig, Worker, counts_toward_total, search
-from calbench.tune_storage import open_storage
+from calbench.session import FewShot, RunContext
+from calbench.tune import TuneConfig, search
+from calbench.tune.config import SURPLUS, counts_toward_total
+from calbench.tune.storage import open_storage
+from calbench.tune.worker import Worker
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def warm_cache(tiny, synthetic, cache_dir):
+def warm_cache(session, cache_dir):
     """Encode the few-shot features once, so that workers start training at the same time."""
-    from calbench.cache import FeatureCache
-    from calbench.experiment import fewshot_features
-
-    fewshot_features(tiny, synthetic, FeatureCache(cache_dir, tiny, progress=False), 8, 1)
+    session.fit_data(1, FewShot(shots=8))
     return cache_dir
 
 
@@ -30,14 +32,18 @@ def _search(cache_dir, storage, trials, epochs, report, hang=False):
     ``hang`` stalls its first trial after one epoch (heartbeats go on), so it can be killed mid-trial."""
     torch.set_num_threads(1)
     if hang:
-        Worker._checkpoint = lambda *args: (lambda epoch, losses: time.sleep(600))
-    result = search(TuneConfig(epochs=epochs), trials, "shared", storage, device="cpu", cache_dir=cache_dir, heartbeat=1)
+        Worker._checkpoint = lambda *args: lambda epoch, losses: time.sleep(600)
+    result = search(
+        TuneConfig(epochs=epochs), trials, "shared", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1
+    )
     report.write_text(str(result.ran))
 
 
 def _worker(cache_dir, storage, trials, epochs, report, hang=False):
     """A separate OS process (forked: this one has already imported torch, which saves seconds per worker)."""
-    process = multiprocessing.get_context("fork").Process(target=_search, args=(cache_dir, storage, trials, epochs, report, hang), daemon=True)
+    process = multiprocessing.get_context("fork").Process(
+        target=_search, args=(cache_dir, storage, trials, epochs, report, hang), daemon=True
+    )
     process.start()
     return process
 
@@ -68,7 +74,10 @@ def test_a_killed_workers_trial_is_retried_by_the_next_run(warm_cache, tmp_path)
         while time.time() < deadline and worker.is_alive() and not running:
             time.sleep(0.2)
             try:
-                running = any(t.state == TrialState.RUNNING for t in optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials())
+                running = any(
+                    t.state == TrialState.RUNNING
+                    for t in optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials()
+                )
             except (KeyError, CalbenchError):  # the study or its database is not created yet
                 pass
         time.sleep(1.5)  # mid-trial (stalled after its first epoch), heartbeats still beating

@@ -3,16 +3,17 @@
 Registered datasets live in the *data home*: ``--data-root``, else ``$CALBENCH_DATA``,
 else the user data folder (e.g. ~/.local/share/calbench), one sub-folder per name.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from calbench.data.folder import DEFAULT_TEMPLATE, ImageFolderDataset, count_images, few_shot_split
+from calbench.data.folder import DEFAULT_TEMPLATE, ImageFolderDataset, few_shot_split
+from calbench.data.registry import DATASETS, DatasetSpec, data_home, is_prepared, list_datasets, present_counts
 from calbench.errors import CalbenchError
-from calbench.registry import Registry
 
 __all__ = [
     "DatasetSpec",
@@ -23,62 +24,11 @@ __all__ = [
     "check_dataset",
     "classes_of",
     "data_home",
+    "is_prepared",
     "list_datasets",
     "load_dataset",
+    "present_counts",
 ]
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    modality: str
-    template: str
-    description: str
-    #: (data_root, cache_dir) -> the dataset's folder, creating it if it is built in
-    locate: Callable[[Optional[Path], Path], Path]
-    #: (data_root) -> (present?, the command or source that provides it when not)
-    available: Callable[[Optional[Path]], tuple[bool, str]] = lambda data_root: (True, "")
-    #: human class names, in class-index order
-    classes: tuple[str, ...] = ()
-    #: the class names when they come from elsewhere (e.g. a package's metadata), read only when asked
-    list_classes: Optional[Callable[[], tuple[str, ...]]] = None
-    #: (data_root) -> the folder it is looked for in, without creating anything (None: built in the cache)
-    folder: Optional[Callable[[Optional[Path]], Path]] = None
-    #: the official download page
-    source: str = ""
-    #: name of the entry this one is a size variant of (MedMNIST), for compact listings
-    variant_of: str = ""
-    #: part of the paper's grid that `compare --all` runs (MedMNIST is not)
-    in_grid: bool = True
-
-
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
-
-
-def list_datasets() -> list[str]:
-    return DATASETS.names()
-
-
-def data_home(data_root: Optional[Path] = None) -> Path:
-    """Folder of the registered datasets: ``data_root``, else $CALBENCH_DATA, else the user data folder."""
-    if data_root is not None:
-        return Path(data_root).expanduser()
-    env = os.environ.get("CALBENCH_DATA")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("calbench"))
-
-
-def is_prepared(folder: Path) -> bool:
-    """Whether ``folder`` looks like a dataset (classnames.txt, images/train, images/test); no deep checks."""
-    return (folder / "classnames.txt").is_file() and all((folder / "images" / s).is_dir() for s in ("train", "test"))
-
-
-def present_counts(folder: Path) -> dict[str, int]:
-    """Images per split of a dataset folder, by listing only; empty when absent."""
-    return count_images(folder) if is_prepared(folder) else {}
 
 
 def _locate_synthetic(data_root: Optional[Path], cache_dir: Path) -> Path:
@@ -115,7 +65,10 @@ def _register_official() -> None:
             if is_prepared(folder(data_root)):
                 return True, ""
             root_option = f" --data-root {data_root}" if data_root is not None else ""
-            return False, f"{entry.name} is not in {folder(data_root)}; download it from {entry.source} and run: {entry.prepare_hint}{root_option}"
+            return (
+                False,
+                f"{entry.name} is not in {folder(data_root)}; download it from {entry.source} and run: {entry.prepare_hint}{root_option}",
+            )
 
         def locate(data_root: Optional[Path], cache_dir: Path) -> Path:
             ok, hint = available(data_root)
@@ -190,7 +143,9 @@ def check_dataset(
     return DatasetCheck(dataset, counts, dict(dataset.skipped))
 
 
-def load_dataset(name_or_path: str, cache_dir: Path, data_root: Optional[Path] = None, strict: bool = False) -> ImageFolderDataset:
+def load_dataset(
+    name_or_path: str, cache_dir: Path, data_root: Optional[Path] = None, strict: bool = False
+) -> ImageFolderDataset:
     """A registered dataset by name, or a folder in calbench's layout by path.
 
     ``strict`` makes an unreadable image an error instead of a skipped file with a warning.
@@ -203,9 +158,13 @@ def load_dataset(name_or_path: str, cache_dir: Path, data_root: Optional[Path] =
     if path.is_dir():
         template_file = path / "template.txt"  # written by `calbench data prepare`
         template = template_file.read_text(encoding="utf-8").strip() if template_file.is_file() else DEFAULT_TEMPLATE
-        return ImageFolderDataset(path.name, path, template=template or DEFAULT_TEMPLATE, cache_dir=Path(cache_dir), strict=strict)
+        return ImageFolderDataset(
+            path.name, path, template=template or DEFAULT_TEMPLATE, cache_dir=Path(cache_dir), strict=strict
+        )
     if any(sep in name_or_path for sep in ("/", os.sep)) or name_or_path.startswith((".", "~")):
-        raise CalbenchError(f"unknown dataset {name_or_path!r}: no such folder; check the path (registered names: `calbench datasets`)")
+        raise CalbenchError(
+            f"unknown dataset {name_or_path!r}: no such folder; check the path (registered names: `calbench datasets`)"
+        )
     names = [n for n in list_datasets() if not DATASETS.get(n).variant_of]
     raise CalbenchError(
         f"unknown dataset {name_or_path!r}: not a registered name ({', '.join(names)}; MedMNIST also as NAME_64/_128/_224) and no such folder"

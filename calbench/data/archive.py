@@ -6,6 +6,7 @@ a link that points outside the archive makes the whole archive refused. The
 output paths are built by calbench from class names and file stems, so nothing
 an archive says can place a file outside the output folder.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -55,11 +56,15 @@ class Source:
             self._tar = tarfile.open(self.path)
             self.names = self._check_tar(self._tar)
         else:
-            raise CalbenchError(f"{self.path} is neither a folder, a .zip nor a .tar archive; give the official download")
+            raise CalbenchError(
+                f"{self.path} is neither a folder, a .zip nor a .tar archive; give the official download"
+            )
         self.names = [n for n in self.names if not _metadata(n)]
 
     def _refuse(self, member: str, why: str) -> CalbenchError:
-        return CalbenchError(f"{self.path}: archive member {member!r} {why}; refusing to read this archive (nothing was written)")
+        return CalbenchError(
+            f"{self.path}: archive member {member!r} {why}; refusing to read this archive (nothing was written)"
+        )
 
     def _check_zip(self, archive: zipfile.ZipFile) -> list[str]:
         names = []
@@ -119,14 +124,18 @@ class Source:
     def describe(self) -> str:
         """Identity of the download for the re-run check: name, size, modification time."""
         st = self.path.stat()
-        return f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}" if self.path.is_file() else f"{self.path.resolve()}|dir|{len(self.names)}"
+        return (
+            f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+            if self.path.is_file()
+            else f"{self.path.resolve()}|dir|{len(self.names)}"
+        )
 
     def close(self) -> None:
         for handle in (self._zip, self._tar):
             if handle is not None:
                 handle.close()
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,6 +15,7 @@ every run that sees the same files. Deciding at listing time rather than at
 first decode is what keeps those indices stable: a file found broken half-way
 through encoding could not be dropped without shifting every index after it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,21 +49,18 @@ def _classname_lines(path: Path) -> dict[str, tuple[int, str]]:
         if len(parts) != 2:
             raise CalbenchError(f"{path}:{number}: expected '<class_folder> <class name>', got {line.strip()!r}")
         if parts[0] in names:
-            raise CalbenchError(f"{path}:{number}: class folder {parts[0]!r} is already named on line {names[parts[0]][0]}; keep one line per folder")
+            raise CalbenchError(
+                f"{path}:{number}: class folder {parts[0]!r} is already named on line {names[parts[0]][0]}; keep one line per folder"
+            )
         names[parts[0]] = (number, parts[1])
     return names
-
-
-def read_classnames(path: Path) -> dict[str, str]:
-    """Parse classnames.txt into {class_folder: class name}."""
-    return {folder: name for folder, (_, name) in _classname_lines(path).items()}
 
 
 def _class_dirs(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_paths(directory: Path) -> list[Path]:
+def image_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
@@ -73,7 +71,7 @@ def count_images(root: Path) -> dict[str, int]:
         directory = Path(root) / "images" / split
         if not directory.is_dir():
             return {}
-        counts[split] = sum(len(_image_paths(directory / c)) for c in _class_dirs(directory))
+        counts[split] = sum(len(image_paths(directory / c)) for c in _class_dirs(directory))
     return counts
 
 
@@ -118,18 +116,26 @@ class ImageFolderDataset:
         lines = _classname_lines(names_file)
         for split in SPLITS:
             if not (self.root / "images" / split).is_dir():
-                raise CalbenchError(f"{self.root / 'images' / split} is missing; a dataset needs images/train and images/test")
+                raise CalbenchError(
+                    f"{self.root / 'images' / split} is missing; a dataset needs images/train and images/test"
+                )
         train, test = (_class_dirs(self.root / "images" / split) for split in SPLITS)
         unnamed = [f for f in sorted(set(train) | set(test)) if f not in lines]
         if unnamed:
-            raise CalbenchError(f"class folder(s) {', '.join(unnamed)} have no line in {names_file}; add '<folder> <class name>'")
+            raise CalbenchError(
+                f"class folder(s) {', '.join(unnamed)} have no line in {names_file}; add '<folder> <class name>'"
+            )
         for folder, (number, _) in lines.items():
             if folder not in train and folder not in test:
-                raise CalbenchError(f"{names_file}:{number} names class folder {folder!r}, which is in neither images/train nor images/test; add the folder or remove the line")
+                raise CalbenchError(
+                    f"{names_file}:{number} names class folder {folder!r}, which is in neither images/train nor images/test; add the folder or remove the line"
+                )
         if train != test:
             only_train = ", ".join(sorted(set(train) - set(test))) or "-"
             only_test = ", ".join(sorted(set(test) - set(train))) or "-"
-            raise CalbenchError(f"{self.root}: images/train and images/test have different class folders (only in train: {only_train}; only in test: {only_test}); both splits need the same classes")
+            raise CalbenchError(
+                f"{self.root}: images/train and images/test have different class folders (only in train: {only_train}; only in test: {only_test}); both splits need the same classes"
+            )
         if len(train) < 2:
             raise CalbenchError(f"{self.root / 'images' / 'train'} has {len(train)} class folder(s); need at least 2")
         self.class_folders = train
@@ -145,9 +151,11 @@ class ImageFolderDataset:
             items = []
             for label, folder in enumerate(self.class_folders):
                 directory = self.root / "images" / split / folder
-                paths = _image_paths(directory)
+                paths = image_paths(directory)
                 if not paths:
-                    raise CalbenchError(f"{directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the class")
+                    raise CalbenchError(
+                        f"{directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the class"
+                    )
                 items += [(p, label, p.stat()) for p in paths]
             self._listing[split] = items
         return self._listing[split]
@@ -168,7 +176,9 @@ class ImageFolderDataset:
     def _check_record(self, split: str) -> Optional[Path]:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(f"{CHECK_VERSION}|{self.root.resolve()}|{split}|{self.fingerprint(split)}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(
+            f"{CHECK_VERSION}|{self.root.resolve()}|{split}|{self.fingerprint(split)}".encode()
+        ).hexdigest()[:24]
         return Path(self.cache_dir) / "datasets" / "checked" / f"{self.name}-{split}-{key}.json"
 
     def _unreadable(self, split: str) -> dict[str, str]:
@@ -202,16 +212,22 @@ class ImageFolderDataset:
         if split not in self._files:
             listing = self._list(split)
             bad = self._unreadable(split)
-            skipped = [(p, bad[str(p.relative_to(self.root))]) for p, _, _ in listing if str(p.relative_to(self.root)) in bad]
+            skipped = [
+                (p, bad[str(p.relative_to(self.root))]) for p, _, _ in listing if str(p.relative_to(self.root)) in bad
+            ]
             if skipped and self.strict:
                 path, why = skipped[0]
-                raise CalbenchError(f"cannot read image {path} ({why}) and {len(skipped) - 1} more; remove or replace them, or drop --strict to skip them")
+                raise CalbenchError(
+                    f"cannot read image {path} ({why}) and {len(skipped) - 1} more; remove or replace them, or drop --strict to skip them"
+                )
             for path, why in skipped:
                 warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
             kept = [(p, label) for p, label, _ in listing if str(p.relative_to(self.root)) not in bad]
             for label, folder in enumerate(self.class_folders):
                 if not any(lab == label for _, lab in kept):
-                    raise CalbenchError(f"{self.root / 'images' / split / folder} holds no readable images; replace the broken files")
+                    raise CalbenchError(
+                        f"{self.root / 'images' / split / folder} holds no readable images; replace the broken files"
+                    )
             self.skipped[split] = skipped
             self._files[split] = kept
         return self._files[split]
@@ -226,7 +242,9 @@ class ImageFolderDataset:
             with Image.open(path) as image:
                 return to_rgb(image)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise CalbenchError(f"cannot read image {path}: {exc}; it changed after the folder was checked, run again") from None
+            raise CalbenchError(
+                f"cannot read image {path}: {exc}; it changed after the folder was checked, run again"
+            ) from None
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -247,7 +265,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def few_shot_split(labels: np.ndarray, shots: int, val_shots: int, seed: int, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def few_shot_split(
+    labels: np.ndarray, shots: int, val_shots: int, seed: int, names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint k-shot train and validation indices per class, from the train pool.
 
     Seeded and reproducible. The test split is never touched here: validation is

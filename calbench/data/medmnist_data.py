@@ -7,11 +7,13 @@ and feature cache as every other dataset. Names follow the package's own files:
 The official ``val`` split is not used: calbench carves its validation shots out of
 ``train``. Images are stored at their native size; the model's transform resizes them.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -69,7 +71,7 @@ def class_folder(index: int, name: str) -> str:
 
 def npz_candidates(name: str, data_root: Optional[Path]) -> list[Path]:
     """Where the .npz is looked for: the data home's medmnist/ folder, then the package's default ~/.medmnist."""
-    from calbench.data import data_home
+    from calbench.data.registry import data_home
 
     return [data_home(data_root) / "medmnist" / f"{name}.npz", Path("~/.medmnist").expanduser() / f"{name}.npz"]
 
@@ -85,7 +87,9 @@ def download(flag: str, size: int, root: Path) -> Path:
         getattr(medmnist, _info(flag)["python_class"])(split="test", download=True, root=str(root), size=size)
     except Exception:
         url = _info(flag)["url" if size == 28 else f"url_{size}"]
-        raise CalbenchError(f"{name}.npz is not in {root} and could not be downloaded (offline?); download {url} into {root} and run again") from None
+        raise CalbenchError(
+            f"{name}.npz is not in {root} and could not be downloaded (offline?); download {url} into {root} and run again"
+        ) from None
     return root / f"{name}.npz"
 
 
@@ -104,11 +108,15 @@ def materialise(name: str, npz: Path, target: Path) -> Path:
             for split in ("train", "test"):
                 missing = [k for k in (f"{split}_images.npy", f"{split}_labels.npy") if k not in source.names]
                 if missing:
-                    raise CalbenchError(f"{npz} has no {missing[0][:-4]} array; it is not a MedMNIST .npz, delete it and run again")
+                    raise CalbenchError(
+                        f"{npz} has no {missing[0][:-4]} array; it is not a MedMNIST .npz, delete it and run again"
+                    )
                 images = np.load(source.local_path(f"{split}_images.npy", scratch / split), mmap_mode="r")
                 labels = np.load(source.local_path(f"{split}_labels.npy", scratch / split)).reshape(-1)
                 if images.shape[0] != labels.shape[0] or labels.max(initial=0) >= len(names):
-                    raise CalbenchError(f"{npz}: {split} images and labels do not match {name}'s {len(names)} classes; delete it and run again")
+                    raise CalbenchError(
+                        f"{npz}: {split} images and labels do not match {name}'s {len(names)} classes; delete it and run again"
+                    )
 
                 def unit(i: int, split: str = split, images: np.ndarray = images, labels: np.ndarray = labels) -> Unit:
                     def produce() -> Iterable[tuple[str, str, Image.Image]]:
@@ -129,7 +137,7 @@ def materialise(name: str, npz: Path, target: Path) -> Path:
 
 def specs() -> list[tuple[str, Any]]:
     """Registry entries for every set and size (sizes other than 28 are listed as variants)."""
-    from calbench.data import DatasetSpec, data_home, is_prepared
+    from calbench.data.registry import DatasetSpec, data_home, is_prepared
 
     def spec(flag: str, size: int) -> Any:
         name = set_name(flag, size)
@@ -147,8 +155,14 @@ def specs() -> list[tuple[str, Any]]:
             try:
                 url = _info(flag)["url" if size == 28 else f"url_{size}"]
             except CalbenchError:
-                return False, f"{name} needs the medmnist package: pip install 'calbench[medmnist]' (then it downloads on first use)"
-            return False, f"{name} is not downloaded; it downloads on first use when online, or put {url} into {data_home(data_root) / 'medmnist'}"
+                return (
+                    False,
+                    f"{name} needs the medmnist package: pip install 'calbench[medmnist]' (then it downloads on first use)",
+                )
+            return (
+                False,
+                f"{name} is not downloaded; it downloads on first use when online, or put {url} into {data_home(data_root) / 'medmnist'}",
+            )
 
         def locate(data_root: Optional[Path], cache_dir: Path) -> Path:
             if is_prepared(folder(data_root)):

@@ -7,6 +7,7 @@ through a temp name, and each finished unit is journalled, so an interrupted run
 continues where it stopped. The folder is renamed into place only when complete;
 a finished folder is recognised by its ``PREPARED.json`` and left alone.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,15 +15,16 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from calbench.atomic import write_text_atomic
-from calbench.data.folder import IMAGE_SUFFIXES, SPLITS, ImageFolderDataset, _image_paths, count_images, to_8bit
+from calbench.atomic import write_bytes_atomic, write_text_atomic
+from calbench.data.folder import IMAGE_SUFFIXES, SPLITS, ImageFolderDataset, count_images, image_paths, to_8bit
 from calbench.errors import CalbenchError
 
 SIZE = 224
@@ -61,7 +63,9 @@ def fit_square(image: Image.Image, size: int = SIZE) -> Image.Image:
     width, height = image.size
     if (width, height) != (size, size):
         scale = size / min(width, height)
-        image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC)
+        image = image.resize(
+            (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC
+        )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
     return image
@@ -86,20 +90,110 @@ def _write(payload: Payload, target: Path, what: str, size: Optional[int]) -> No
     if isinstance(payload, tuple):
         data, suffix = payload
         image = decode(data, what)
-        if (size is None or image.size == (size, size)) and suffix.lower() in IMAGE_SUFFIXES and image.mode in ("L", "RGB"):
-            _write_bytes(data, target.with_suffix(suffix.lower()))
+        if (
+            (size is None or image.size == (size, size))
+            and suffix.lower() in IMAGE_SUFFIXES
+            and image.mode in ("L", "RGB")
+        ):
+            write_bytes_atomic(target.with_suffix(suffix.lower()), data)
             return
     else:
         image = payload
     buffer = io.BytesIO()
     (fit_square(image, size) if size is not None else image).save(buffer, format="PNG")
-    _write_bytes(buffer.getvalue(), target.with_suffix(".png"))
+    write_bytes_atomic(target.with_suffix(".png"), buffer.getvalue())
 
 
-def _write_bytes(data: bytes, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _reuse_prepared(out: Path, recipe: dict[str, object]) -> PrepareReport:
+    """An existing ``out`` is reused only when calbench finished it from the same recipe; anything else is refused."""
+    marker = out / MARKER
+    if not marker.is_file():
+        raise CalbenchError(
+            f"{out} exists and was not written by `calbench data prepare`; remove it or choose another --out"
+        )
+    stored = json.loads(marker.read_text())
+    if stored.get("recipe") != recipe:
+        raise CalbenchError(
+            f"{out} was prepared from other downloads or options; remove it to rebuild, or choose another --out"
+        )
+    return PrepareReport(out, stored["counts"], reused=True)
+
+
+def _open_partial(
+    partial: Path, recipe_file: Path, journal: Path, recipe: dict[str, object], classes: list[tuple[str, str]]
+) -> set[str]:
+    """Ready the work folder (restarted when begun from other inputs) and return the unit keys already journalled."""
+    if partial.exists() and (not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe):
+        shutil.rmtree(partial)  # half-made from other inputs: start over
+    partial.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(recipe_file, json.dumps(recipe, sort_keys=True))
+    done = set(journal.read_text().split("\n")) if journal.is_file() else set()
+    for split in SPLITS:
+        for folder, _ in classes:
+            (partial / "images" / split / folder).mkdir(parents=True, exist_ok=True)
+    return done
+
+
+def _write_units(
+    todo: list[Unit], partial: Path, journal: Path, size: Optional[int], log: Callable[[str], None]
+) -> list[str]:
+    """Write each unit's images and journal its key, so a rerun resumes; return the unreadable items skipped."""
+    skipped: list[str] = []
+    with open(journal, "a", encoding="utf-8") as journal_handle:
+        for number, unit in enumerate(todo, start=1):
+            try:
+                for folder, stem, payload in unit.produce():
+                    _write(payload, partial / "images" / unit.split / folder / stem, unit.key, size)
+            except Unreadable as exc:
+                # stacklevel 3: the warning names prepare_folder's caller, as when this loop was inline there
+                warnings.warn(f"skipping unreadable image {exc}", stacklevel=3)
+                skipped.append(str(exc))
+            journal_handle.write(unit.key + "\n")
+            if number % 1000 == 0:
+                journal_handle.flush()
+                log(f"{number}/{len(todo)} items")
+    return skipped
+
+
+def _count_written(partial: Path, classes: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """Images per split and class in the work folder; a class left empty in a split means the wrong downloads."""
+    counts = {
+        split: {folder: len(image_paths(partial / "images" / split / folder)) for folder, _ in classes}
+        for split in SPLITS
+    }
+    for split, per_class in counts.items():
+        for folder, n in per_class.items():
+            if n == 0:
+                raise CalbenchError(
+                    f"no {split} images of class {folder!r} came out of the downloads; check that the right files were given"
+                )
+    return counts
+
+
+def _write_metadata(
+    name: str,
+    partial: Path,
+    classes: list[tuple[str, str]],
+    template: str,
+    recipe: dict[str, object],
+    counts: dict[str, dict[str, int]],
+    skipped: list[str],
+) -> None:
+    """Write classnames.txt, template.txt and, last, the PREPARED.json marker that declares the folder finished."""
+    (partial / "classnames.txt").write_text(
+        "".join(f"{folder} {label}\n" for folder, label in classes), encoding="utf-8"
+    )
+    (partial / "template.txt").write_text(template + "\n", encoding="utf-8")
+    # every file here was decoded while it was written: record the split fingerprints so loading can skip the image check
+    written = ImageFolderDataset(name, partial)
+    verified = {split: written.fingerprint(split) for split in SPLITS}
+    (partial / MARKER).write_text(
+        json.dumps(
+            {"dataset": name, "recipe": recipe, "counts": counts, "skipped": skipped, "verified": verified},
+            indent=1,
+            sort_keys=True,
+        )
+    )
 
 
 def prepare_folder(
@@ -114,57 +208,23 @@ def prepare_folder(
 ) -> PrepareReport:
     """Write ``units`` into ``out`` in the layout, with classnames.txt and template.txt; skip work already done."""
     out = Path(out).expanduser()
-    marker = out / MARKER
     if out.exists():
-        if not marker.is_file():
-            raise CalbenchError(f"{out} exists and was not written by `calbench data prepare`; remove it or choose another --out")
-        stored = json.loads(marker.read_text())
-        if stored.get("recipe") != recipe:
-            raise CalbenchError(f"{out} was prepared from other downloads or options; remove it to rebuild, or choose another --out")
-        return PrepareReport(out, stored["counts"], reused=True)
+        return _reuse_prepared(out, recipe)
 
     partial = out.parent / f".{out.name}.partial"
     recipe_file, journal = partial / ".recipe.json", partial / ".done"
-    if partial.exists() and (not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe):
-        shutil.rmtree(partial)  # half-made from other inputs: start over
-    partial.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(recipe_file, json.dumps(recipe, sort_keys=True))
-    done = set(journal.read_text().split("\n")) if journal.is_file() else set()
-    for split in SPLITS:
-        for folder, _ in classes:
-            (partial / "images" / split / folder).mkdir(parents=True, exist_ok=True)
+    done = _open_partial(partial, recipe_file, journal, recipe, classes)
 
-    skipped: list[str] = []
     todo = [unit for unit in units if unit.key not in done]
     if len(todo) < len(units):
         log(f"resuming: {len(units) - len(todo)} of {len(units)} items already written")
     try:
-        with open(journal, "a", encoding="utf-8") as journal_handle:
-            for number, unit in enumerate(todo, start=1):
-                try:
-                    for folder, stem, payload in unit.produce():
-                        _write(payload, partial / "images" / unit.split / folder / stem, unit.key, size)
-                except Unreadable as exc:
-                    warnings.warn(f"skipping unreadable image {exc}", stacklevel=2)
-                    skipped.append(str(exc))
-                journal_handle.write(unit.key + "\n")
-                if number % 1000 == 0:
-                    journal_handle.flush()
-                    log(f"{number}/{len(todo)} items")
-        counts = {split: {folder: len(_image_paths(partial / "images" / split / folder)) for folder, _ in classes} for split in SPLITS}
-        for split, per_class in counts.items():
-            for folder, n in per_class.items():
-                if n == 0:
-                    raise CalbenchError(f"no {split} images of class {folder!r} came out of the downloads; check that the right files were given")
+        skipped = _write_units(todo, partial, journal, size, log)
+        counts = _count_written(partial, classes)
     except CalbenchError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    (partial / "classnames.txt").write_text("".join(f"{folder} {label}\n" for folder, label in classes), encoding="utf-8")
-    (partial / "template.txt").write_text(template + "\n", encoding="utf-8")
-    # every file here was decoded while it was written: record the split fingerprints so loading can skip the image check
-    written = ImageFolderDataset(name, partial)
-    verified = {split: written.fingerprint(split) for split in SPLITS}
-    (partial / MARKER).write_text(json.dumps({"dataset": name, "recipe": recipe, "counts": counts, "skipped": skipped, "verified": verified}, indent=1, sort_keys=True))
+    _write_metadata(name, partial, classes, template, recipe, counts, skipped)
     recipe_file.unlink()
     journal.unlink()
     os.replace(partial, out)
@@ -188,7 +248,7 @@ def stratified_test_keys(keys: list[str], labels: list[str], test_fraction: floa
 
 def default_out(name: str, out: Optional[Path], data_root: Optional[Path]) -> Path:
     """--out if given, else the dataset's folder in the data home, where `--data NAME` will find it."""
-    from calbench.data import data_home
+    from calbench.data.registry import data_home
 
     return Path(out).expanduser() if out is not None else data_home(data_root) / name
 
@@ -202,4 +262,15 @@ def summary(report: PrepareReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PrepareReport", "Unit", "Unreadable", "count_images", "decode", "default_out", "fit_square", "prepare_folder", "stratified_test_keys", "summary"]
+__all__ = [
+    "PrepareReport",
+    "Unit",
+    "Unreadable",
+    "count_images",
+    "decode",
+    "default_out",
+    "fit_square",
+    "prepare_folder",
+    "stratified_test_keys",
+    "summary",
+]

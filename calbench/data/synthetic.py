@@ -4,6 +4,7 @@ Written on first use in the standard folder layout, so the demo goes through the
 same loader as real data. Class colours and stripe orientations overlap on
 purpose: accuracy stays well below 100% and miscalibration is visible.
 """
+
 from __future__ import annotations
 
 import colorsys

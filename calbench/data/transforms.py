@@ -13,6 +13,7 @@ Transform kinds (the feature cache keys on :func:`describe`):
 Random views are drawn from generators seeded by (view, image index), so a cached
 view is the same whichever subset of images was encoded first.
 """
+
 from __future__ import annotations
 
 import math
@@ -123,7 +124,9 @@ def add_pixel_noise(pixels: Tensor, sigma: float, view: int, index: int) -> Tens
     return pixels + sigma * torch.from_numpy(noise)
 
 
-def noisy_transform(image: Image.Image, cfg: PreprocessConfig, sigma: float, train: bool, view: int, index: int) -> Tensor:
+def noisy_transform(
+    image: Image.Image, cfg: PreprocessConfig, sigma: float, train: bool, view: int, index: int
+) -> Tensor:
     """Eval or augmented geometry, Gaussian noise in [0, 1] pixel space, then normalisation."""
     image = _augment(image, cfg, (view, index)) if train else _eval_geometry(image, cfg)
     pixels = add_pixel_noise(TF.to_tensor(image), sigma, view, index)

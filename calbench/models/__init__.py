@@ -5,19 +5,22 @@ Architectures are data (``configs/*.json``); each registry entry says what the m
 how to build it from a local file or folder. :mod:`calbench.models.weights` finds that file
 or folder: ``--weights``, then ``$CALBENCH_WEIGHTS/<model>/``, then the published source.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch, VLMBackend
 from calbench.models.weights import WEIGHTS_ENV, HubSource, Source, UrlSource, load_state_dict_file, locate
 from calbench.registry import Registry
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not to list models or their modality
+    import torch
 
 __all__ = [
     "ModelSpec",
@@ -63,14 +66,20 @@ def list_models() -> list[str]:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' means CUDA when present, else CPU; an unusable device is a user error."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
         raise CalbenchError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
-        raise CalbenchError(f"device {str(device)!r} is not available here (CUDA devices: {torch.cuda.device_count()}); use --device auto or cpu")
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        raise CalbenchError(
+            f"device {str(device)!r} is not available here (CUDA devices: {torch.cuda.device_count()}); use --device auto or cpu"
+        )
     return resolved
 
 
@@ -78,7 +87,9 @@ def load_vlm(name: str, device: str | torch.device = "cpu", weights: Optional[st
     """Build model ``name`` on ``device``, frozen, with weights from ``weights`` or the model's own source."""
     spec = MODELS.get(name)
     source = spec.sources[0] if spec.sources else None
-    path = Path(weights) if weights is not None and source is None else locate(name, source, weights, spec.fetch_command)
+    path = (
+        Path(weights) if weights is not None and source is None else locate(name, source, weights, spec.fetch_command)
+    )
     return spec.build(path, resolve_device(device))
 
 
@@ -114,7 +125,9 @@ def _build_tiny(path: Optional[Path], device: torch.device) -> VLMBackend:
     return OpenClipBackend.from_config("tiny", shipped_config("tiny"), device, seed=0, weights=path)
 
 
-def _open_clip_builder(name: str, config: str, overrides: Optional[dict] = None) -> Callable[[Optional[Path], torch.device], VLMBackend]:
+def _open_clip_builder(
+    name: str, config: str, overrides: Optional[dict] = None
+) -> Callable[[Optional[Path], torch.device], VLMBackend]:
     def build(path: Optional[Path], device: torch.device) -> VLMBackend:
         from calbench.models.open_clip_backend import load_open_clip
 
@@ -133,7 +146,9 @@ def _build_plip(path: Optional[Path], device: torch.device) -> VLMBackend:
         return HFClipBackend.from_folder("plip", path, device)
     state = load_state_dict_file(path)
     if "visual.proj" not in state:
-        raise CalbenchError(f"{path} is not an OpenAI-CLIP-format state dict; pass that file or a folder saved with save_pretrained")
+        raise CalbenchError(
+            f"{path} is not an OpenAI-CLIP-format state dict; pass that file or a folder saved with save_pretrained"
+        )
     state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     return OpenClipBackend.from_config("plip", openai_config(state), device, weights=state)
 
@@ -172,10 +187,20 @@ MODELS.add(
         resolution=224,
         description="PLIP (Huang et al., Nat. Med. 2023): CLIP ViT-B/32 fine-tuned on OpenPath Twitter image-text pairs.",
         build=_build_plip,
-        sources=(HubSource("vinid/plip", one_of=("model.safetensors", "pytorch_model.bin"), required=("config.json",), optional=("preprocessor_config.json",)),),
+        sources=(
+            HubSource(
+                "vinid/plip",
+                one_of=("model.safetensors", "pytorch_model.bin"),
+                required=("config.json",),
+                optional=("preprocessor_config.json",),
+            ),
+        ),
     ),
 )
-for _name, _repo, _patch in (("quiltnet", "wisdomik/QuiltNet-B-32", 32), ("quiltnet-b16", "wisdomik/QuiltNet-B-16", 16)):
+for _name, _repo, _patch in (
+    ("quiltnet", "wisdomik/QuiltNet-B-32", 32),
+    ("quiltnet-b16", "wisdomik/QuiltNet-B-16", 16),
+):
     MODELS.add(
         _name,
         ModelSpec(
@@ -223,8 +248,17 @@ MODELS.add(
         description="MedCLIP-ViT (Wang et al., EMNLP 2022): Swin-Tiny + Bio_ClinicalBERT trained on CheXpert and MIMIC-CXR.",
         build=_build_medclip,
         sources=(
-            UrlSource("https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt", "medclip-vit", "pytorch_model.bin", pointer=True),
-            HubSource("emilyalsentzer/Bio_ClinicalBERT", one_of=("vocab.txt",), optional=("tokenizer_config.json", "config.json")),
+            UrlSource(
+                "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt",
+                "medclip-vit",
+                "pytorch_model.bin",
+                pointer=True,
+            ),
+            HubSource(
+                "emilyalsentzer/Bio_ClinicalBERT",
+                one_of=("vocab.txt",),
+                optional=("tokenizer_config.json", "config.json"),
+            ),
         ),
     ),
 )

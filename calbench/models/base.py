@@ -1,11 +1,14 @@
 """The backend protocol: the only thing the cache, prompt learner and trainer know about a VLM."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: listing models needs no torch
+    import torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class TokenBatch:
     eot: Tensor
     attention_mask: Optional[Tensor] = None
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return TokenBatch(self.ids.to(device), self.eot.to(device), mask)
 

@@ -1,10 +1,12 @@
 """Hugging Face ``transformers`` CLIP backend (PLIP's published format: a ``save_pretrained`` folder)."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import open_clip
 import torch
@@ -17,7 +19,14 @@ from calbench.models.text import clip_tokens
 from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
-VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "_commit_hash"}
+VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+}
 
 
 def _features(out: Any) -> Tensor:
@@ -46,18 +55,22 @@ class HFClipBackend:
         self.model = model.eval().requires_grad_(False).to(device)
         self.preprocess = preprocess
         self.device = device
-        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.config.text_config.max_position_embeddings)
+        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(
+            context_length=model.config.text_config.max_position_embeddings
+        )
         self._config_id = _config_id(model.config.to_dict())
         self._fingerprint: Optional[str] = None
 
     @classmethod
-    def from_folder(cls, name: str, folder: Path, device: torch.device) -> "HFClipBackend":
+    def from_folder(cls, name: str, folder: Path, device: torch.device) -> HFClipBackend:
         """Load a ``save_pretrained`` folder (config.json + model.safetensors / pytorch_model.bin), strictly."""
         from transformers import CLIPConfig, CLIPModel
 
         weights = first_file(folder, WEIGHT_NAMES)
         if not (folder / "config.json").is_file() or weights is None:
-            raise CalbenchError(f"{folder} is not a Hugging Face CLIP folder (needs config.json and {' or '.join(WEIGHT_NAMES)})")
+            raise CalbenchError(
+                f"{folder} is not a Hugging Face CLIP folder (needs config.json and {' or '.join(WEIGHT_NAMES)})"
+            )
         config = CLIPConfig.from_pretrained(str(folder))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -97,7 +110,9 @@ class HFClipBackend:
         return int(self.model.config.projection_dim)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
-        return F.normalize(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float(), dim=-1)
+        return F.normalize(
+            _features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float(), dim=-1
+        )
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Token ids cut after the longest prompt's EOT (exact for a causal, EOT-pooled tower)."""

@@ -5,12 +5,14 @@ Module names follow the published checkpoint (``vision_model.model.*``,
 ``vision_model.projection_head``, ``text_model.model.*``, ``text_model.projection_head``,
 ``logit_scale``), so its ``pytorch_model.bin`` loads with no missing or unexpected keys.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +92,19 @@ class MedCLIPBackend:
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
         pp = config["preprocess_cfg"]
-        self.preprocess = PreprocessConfig(size=int(pp["size"]), mean=tuple(pp["mean"]), std=tuple(pp["std"]), interpolation=pp.get("interpolation", "bicubic"))
+        self.preprocess = PreprocessConfig(
+            size=int(pp["size"]),
+            mean=tuple(pp["mean"]),
+            std=tuple(pp["std"]),
+            interpolation=pp.get("interpolation", "bicubic"),
+        )
         self.context_length = int(config["context_length"])
         self._tokenizer = tokenizer
         self._config_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
         self._fingerprint: Optional[str] = None
 
     @classmethod
-    def from_path(cls, name: str, path: Path, device: torch.device, tokenizer: Any = None) -> "MedCLIPBackend":
+    def from_path(cls, name: str, path: Path, device: torch.device, tokenizer: Any = None) -> MedCLIPBackend:
         """Load the published ``pytorch_model.bin`` (a file, or the folder that holds it), strictly."""
         folder = path if path.is_dir() else path.parent
         weights = folder / WEIGHTS_NAME if path.is_dir() else path
@@ -144,7 +151,16 @@ class MedCLIPBackend:
         features = []
         for text in texts:
             enc = self._tokenizer([text], truncation=True, max_length=self.context_length, return_tensors="pt")
-            out = bert(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device), output_hidden_states=True)
-            pooled = torch.stack([out.hidden_states[1], out.hidden_states[2], out.hidden_states[-1]]).permute(1, 0, 2, 3).mean(2).mean(1)
+            out = bert(
+                input_ids=enc["input_ids"].to(self.device),
+                attention_mask=enc["attention_mask"].to(self.device),
+                output_hidden_states=True,
+            )
+            pooled = (
+                torch.stack([out.hidden_states[1], out.hidden_states[2], out.hidden_states[-1]])
+                .permute(1, 0, 2, 3)
+                .mean(2)
+                .mean(1)
+            )
             features.append(self.model.text_model.projection_head(pooled))
         return F.normalize(torch.cat(features).float(), dim=-1)

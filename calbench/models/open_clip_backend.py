@@ -1,12 +1,14 @@
 """open_clip backends: CLIP-style text towers (tiny, QuiltNet, CLIP, PLIP from an OpenAI-format
 file) and Hugging Face BERT text towers (BiomedCLIP), both behind the backend protocol."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import open_clip
 import torch
@@ -18,7 +20,14 @@ from calbench.models.base import PreprocessConfig, TokenBatch
 from calbench.models.text import bert_tokenizer, bert_tokens, clip_tokens
 from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
 
-__all__ = ["OpenClipBackend", "OpenClipBertBackend", "load_open_clip", "openai_config", "state_dict_digest", "load_state_dict_file"]
+__all__ = [
+    "OpenClipBackend",
+    "OpenClipBertBackend",
+    "load_open_clip",
+    "openai_config",
+    "state_dict_digest",
+    "load_state_dict_file",
+]
 
 #: the file names open_clip's Hub models publish, preferred first
 CONFIG_NAME = "open_clip_config.json"
@@ -118,7 +127,7 @@ class OpenClipBackend:
         weights: Optional[Path] = None,
         config_id: Optional[str] = None,
         **kwargs: Any,
-    ) -> "OpenClipBackend":
+    ) -> OpenClipBackend:
         """Build from an open_clip config dict; random weights from ``seed`` unless ``weights`` is given."""
         cfg = dict(config)
         preprocess = _preprocess(cfg, cfg.pop("preprocess_cfg", {}))
@@ -180,7 +189,16 @@ class OpenClipBertBackend(OpenClipBackend):
     (or as its open_clip pooler says), then projects with open_clip's head.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, preprocess: PreprocessConfig, config_id: str, device: torch.device, tokenizer: Any = None, context_length: int = 256) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        preprocess: PreprocessConfig,
+        config_id: str,
+        device: torch.device,
+        tokenizer: Any = None,
+        context_length: int = 256,
+    ) -> None:
         self._hf_tokenizer = tokenizer
         self.context_length = context_length
         super().__init__(name, model, preprocess, config_id, device)
@@ -225,7 +243,9 @@ def _text_config_folder(name: str, folder: Optional[Path]) -> str:
     return name
 
 
-def load_open_clip(name: str, path: Path, default_config: str, device: torch.device, overrides: Optional[dict] = None) -> OpenClipBackend:
+def load_open_clip(
+    name: str, path: Path, default_config: str, device: torch.device, overrides: Optional[dict] = None
+) -> OpenClipBackend:
     """Load from a folder in open_clip's Hub layout (``open_clip_config.json`` + weights) or a state-dict file.
 
     Without ``open_clip_config.json`` the architecture shipped with calbench is used;
@@ -235,8 +255,14 @@ def load_open_clip(name: str, path: Path, default_config: str, device: torch.dev
     folder = path if path.is_dir() else None
     weights = first_file(path, WEIGHT_NAMES) if folder else path
     if weights is None:
-        raise CalbenchError(f"{path} has none of {', '.join(WEIGHT_NAMES)}; pass the folder that holds {name}'s weights")
-    raw = json.loads((path / CONFIG_NAME).read_text()) if folder and (path / CONFIG_NAME).is_file() else shipped_config(default_config)
+        raise CalbenchError(
+            f"{path} has none of {', '.join(WEIGHT_NAMES)}; pass the folder that holds {name}'s weights"
+        )
+    raw = (
+        json.loads((path / CONFIG_NAME).read_text())
+        if folder and (path / CONFIG_NAME).is_file()
+        else shipped_config(default_config)
+    )
     config = dict(raw["model_cfg"], **(overrides or {}), preprocess_cfg=raw.get("preprocess_cfg", {}))
     config_id = _config_id(config)  # before local paths are filled in: moving the folder keeps cache keys
     text_cfg = dict(config.get("text_cfg", {}))
@@ -251,4 +277,6 @@ def load_open_clip(name: str, path: Path, default_config: str, device: torch.dev
     config["text_cfg"] = text_cfg
     sources = [folder or path.parent, raw["model_cfg"]["text_cfg"].get("hf_tokenizer_name", hub_name)]
     tokenizer = bert_tokenizer(sources)
-    return OpenClipBertBackend.from_config(name, config, device, weights=weights, config_id=config_id, tokenizer=tokenizer, context_length=context_length)
+    return OpenClipBertBackend.from_config(
+        name, config, device, weights=weights, config_id=config_id, tokenizer=tokenizer, context_length=context_length
+    )

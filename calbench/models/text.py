@@ -10,10 +10,12 @@ Two kinds of text tower:
 Either way running the tower on ``max(real length)`` tokens instead of the context
 length (77, 256) is exact, and much cheaper.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -29,7 +31,9 @@ def clip_tokens(tokenizer: Any, texts: Sequence[str], device: torch.device) -> t
     return full, TokenBatch(full[:, : int(eot.max()) + 1].to(device), eot.to(device))
 
 
-def bert_tokens(tokenizer: Any, texts: Sequence[str], context_length: int, device: torch.device) -> tuple[Tensor, TokenBatch]:
+def bert_tokens(
+    tokenizer: Any, texts: Sequence[str], context_length: int, device: torch.device
+) -> tuple[Tensor, TokenBatch]:
     """(full ids padded to ``context_length``, TokenBatch cut to the longest prompt).
 
     ``eot`` is the [SEP] index, so a prompt's real tokens are [CLS] .. [SEP] and the

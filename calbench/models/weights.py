@@ -10,25 +10,26 @@ Resolution order for a model (see :func:`locate`):
 When none works the user gets one line naming the model, where calbench looked and how to
 get the weights.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import tempfile
 import socket
+import tempfile
 import urllib.parse
 import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Optional, Union
 
 from calbench.errors import CalbenchError
+
+if TYPE_CHECKING:  # torch is imported where weights are read, not to list or locate models
+    from torch import Tensor, nn
 
 WEIGHTS_ENV = "CALBENCH_WEIGHTS"
 
@@ -40,6 +41,8 @@ def offline() -> bool:
 
 def state_dict_digest(module: nn.Module) -> str:
     """SHA-256 over every tensor's name, shape and bytes: the weights' identity."""
+    import torch
+
     h = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
@@ -50,6 +53,8 @@ def state_dict_digest(module: nn.Module) -> str:
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Read weights from safetensors or a torch checkpoint (safely: tensors only)."""
+    import torch
+
     if not path.is_file():
         raise CalbenchError(f"weights file {path} does not exist; pass --weights with an existing file")
     try:
@@ -66,7 +71,9 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
                 warnings.simplefilter("ignore")
                 state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:
-            raise CalbenchError(f"cannot read weights file {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+            raise CalbenchError(
+                f"cannot read weights file {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+            ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -91,7 +98,9 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], name: str, source: 
     own = module.state_dict()
     computed = {k for k, _ in module.named_buffers() if k not in own}
     legacy = {"position_ids", "token_type_ids", "relative_position_index"}
-    state = {k: v for k, v in state.items() if k not in computed and not (k not in own and k.rsplit(".", 1)[-1] in legacy)}
+    state = {
+        k: v for k, v in state.items() if k not in computed and not (k not in own and k.rsplit(".", 1)[-1] in legacy)
+    }
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -164,6 +173,8 @@ class UrlSource:
         return self.url
 
     def target(self) -> Path:
+        import torch
+
         return Path(torch.hub.get_dir()) / "calbench" / self.folder
 
     def resolve(self, download: bool) -> Optional[Path]:
@@ -179,12 +190,16 @@ class UrlSource:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             archive = Path(tmp) / "weights.zip"
-            torch.hub.download_url_to_file(url, str(archive), progress=True)
+            from torch.hub import download_url_to_file
+
+            download_url_to_file(url, str(archive), progress=True)
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(Path(tmp) / "x")
             found = next((Path(tmp) / "x").rglob(self.expect), None)
             if found is None:
-                raise CalbenchError(f"the archive from {url} has no {self.expect}; download it by hand into ${WEIGHTS_ENV}/{self.folder}/")
+                raise CalbenchError(
+                    f"the archive from {url} has no {self.expect}; download it by hand into ${WEIGHTS_ENV}/{self.folder}/"
+                )
             if target.exists():
                 shutil.rmtree(target)
             os.replace(found.parent, target)  # atomic: a half-extracted folder is never seen
@@ -204,12 +219,16 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def locate(name: str, source: Optional[Source], weights: Optional[Union[str, Path]], fetch_command: str) -> Optional[Path]:
+def locate(
+    name: str, source: Optional[Source], weights: Optional[Union[str, Path]], fetch_command: str
+) -> Optional[Path]:
     """The file or folder to load ``name`` from, following the order in the module docstring."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.exists():
-            raise CalbenchError(f"--weights {path} does not exist; pass a weights file or a folder in {name}'s published layout")
+            raise CalbenchError(
+                f"--weights {path} does not exist; pass a weights file or a folder in {name}'s published layout"
+            )
         return path
     home = os.environ.get(WEIGHTS_ENV)
     if home and (Path(home) / name).is_dir():
@@ -219,7 +238,11 @@ def locate(name: str, source: Optional[Source], weights: Optional[Union[str, Pat
     found = source.resolve(download=False)
     if found is not None:
         return found
-    looked = f"${WEIGHTS_ENV}/{name}" + ("" if home else f" ({WEIGHTS_ENV} unset)") + f" and the cache of {source.describe()}"
+    looked = (
+        f"${WEIGHTS_ENV}/{name}"
+        + ("" if home else f" ({WEIGHTS_ENV} unset)")
+        + f" and the cache of {source.describe()}"
+    )
     if not offline() and reachable(source.hint()):
         try:
             found = source.resolve(download=True)

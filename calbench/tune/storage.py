@@ -7,13 +7,15 @@ failed and re-queued with the same parameters (Optuna's heartbeat mechanism and
 (SQLite, PostgreSQL, MySQL) implement heartbeats; its journal file storage does not, so
 :class:`HeartbeatJournalStorage` adds them, keeping the stamp as a trial system attribute.
 """
+
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -31,7 +33,13 @@ MAX_RETRY = 3
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """Optuna's journal storage with heartbeats, so journal files share RDB's crash recovery."""
 
-    def __init__(self, backend: JournalFileBackend, heartbeat_interval: int, grace_period: int, callback: Optional[Callable[[optuna.Study, FrozenTrial], None]]) -> None:
+    def __init__(
+        self,
+        backend: JournalFileBackend,
+        heartbeat_interval: int,
+        grace_period: int,
+        callback: Optional[Callable[[optuna.Study, FrozenTrial], None]],
+    ) -> None:
         super().__init__(backend)
         self._heartbeat_interval = heartbeat_interval
         self._grace_period = grace_period
@@ -81,9 +89,17 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         for attempt in range(3):
             try:
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace, heartbeat_stale_trial_callback=retry)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=heartbeat,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=retry,
+                )
             except (ImportError, ModuleNotFoundError) as exc:
-                raise CalbenchError(f"storage {url!r} needs a database driver that is not installed ({exc}); pip install it") from None
+                raise CalbenchError(
+                    f"storage {url!r} needs a database driver that is not installed ({exc}); pip install it"
+                ) from None
             except Exception as exc:  # bad URL, unreachable server; or two workers creating the same new database
                 if "already exists" in str(exc) and attempt < 2:
                     time.sleep(0.5)
@@ -92,4 +108,3 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
     path = Path(url[len("journal:") :] if url.startswith("journal:") else url).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat, grace, retry)
-

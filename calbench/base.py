@@ -1,0 +1,248 @@
+"""The method contract and the method registry.
+
+Every method (zero-shot, CoOp with any loss, CalibPrompt, PromptSmooth, post-hoc
+calibrators on top of any of them) follows one scikit-learn-like contract on cached
+features: build with parameters (no work), ``fit(FitData)`` returns self,
+``predict_proba(inputs)`` returns (N, C) probabilities. ``FitData`` holds the few-shot
+train and validation features only: methods cannot see the test split.
+
+What a method needs beyond that is declared in its :class:`Capabilities`, never probed:
+extra few-shot features, prediction from noisy copies (a smoothed classifier), tuning at
+test time, a learned prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from calbench.errors import CalbenchError
+from calbench.models.base import VLMBackend
+from calbench.registry import Registry
+from calbench.train import TrainConfig
+
+#: ``FitData.extra`` key of the validation images in the form a smoothed method predicts from
+VAL_AS_TEST = "val-as-test"
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Cached features of few-shot or test images under a transform kind (e.g. noisy views).
+
+    ``images`` is "train" (the few-shot training images), "val" or "test"; ``kind`` is a
+    transform kind of :mod:`calbench.data.transforms`; the features come as (views, N, D).
+    """
+
+    images: str
+    kind: str
+    views: int = 1
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method asks of the runner beyond clean few-shot features."""
+
+    #: extra few-shot features to fit on, filled into ``FitData.extra`` under these names
+    fit_features: Mapping[str, FeatureRequest] = field(default_factory=dict)
+    #: a smoothed classifier: it predicts from (S, N, D) noisy copies of each image, not (N, D)
+    test_copies: Optional[FeatureRequest] = None
+    #: tunes itself on each test image's copies before predicting (see ``adapt``)
+    adapts_at_test: bool = False
+    #: holds a learned prompt (``learner``) that `calbench train` saves
+    learns_prompt: bool = False
+
+    @property
+    def smoothed(self) -> bool:
+        return self.test_copies is not None
+
+
+@dataclass
+class FitData:
+    """What a method may learn from: few-shot train views and the validation split."""
+
+    vlm: VLMBackend
+    classnames: list[str]
+    template: str
+    train_features: Tensor  # (V, N, D) normalised, one augmented view per row block
+    train_labels: Tensor  # (N,)
+    val_features: Tensor  # (M, D) normalised, eval preprocessing
+    val_labels: Tensor  # (M,)
+    seed: int
+    #: features named by the method's ``Capabilities.fit_features`` (never test images)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def hand_prompts(self) -> list[str]:
+        return [self.template.format(name) for name in self.classnames]
+
+    def val_inputs(self, method: Method) -> Tensor:
+        """The validation images in the form ``method`` predicts from: noisy copies for a smoothed one."""
+        if not method.capabilities.smoothed:
+            return self.val_features
+        if VAL_AS_TEST not in self.extra:
+            raise CalbenchError(
+                "this smoothed method is scored on noisy validation copies; get them with Session.fit_data(..., method=method)"
+            )
+        return self.extra[VAL_AS_TEST]
+
+
+class Method(Protocol):
+    """``predict_*`` take the test inputs in the form ``capabilities`` declares: (N, D) features, or
+    (S, N, D) noisy copies for a smoothed method. ``base_logits`` is the base classifier on one
+    view of each image, (N, D) -> (N, C): what randomized smoothing votes with."""
+
+    capabilities: Capabilities
+
+    def fit(self, data: FitData) -> Method: ...
+
+    def predict_logits(self, inputs: Tensor) -> Tensor: ...
+
+    def predict_proba(self, inputs: Tensor) -> Tensor: ...
+
+    def base_logits(self, features: Tensor) -> Tensor: ...
+
+
+class LogitMethod:
+    """Base for methods whose probabilities are softmax(logits) of (N, D) features."""
+
+    capabilities = Capabilities()
+
+    def predict_logits(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, inputs: Tensor) -> Tensor:
+        return F.softmax(self.predict_logits(inputs), dim=1)
+
+    def base_logits(self, features: Tensor) -> Tensor:
+        return self.predict_logits(features)
+
+
+class Calibrator(Protocol):
+    """A post-hoc map from logits to probabilities, fitted on validation logits."""
+
+    def fit(self, logits: Tensor, labels: Tensor) -> Calibrator: ...
+
+    def predict_proba(self, logits: Tensor) -> Tensor: ...
+
+
+class Calibrated:
+    """``<method>+<calibrator>``: a calibrator fitted on the method's validation logits.
+
+    A smoothed base is calibrated on noisy validation copies, the same kind of output it is
+    applied to at test time, so the wrapper asks for those copies.
+    """
+
+    def __init__(self, base: Method, calibrator: Calibrator, base_is_fitted: bool = False) -> None:
+        self.base = base
+        self.calibrator = calibrator
+        self.base_is_fitted = base_is_fitted
+        caps = base.capabilities
+        extra = (
+            {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)} if caps.smoothed else {}
+        )
+        self.capabilities = replace(caps, fit_features={**caps.fit_features, **extra})
+
+    def fit(self, data: FitData) -> Calibrated:
+        if not self.base_is_fitted:
+            self.base.fit(data)
+            self.base_is_fitted = True
+        with torch.no_grad():
+            self.calibrator.fit(self.base.predict_logits(data.val_inputs(self.base)), data.val_labels)
+        return self
+
+    def predict_logits(self, inputs: Tensor) -> Tensor:
+        return torch.log(self.predict_proba(inputs).clamp_min(1e-12))
+
+    def predict_proba(self, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.calibrator.predict_proba(self.base.predict_logits(inputs))
+
+    def base_logits(self, features: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.log(self.calibrator.predict_proba(self.base.base_logits(features)).clamp_min(1e-12))
+
+
+def base_of(method: Method) -> Method:
+    """The method under a post-hoc calibrator (or the method itself)."""
+    return method.base if isinstance(method, Calibrated) else method
+
+
+def fit_requests(method: Method, score_val: bool = False) -> dict[str, FeatureRequest]:
+    """Every extra feature set ``method`` needs to fit; with ``score_val`` also the validation
+    images in the form it predicts from (to score a smoothed method on validation)."""
+    caps = method.capabilities
+    requests = dict(caps.fit_features)
+    if score_val and caps.smoothed:
+        requests[VAL_AS_TEST] = FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)
+    return requests
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    factory: Callable[..., Method]
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+CALIBRATORS: Registry[Callable[[], Calibrator]] = Registry("calibrator")
+
+
+def register_method(name: str, description: str) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+    def add(factory: Callable[..., Method]) -> Callable[..., Method]:
+        METHODS.add(name, MethodSpec(name, description, factory))
+        return factory
+
+    return add
+
+
+TRAIN_OPTIONS = tuple(f.name for f in fields(TrainConfig))
+
+
+def check_known(method: str, params: Mapping[str, Any], own: Iterable[str], train_options: bool = True) -> None:
+    """Refuse parameters a method does not take, listing the ones it does: a typo is never ignored."""
+    own = list(own)
+    unknown = set(params) - set(own) - (set(TRAIN_OPTIONS) if train_options else set())
+    if unknown:
+        options = f" and training options ({', '.join(TRAIN_OPTIONS)})" if train_options else ""
+        raise CalbenchError(
+            f"{method}: unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(own) or 'none'}{options}"
+        )
+
+
+def split_train_params(
+    params: Mapping[str, Any], defaults: Optional[TrainConfig] = None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Separate TrainConfig fields (lr, n_ctx, ...) from a method's own parameters, type-checked."""
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    train: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in types:
+            continue
+        kind = types[key]
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (kind is float or float(value).is_integer())
+        )
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind not in (int, float):
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            raise CalbenchError(
+                f"training option {key}={value!r} must be {'a number' if kind is float else kind.__name__}"
+            )
+        train[key] = int(value) if kind is int else float(value) if kind is float else value
+    return replace(defaults or TrainConfig(), **train), {k: v for k, v in params.items() if k not in types}
+
+
+def as_number(value: Any, what: str) -> float:
+    """A method parameter from a JSON/YAML file as a float, or a one-line error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CalbenchError(f"{what} must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,7 @@
+"""Reports: typed blocks (:mod:`.blocks`) rendered to Markdown and HTML, and the results-folder
+report of `calbench compare` / `calbench report` (:mod:`.results`). No torch is imported here:
+a report re-renders from the files in a results folder alone."""
+
+from calbench.report.results import write_results_report
+
+__all__ = ["write_results_report"]

@@ -1,0 +1,230 @@
+"""`calbench report`: a paper-style report of a results folder.
+
+Nothing is recomputed: the report reads ``results.csv``, the reliability diagrams and
+``certification.csv`` that ``compare`` and ``certify`` wrote, and renders them as typed
+blocks (:mod:`calbench.report.blocks`) into report.md and a self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from calbench.errors import CalbenchError
+from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
+from calbench.results import Row, mean_std, read_certification, read_results
+
+#: ECE (%) published for CoOp-CE and CalibPrompt (Basu et al., BMVC 2025; 8 shots, seed 1),
+#: keyed by calbench's (model, dataset) ids; shown next to our numbers where the pair ran.
+PUBLISHED_ECE = {
+    ("plip", "kather"): (5.92, 3.11),
+    ("plip", "pannuke"): (17.82, 2.19),
+    ("plip", "digestpath"): (9.50, 3.08),
+    ("quiltnet", "kather"): (2.49, 3.58),
+    ("quiltnet", "pannuke"): (19.70, 2.47),
+    ("quiltnet", "digestpath"): (11.27, 0.77),
+    ("biomedclip", "covid"): (6.61, 4.69),
+    ("biomedclip", "rsna18"): (7.02, 5.74),
+    ("medclip", "covid"): (27.51, 27.41),
+    ("medclip", "rsna18"): (17.21, 17.14),
+}
+REFERENCE_METHOD = "coop-ce"
+
+Pair = tuple[str, str]
+Stats = dict[str, tuple[float, Optional[float]]]
+
+
+def _modality(model: str, dataset: str) -> str:
+    from calbench.data import DATASETS
+    from calbench.models import MODELS
+
+    if dataset in DATASETS:
+        return DATASETS.get(dataset).modality
+    return MODELS.get(model).modality if model in MODELS else "other"
+
+
+def _pct(mean: float, std: Optional[float]) -> str:
+    if math.isnan(mean):
+        return "failed"
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+class _Results:
+    """The logged runs a report shows: each (model, dataset, method)'s latest config, summarised over seeds."""
+
+    def __init__(self, logged: list[Row]) -> None:
+        # runs with other settings (shots, parameters, weights) are not extra seeds: keep the most recent config
+        latest = {(r["model"], r["dataset"], r["method"]): r.get("config", "") for r in logged}
+        self.logged = logged
+        self.rows = [r for r in logged if r.get("config", "") == latest[(r["model"], r["dataset"], r["method"])]]
+        self.pairs: list[Pair] = list(dict.fromkeys((str(r["model"]), str(r["dataset"])) for r in self.rows))
+        self.methods = list(dict.fromkeys(str(r["method"]) for r in self.rows))
+        self.cell: dict[tuple[str, str, str], Stats] = {}
+        for r in self.rows:
+            key = (str(r["model"]), str(r["dataset"]), str(r["method"]))
+            if key not in self.cell and r["status"] == "ok":
+                mine = [o for o in self.rows if (o["model"], o["dataset"], o["method"]) == key and o["status"] == "ok"]
+                self.cell[key] = {k: mean_std(float(o[k]) for o in mine) for k in ("ece", "accuracy", "nll", "brier")}
+
+    def ece(self, pair: Pair, method: str) -> Optional[float]:
+        stats = self.cell.get((*pair, method))
+        return None if stats is None else stats["ece"][0]
+
+
+def _summary(res: _Results) -> list[Block]:
+    seeds = sorted({int(r["seed"]) for r in res.rows})
+    hidden = len(res.logged) - len(res.rows)
+    return [
+        Heading("calbench report", 1),
+        Text(
+            f"{len(res.rows)} runs: {len(res.pairs)} model · dataset pair(s), {len(res.methods)} method(s), seeds {', '.join(map(str, seeds))}. "
+            f"Test-split metrics, mean ± std over seeds (percent). Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
+            + (f" {hidden} older run(s) with other settings are in results.csv but not shown." if hidden else "")
+        ),
+    ]
+
+
+def _main_table(res: _Results) -> list[Block]:
+    header = ["method"] + [f"{m} · {d}" for m, d in res.pairs]
+    rows = []
+    for method in res.methods:
+        cells = [res.cell.get((*pair, method)) for pair in res.pairs]
+        rows.append(
+            [method] + ["failed" if s is None else f"ECE {_pct(*s['ece'])} / Acc {_pct(*s['accuracy'])}" for s in cells]
+        )
+    bold = set()
+    for j, pair in enumerate(res.pairs, start=1):
+        scores = {i: e for i, m in enumerate(res.methods) if (e := res.ece(pair, m)) is not None}
+        if scores:
+            bold.add((min(scores, key=scores.get), j))
+    return [Heading("Results (best ECE per column in bold)"), Table(header, rows, bold)]
+
+
+def _modality_table(res: _Results) -> list[Block]:
+    modalities = sorted({_modality(m, d) for m, d in res.pairs})
+    rows = []
+    for method in res.methods:
+        line = [method]
+        for modality in modalities:
+            cells = [
+                res.cell[(m, d, method)]
+                for m, d in res.pairs
+                if _modality(m, d) == modality and (m, d, method) in res.cell
+            ]
+            ece, acc = (np.mean([c[k][0] for c in cells]) for k in ("ece", "accuracy")) if cells else (None, None)
+            line.append(f"ECE {100 * ece:.2f} / Acc {100 * acc:.2f}" if cells else "–")
+        rows.append(line)
+    return [Heading("Per-modality averages (mean over pairs)"), Table(["method", *modalities], rows)]
+
+
+def _relative_table(res: _Results) -> list[Block]:
+    if not any((*pair, REFERENCE_METHOD) in res.cell for pair in res.pairs):
+        return []
+    rows = []
+    for method in res.methods:
+        line = [method]
+        for pair in res.pairs:
+            ref, mine = res.ece(pair, REFERENCE_METHOD), res.ece(pair, method)
+            line.append("–" if ref is None or mine is None or ref == 0 else f"{100 * (mine - ref) / ref:+.1f}%")
+        rows.append(line)
+    header = ["method"] + [f"{m} · {d}" for m, d in res.pairs]
+    return [Heading(f"Relative ECE change against {REFERENCE_METHOD}"), Table(header, rows)]
+
+
+def _published_table(res: _Results) -> list[Block]:
+    published = [pair for pair in res.pairs if pair in PUBLISHED_ECE]
+    if not published:
+        return []
+    rows = []
+    for pair in published:
+        ce, cp = PUBLISHED_ECE[pair]
+        ours = [res.ece(pair, k) for k in ("coop-ce", "calibprompt")]
+        here = ["–" if e is None else f"{100 * e:.2f}" for e in ours]
+        rows.append([f"{pair[0]} · {pair[1]}", f"{ce:.2f}", here[0], f"{cp:.2f}", here[1]])
+    return [
+        Heading("Next to the published numbers (ECE %)"),
+        Text("Published runs used the test split as validation split and seed 1; ours validate on train-pool shots."),
+        Table(["pair", "CoOp-CE published", "CoOp-CE here", "CalibPrompt published", "CalibPrompt here"], rows),
+    ]
+
+
+def _runs_table(res: _Results) -> list[Block]:
+    def pct(value: object) -> str:
+        return "" if math.isnan(float(value)) else f"{100 * float(value):.2f}"
+
+    rows = []
+    for r in res.rows:
+        ci = f"[{pct(r['ece_ci_low'])}, {pct(r['ece_ci_high'])}]" if pct(r["ece_ci_low"]) else ""
+        state = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
+        rows.append(
+            [
+                str(r["model"]),
+                str(r["dataset"]),
+                str(r["method"]),
+                str(r["seed"]),
+                pct(r["accuracy"]),
+                pct(r["ece"]),
+                ci,
+                state,
+            ]
+        )
+    return [
+        Heading("Every run (ECE with its 95% bootstrap interval over test items)"),
+        Table(["model", "dataset", "method", "seed", "Acc %", "ECE %", "ECE 95% CI", "status"], rows),
+    ]
+
+
+def _certification(rows: Sequence[Row]) -> list[Block]:
+    """PromptSmooth's table form: one row per certified setting, certified accuracy (%) per radius."""
+    if not rows:
+        return []
+    setting = ("model", "dataset", "method", "seed", "sigma", "n0", "n", "alpha", "subset")
+    radii = sorted({float(r["radius"]) for r in rows})
+    grouped: dict[tuple[str, ...], dict[float, str]] = {}
+    for r in rows:
+        grouped.setdefault(tuple(r[k] for k in setting), {})[float(r["radius"])] = (
+            f"{100 * float(r['certified_accuracy']):.1f}"
+        )
+    table = [[*key, *(cells.get(radius, "–") for radius in radii)] for key, cells in grouped.items()]
+    return [
+        Heading("Certified accuracy (%) by L2 radius"),
+        Table([*setting, *(f"r={radius:g}" for radius in radii)], table),
+    ]
+
+
+def build_blocks(results_dir: Path) -> list[Block]:
+    """Everything the report says, in order."""
+    logged = read_results(results_dir / "results.csv")
+    if not logged:
+        raise CalbenchError(
+            f"{results_dir / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first"
+        )
+    res = _Results(logged)
+    blocks = (
+        _summary(res)
+        + _main_table(res)
+        + _modality_table(res)
+        + _relative_table(res)
+        + _published_table(res)
+        + _runs_table(res)
+    )
+    blocks += _certification(read_certification(results_dir / "certification.csv"))
+    images = sorted((results_dir / "reliability").glob("*.png"))
+    if images:
+        blocks += [Heading("Reliability diagrams"), *(Image(p, p.stem.replace("_", " · ", 2)) for p in images)]
+    return blocks
+
+
+def write_results_report(results_dir: Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into ``results_dir``; return their paths."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise CalbenchError(
+            f"results folder {results_dir} does not exist; run `calbench compare --out {results_dir}` first"
+        )
+    return write_report(build_blocks(results_dir), results_dir, "calbench report")

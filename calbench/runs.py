@@ -1,0 +1,137 @@
+"""Single runs behind `calbench train`, `calbench cache` and `calbench evaluate`.
+
+``train`` fits one prompt method on one few-shot split and saves its context (validation
+metrics only); ``evaluate`` scores such a saved prompt on a test split, on the dataset it
+was trained for or on another with the same classes (a shift test); ``cache`` encodes
+features ahead of time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from calbench.base import CALIBRATORS, Calibrated, Method, base_of
+from calbench.cache import CacheStats
+from calbench.calibprompt import PromptMethod
+from calbench.errors import CalbenchError
+from calbench.methods import list_methods, make_method, parse_method
+from calbench.metrics import evaluate
+from calbench.prompts import load_prompt, read_prompt_info, save_prompt
+from calbench.session import FewShot, RunContext, Session
+
+
+def prompt_methods() -> list[str]:
+    """Registered methods that learn a prompt `train` can save."""
+    return [m for m in list_methods() if make_method(m).capabilities.learns_prompt]
+
+
+def train_one(
+    method: str,
+    model: str,
+    data: str,
+    seed: int = 1,
+    fewshot: FewShot = FewShot(),
+    context: RunContext = RunContext(),
+    out: Path = Path("prompts"),
+    params: Optional[dict[str, Any]] = None,
+) -> tuple[Path, dict[str, float]]:
+    """Train one prompt method on one few-shot split, save its context; return the path and validation metrics."""
+    untrained = make_method(method, **(params or {}))
+    if not base_of(untrained).capabilities.learns_prompt:
+        raise CalbenchError(
+            f"{parse_method(method)[0]} learns no prompt, so there is nothing to train; pick one of: {', '.join(prompt_methods())}"
+        )
+    session = Session(model, data, context)
+    fit = session.fit_data(seed, fewshot, untrained, score_val=True)
+    trained = untrained.fit(fit)
+    prompt = base_of(trained)
+    assert isinstance(prompt, PromptMethod) and prompt.learner is not None
+    extra: dict[str, Any] = {
+        "method": method,
+        "params": params or {},
+        "model": model,
+        "dataset": session.dataset.name,
+        "seed": seed,
+        "shots": fewshot.shots,
+    }
+    if isinstance(trained, Calibrated) and hasattr(trained.calibrator, "temperature"):
+        extra["temperature"] = trained.calibrator.temperature
+    path = Path(out) / f"{method.replace('+', '_')}-{model}-{session.dataset.name}-seed{seed}.safetensors"
+    save_prompt(path, prompt.learner, asdict(prompt.config), extra)
+    with torch.no_grad():  # smoothed methods are judged on noisy validation copies, as at test time
+        metrics = evaluate(
+            trained.predict_proba(fit.val_inputs(trained)).double().cpu().numpy(), fit.val_labels.cpu().numpy()
+        )
+    return path, metrics
+
+
+def build_cache(
+    model: str, data: str, seeds: Sequence[int], fewshot: FewShot = FewShot(), context: RunContext = RunContext()
+) -> tuple[CacheStats, Path]:
+    """Encode the test split and each seed's few-shot views ahead of training."""
+    session = Session(model, data, context)
+    session.test_features()
+    for seed in seeds:
+        session.fit_data(seed, fewshot)
+    return session.cache.stats, session.cache.root
+
+
+@dataclass
+class Evaluation:
+    method: str  # what was scored: the trained method, or its base when its calibrator is not in the file
+    trained_on: str  # dataset the prompt was trained on
+    session: Session
+    metrics: dict[str, float]
+    note: str = ""
+
+
+def _restore(info: dict[str, Any], session: Session, path: Path) -> tuple[str, Method, str]:
+    """The saved method with the prompt from ``path``, and a note on what could not be restored."""
+    extra = info["extra"]
+    name = str(extra.get("method", "coop-ce"))
+    base_name, calibrator = parse_method(name)
+    method = make_method(base_name, **dict(extra.get("params", {})))
+    if not isinstance(method, PromptMethod):
+        raise CalbenchError(f"{path} was trained with {base_name}, which learns no prompt; train a prompt method")
+    method.use_prompt(load_prompt(path, session.vlm))
+    if calibrator is None:
+        return name, method, ""
+    if calibrator == "ts" and "temperature" in extra:
+        scaling = CALIBRATORS.get("ts")()
+        scaling.temperature = float(extra["temperature"])
+        return name, Calibrated(method, scaling, base_is_fitted=True), ""
+    return (
+        base_name,
+        method,
+        f"the +{calibrator} calibrator is not stored in prompt files; scored {base_name} without it",
+    )
+
+
+def evaluate_prompt(
+    prompt: Path, data: str, model: Optional[str] = None, context: RunContext = RunContext()
+) -> Evaluation:
+    """Score a prompt saved by `calbench train` on ``data``'s test split.
+
+    ``data`` may be the dataset it was trained on or another with the same class names in the
+    same order (e.g. the same tissue classes from another hospital): a distribution-shift test.
+    """
+    info = read_prompt_info(prompt)
+    model = model or info["extra"].get("model")
+    if not model:
+        raise CalbenchError(f"{prompt} does not name its model; pass --model (the model it was trained on)")
+    session = Session(str(model), data, context)
+    if list(info["classnames"]) != list(session.dataset.classnames):
+        raise CalbenchError(
+            f"{prompt} was trained for the classes {', '.join(info['classnames'])}; {session.dataset.name} has "
+            f"{', '.join(session.dataset.classnames)}; evaluate on a dataset with the same classes in the same order"
+        )
+    name, method, note = _restore(info, session, Path(prompt))
+    with torch.no_grad():
+        probs = method.predict_proba(session.test_features(method)).double().cpu().numpy()
+    trained_on = str(info["extra"].get("dataset", "?"))
+    return Evaluation(name, trained_on, session, evaluate(probs, session.test_labels), note)

@@ -1,0 +1,152 @@
+"""A :class:`Session`: one model on one dataset in one run context, and the only way to their features.
+
+Every command builds sessions: ``compare`` one per (model, dataset) pair, ``tune`` one per
+pair it searches, ``train``, ``cache``, ``certify`` and ``evaluate`` one each. A session
+hands out few-shot data (:meth:`Session.fit_data`: train views and validation images, both
+from the train pool) and test features (:meth:`Session.test_features`), always from the
+feature cache, so the image encoder runs once per image and view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from calbench.base import FeatureRequest, FitData, Method, fit_requests
+from calbench.cache import FeatureCache, default_cache_dir
+from calbench.data import ImageFolderDataset, few_shot_split, load_dataset
+from calbench.errors import CalbenchError
+from calbench.models import VLMBackend, load_vlm
+from calbench.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where and how runs happen; the same for every pair of a grid or search."""
+
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    cache_dir: Optional[Path] = None  # feature and data cache; default $CALBENCH_CACHE or the user cache dir
+    weights: Optional[Path] = None  # a model weights file or folder; only for single-model runs
+    data_root: Optional[Path] = None  # folder of the registered datasets; default $CALBENCH_DATA
+    strict: bool = False  # an unreadable image is an error instead of a skipped file with a warning
+    progress: bool = False  # progress bars while encoding
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """How few-shot data is drawn from the train pool: ``shots`` training and ``val_shots``
+    validation images per class (default: as many), and ``views`` cached augmented views
+    of each training image (epoch e reads view e mod views)."""
+
+    shots: int = TrainConfig.shots
+    val_shots: Optional[int] = None
+    views: int = 10  # calbench: 10 cached views stand in for CoOp's fresh augmentation per epoch
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise CalbenchError(f"--shots must be at least 1, got {self.shots}")
+        if self.val_shots is not None and self.val_shots < 1:
+            raise CalbenchError(
+                f"--val-shots must be at least 1 (post-hoc calibrators fit on the validation split), got {self.val_shots}"
+            )
+        if self.views < 1:
+            raise CalbenchError(f"--views must be at least 1, got {self.views}")
+
+    @property
+    def val(self) -> int:
+        return self.shots if self.val_shots is None else self.val_shots
+
+
+class Session:
+    """A model, a dataset and the model's feature cache, opened once and shared by every run on them.
+
+    Few-shot data and test features are read from the cache once per split and kept, so a
+    grid of methods on one session fetches each split's features once.
+    """
+
+    def __init__(self, model: str, data: str, context: Optional[RunContext] = None) -> None:
+        self.context = context or RunContext()
+        self.model = model
+        self.vlm: VLMBackend = load_vlm(model, device=self.context.device, weights=self.context.weights)
+        self.dataset: ImageFolderDataset = load_dataset(
+            data, self.context.cache_root, self.context.data_root, strict=self.context.strict
+        )
+        self.cache = FeatureCache(self.context.cache_root, self.vlm, progress=self.context.progress)
+        self._fits: dict[tuple[int, FewShot], tuple[FitData, np.ndarray, np.ndarray]] = {}
+        self._extra: dict[tuple[int, FewShot, FeatureRequest], Tensor] = {}
+        self._test: Optional[Tensor] = None
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.dataset.labels("test")
+
+    def split(self, seed: int, fewshot: FewShot = FewShot()) -> tuple[np.ndarray, np.ndarray]:
+        """Indices into the train pool of seed ``seed``'s few-shot training and validation images."""
+        return few_shot_split(self.dataset.labels("train"), fewshot.shots, fewshot.val, seed, self.dataset.classnames)
+
+    def fit_data(
+        self, seed: int = 1, fewshot: FewShot = FewShot(), method: Optional[Method] = None, score_val: bool = False
+    ) -> FitData:
+        """Few-shot train views and validation features of split ``seed``: all a method may learn from.
+
+        With ``method``, the extra features it declares (``Capabilities.fit_features``) come
+        too; with ``score_val`` also the validation images in the form it predicts from.
+        """
+        base, train_idx, val_idx = self._base_fit(seed, fewshot)
+        requests = fit_requests(method, score_val) if method is not None else {}
+        extra = {}
+        for name, request in requests.items():
+            if request.images not in ("train", "val"):
+                raise ValueError(
+                    f"fit request {name!r} asks for {request.images!r} images; fitting may only see train and val"
+                )
+            key = (seed, fewshot, request)
+            if key not in self._extra:
+                chosen = train_idx if request.images == "train" else val_idx
+                self._extra[key] = self._features("train", chosen, request.kind, request.views)
+            extra[name] = self._extra[key]
+        return replace(base, extra=extra) if extra else base
+
+    def _base_fit(self, seed: int, fewshot: FewShot) -> tuple[FitData, np.ndarray, np.ndarray]:
+        if (seed, fewshot) not in self._fits:
+            train_idx, val_idx = self.split(seed, fewshot)
+            labels = torch.as_tensor(self.dataset.labels("train"), device=self.vlm.device)
+            fit = FitData(
+                vlm=self.vlm,
+                classnames=self.dataset.classnames,
+                template=self.dataset.template,
+                train_features=self._features("train", train_idx, "train", fewshot.views),
+                train_labels=labels[torch.as_tensor(train_idx, device=labels.device)],
+                val_features=self._features("train", val_idx, "eval", 1)[0],
+                val_labels=labels[torch.as_tensor(val_idx, device=labels.device)],
+                seed=seed,
+            )
+            self._fits[(seed, fewshot)] = (fit, train_idx, val_idx)
+        return self._fits[(seed, fewshot)]
+
+    def test_features(self, method: Optional[Method] = None) -> Tensor:
+        """The test split as ``method`` predicts from it: (N, D) features, or (S, N, D) noisy copies
+        for a smoothed method. Read only to score a fitted method."""
+        copies = method.capabilities.test_copies if method is not None else None
+        if copies is not None:
+            return self.test_views(copies.kind, range(copies.views))
+        if self._test is None:
+            self._test = self.test_views("eval", range(1))[0]
+        return self._test
+
+    def test_views(self, kind: str, views: range, indices: Optional[np.ndarray] = None) -> Tensor:
+        """(len(views), N, D) features of test images ``indices`` (default: all) under transform ``kind``."""
+        chosen = np.arange(len(self.dataset.files("test"))) if indices is None else indices
+        return self.cache.features(self.dataset, "test", chosen, kind=kind, views=views).to(self.vlm.device)
+
+    def _features(self, split: str, indices: np.ndarray, kind: str, views: int) -> Tensor:
+        return self.cache.features(self.dataset, split, indices, kind=kind, views=range(views)).to(self.vlm.device)

@@ -1,0 +1,220 @@
+"""Search spaces: what `tune` searches for each method, and the hand-set settings it starts from.
+
+A space maps parameter names to :class:`Param` ranges or choices; ``--space FILE`` narrows
+or extends it. The first trials of a study are the paper's setting for each searched pair
+(CalibPrompt's defaults where the paper has none), so a search never ends worse on
+validation than the hand-set values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+
+from calbench.errors import CalbenchError
+from calbench.methods import METHODS
+from calbench.train import TrainConfig
+
+
+def pair_key(pair: Sequence[str]) -> str:
+    return f"{pair[0]}/{pair[1]}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyper-parameter: a float or int range (optionally log-scaled) or a list of choices.
+
+    ``default`` is the method's own default, enqueued as the first trial.
+    """
+
+    kind: str  # "float", "int" or "categorical"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    default: Any = None
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.kind == "categorical":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log)
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, float(self.low), float(self.high), log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "categorical":
+            return value in self.choices
+        return value is not None and self.low <= value <= self.high
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self).items()
+            if v is not None and v is not False and v != ()
+        }
+
+
+def log_range(low: float, high: float, default: float) -> Param:
+    return Param("float", low, high, log=True, default=default)
+
+
+def one_of(*choices: Any, default: Any) -> Param:
+    return Param("categorical", choices=tuple(choices), default=default)
+
+
+#: Search spaces per method (the issue's table). Defaults repeat the methods' own defaults
+#: (tests check they build the same method), so the first trial is the untuned method.
+SPACES: dict[str, dict[str, Param]] = {
+    "calibprompt": {
+        "alpha": log_range(0.005, 0.3, 0.05),  # shared by label smoothing and SMAC
+        "w_as": log_range(1e-3, 3.0, 0.01),
+        "w_smac": log_range(0.1, 10.0, 1.0),
+        "n_ctx": one_of(4, 8, 16, 32, default=TrainConfig.n_ctx),
+        "lr": log_range(5e-4, 1e-2, TrainConfig.lr),
+    },
+    "coop-ls": {"alpha": log_range(0.005, 0.3, 0.05)},
+    "coop-mbls": {"margin": Param("float", 1.0, 20.0, default=10.0), "alpha": log_range(0.01, 1.0, 0.1)},
+    "coop-focal": {"gamma": Param("float", 0.5, 5.0, default=3.0)},
+    "promptsmooth": {
+        "n_ctx": one_of(2, 5, 8, 16, default=5),
+        "train_sigmas": one_of("0.25", "0.25,0.5", "0.25,0.5,1.0", default="0.25,0.5,1.0"),
+    },
+}
+#: parameters searched as text because Optuna's choices must be scalars
+DECODERS: dict[str, Callable[[Any], Any]] = {"train_sigmas": lambda text: [float(s) for s in str(text).split(",")]}
+
+#: CalibPrompt's hand-set values per (model, dataset) (Basu et al., BMVC 2025; 8 shots, n_ctx 16,
+#: w_SMAC 1, alpha shared by LS and SMAC). Enqueued as a first trial wherever the pair is searched.
+PAPER_SETTINGS: dict[tuple[str, str], dict[str, float]] = {
+    ("medclip", "covid"): {"alpha": 0.2, "w_as": 1.0},
+    ("medclip", "rsna18"): {"alpha": 0.2, "w_as": 1.0},
+    ("biomedclip", "covid"): {"alpha": 0.1, "w_as": 3.0},
+    ("biomedclip", "rsna18"): {"alpha": 0.1, "w_as": 3.0},
+    ("plip", "kather"): {"alpha": 0.05, "w_as": 0.01},
+    ("plip", "pannuke"): {"alpha": 0.2, "w_as": 0.1},
+    ("plip", "digestpath"): {"alpha": 0.03, "w_as": 0.001},
+    ("quiltnet", "kather"): {"alpha": 0.01, "w_as": 1.0},
+    ("quiltnet", "pannuke"): {"alpha": 0.1, "w_as": 0.001},
+    ("quiltnet", "digestpath"): {"alpha": 0.05, "w_as": 0.001},
+}
+PAPER_COMMON = {"w_smac": 1.0, "n_ctx": 16}
+
+
+def _parse_one(name: str, spec: Any, old: Optional[Param], source: str) -> Param:
+    """One entry of a --space file: {choices: [...]} or {low, high[, log, type, default]} over ``old``."""
+    if not isinstance(spec, Mapping):
+        raise CalbenchError(
+            f"{source}: {name} must map to {{low, high[, log]}} or {{choices: [...]}} or null, got {spec!r}"
+        )
+    unknown = set(spec) - {"type", "low", "high", "log", "choices", "default"}
+    if unknown:
+        raise CalbenchError(
+            f"{source}: {name} has unknown key(s) {', '.join(sorted(unknown))}; use low, high, log, choices, type, default"
+        )
+    if "choices" in spec:
+        choices = tuple(spec["choices"])
+        if not choices:
+            raise CalbenchError(f"{source}: {name} has an empty list of choices")
+        default = spec.get("default", old.default if old is not None and old.default in choices else None)
+        return Param("categorical", choices=choices, default=default)
+    base = old if old is not None and old.kind != "categorical" else None
+    low, high = spec.get("low", base.low if base else None), spec.get("high", base.high if base else None)
+    if low is None or high is None:
+        raise CalbenchError(f"{source}: {name} needs low and high (or choices)")
+    kind = spec.get(
+        "type", base.kind if base else ("int" if isinstance(low, int) and isinstance(high, int) else "float")
+    )
+    if kind not in ("float", "int"):
+        raise CalbenchError(f"{source}: {name} has type {kind!r}; use float or int (or give choices)")
+    log = bool(spec.get("log", base.log if base else False))
+    if not low < high or (log and low <= 0):
+        raise CalbenchError(
+            f"{source}: {name} needs 0 < low < high on a log scale and low < high otherwise, got {low}..{high}"
+        )
+    return Param(kind, low, high, log, default=spec.get("default", base.default if base else None))
+
+
+def parse_space(method: str, text: Mapping[str, Any], source: str = "--space") -> dict[str, Param]:
+    """The method's space narrowed or extended by a mapping {param: {low, high, log, choices, default} | null}."""
+    space = dict(base_space(method))
+    for name, spec in text.items():
+        if spec is None:  # drop: the parameter stays at the method's default
+            space.pop(name, None)
+        else:
+            space[name] = _parse_one(name, spec, space.get(name), source)
+    if not space:
+        raise CalbenchError(f"{source} leaves nothing to search")
+    return space
+
+
+def read_space_file(method: str, path: Path) -> dict[str, Param]:
+    """``--space FILE``: YAML or JSON with the form :func:`parse_space` reads."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+    except FileNotFoundError:
+        raise CalbenchError(f"--space file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise CalbenchError(f"--space file {path} is neither YAML nor JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise CalbenchError(f"--space file {path} must map parameter names to ranges")
+    return parse_space(method, data, str(path))
+
+
+def base_space(method: str) -> dict[str, Param]:
+    """The method's table entry, checked against the method registry."""
+    if "+" in method:
+        raise CalbenchError(f"tune searches a base method, not {method!r}; post-hoc calibrators have nothing to tune")
+    if method not in SPACES:
+        METHODS.get(method)  # an unknown name lists the registered ones
+        raise CalbenchError(
+            f"no search space for {method!r}; tunable: {', '.join(m for m in SPACES if m in METHODS)}, or pass --space FILE"
+        )
+    METHODS.get(method)  # in the table but not registered (yet): same one-line error
+    return SPACES[method]
+
+
+def method_params(params: Mapping[str, Any], epochs: Optional[int]) -> dict[str, Any]:
+    """Trial parameters as ``make_method`` takes them (decoded), plus an --epochs override."""
+    out = {name: DECODERS[name](value) if name in DECODERS else value for name, value in params.items()}
+    if epochs is not None and "epochs" not in out:
+        out["epochs"] = epochs
+    return out
+
+
+def reference_params(method: str, pair: tuple[str, str], space: Mapping[str, Param]) -> tuple[str, dict[str, Any]]:
+    """The hand-set setting a search must beat: the paper's for CalibPrompt where it has one, else the defaults."""
+    defaults = {name: p.default for name, p in space.items() if p.default is not None}
+    if method == "calibprompt" and pair in PAPER_SETTINGS:
+        return "paper", {
+            **defaults,
+            **{k: v for k, v in {**PAPER_COMMON, **PAPER_SETTINGS[pair]}.items() if k in space or k in defaults},
+        }
+    return "default", defaults
+
+
+def first_trials(
+    method: str, pairs: Sequence[tuple[str, str]], space: Mapping[str, Param]
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, setting) enqueued before sampling: each pair's paper setting (or the defaults), without
+    repeats and without values the (narrowed) space excludes; the defaults come last where a paper setting exists."""
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for pair in [*pairs, ("", "")]:
+        label, params = reference_params(method, pair, space)
+        kept = {k: v for k, v in params.items() if k in space and space[k].contains(v)}
+        if kept and kept not in [p for _, p in chosen]:
+            chosen.append((f"{label} {pair_key(pair)}" if label == "paper" else label, kept))
+    return chosen

@@ -1,0 +1,220 @@
+"""A study: created or joined in any Optuna storage, searched until it holds the requested
+number of trials (by any number of worker processes at once), and summarised as best_params.json."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from calbench.errors import CalbenchError
+from calbench.methods import make_method
+from calbench.session import RunContext
+from calbench.train import TrainingDiverged
+from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
+from calbench.tune.space import first_trials, method_params, pair_key
+from calbench.tune.storage import open_storage
+from calbench.tune.worker import Surplus, Worker
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    config: TuneConfig
+    storage: str
+    ran: int  # trials this process trained (complete, pruned or failed)
+    seconds: float
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    @property
+    def best(self) -> Optional[FrozenTrial]:
+        return select_best(self.trials, self.config.objective)
+
+
+def open_study(config: TuneConfig, storage: str, name: str, heartbeat: int = 10) -> optuna.Study:
+    """Create the study (and enqueue its first trials) or join it, refusing a different search under the same name."""
+    backend = open_storage(storage, heartbeat)
+    sampler = optuna.samplers.TPESampler()  # reads the constraint each trial sets
+    pruner = PRUNERS[config.pruner](
+        config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints_func
+        try:
+            study = optuna.create_study(
+                storage=backend,
+                study_name=name,
+                directions=OBJECTIVES[config.objective],
+                sampler=sampler,
+                pruner=pruner,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+            stored = study.user_attrs.get("config")
+            if stored is not None and stored != json.loads(json.dumps(config.fingerprint())):
+                changed = sorted(
+                    k for k in stored if stored.get(k) != json.loads(json.dumps(config.fingerprint())).get(k)
+                )
+                raise CalbenchError(
+                    f"study {name!r} was created with other settings ({', '.join(changed)} differ); use the same options or a new --study NAME"
+                ) from None
+            return study
+    study.set_user_attr("config", config.fingerprint())
+    for label, params in first_trials(config.method, config.pairs, config.space):
+        study.enqueue_trial(params, user_attrs={"enqueued": label})
+    return study
+
+
+def search(
+    config: TuneConfig,
+    n_trials: int,
+    study_name: str,
+    storage: str,
+    context: RunContext = RunContext(),
+    heartbeat: int = 10,
+) -> SearchResult:
+    """Run trials until the study holds ``n_trials`` (complete, pruned or failed for a reason);
+    any number of processes may run this on the same study at once."""
+    if n_trials < 1:
+        raise CalbenchError(f"--trials must be at least 1, got {n_trials}")
+    for _, params in first_trials(config.method, config.pairs, config.space):  # a bad name fails here, not in trial 0
+        make_method(config.method, **method_params(params, config.epochs))
+    started = time.perf_counter()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the report lists failed and pruned trials with reasons
+    try:
+        study = open_study(config, storage, study_name, heartbeat)
+        worker = Worker(config, n_trials, context)
+        worker.load_reference(study)
+        ran = 0
+        with _progress(context.progress, n_trials) as bar, warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            while True:
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
+                trials = study.get_trials(deepcopy=False)
+                bar(trials, select_best(trials, config.objective))
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if not waiting and sum(counts_toward_total(t) for t in trials) >= n_trials:
+                    break
+                study.optimize(worker, n_trials=1, catch=(TrainingDiverged, Surplus))
+                ran += 1
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return SearchResult(study, config, storage, ran, time.perf_counter() - started)
+
+
+class _progress:
+    """rich progress while trials run: trials finished, current best, ETA (this process's pace)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.total = total
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[best]}"),
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> Callable[[list[FrozenTrial], Optional[FrozenTrial]], None]:
+        self.bar.__enter__()
+        self.task = self.bar.add_task("trial", total=self.total, best="")
+
+        def update(trials: list[FrozenTrial], best: Optional[FrozenTrial]) -> None:
+            done = sum(
+                t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)
+                for t in trials
+            )
+            text = (
+                ""
+                if best is None
+                else f"best #{best.number}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in best.user_attrs.get("val", {}).items())
+            )
+            self.bar.update(self.task, completed=min(done, self.total), description=f"trial {len(trials)}", best=text)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- after the search
+
+
+def non_dominated(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials no other trial beats on both (lower ECE, higher accuracy)."""
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        return a.values[0] <= b.values[0] and a.values[1] >= b.values[1] and tuple(a.values) != tuple(b.values)
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials)]
+
+
+def _per_pair_optima(result: SearchResult, best: FrozenTrial) -> dict[str, Any]:
+    """For each pair, this search's best trial on that pair alone, next to the shared best."""
+    c = result.config
+    per_pair = {}
+    for pair in c.pairs:
+        key = pair_key(pair)
+        scored = [t for t in result.trials if t.state == TrialState.COMPLETE and key in t.user_attrs.get("pairs", {})]
+        feasible = [t for t in scored if t.user_attrs["pairs"][key]["constraint"] <= 0] or scored
+        own = min(feasible, key=lambda t: (t.user_attrs["pairs"][key][c.metric], t.number))
+        per_pair[key] = {
+            "trial": own.number,
+            "params": method_params(own.params, c.epochs),
+            "val": own.user_attrs["pairs"][key],
+            "shared_val": best.user_attrs["pairs"][key],
+        }
+    return per_pair
+
+
+def _pareto_front(result: SearchResult) -> list[dict[str, Any]]:
+    """Optuna's non-dominated feasible trials (lower ECE, higher accuracy); with no feasible trial
+    Optuna's front is empty, and the unconstrained front is shown instead, marked so."""
+    members = result.study.best_trials or non_dominated([t for t in result.trials if t.state == TrialState.COMPLETE])
+    epochs = result.config.epochs
+    return [
+        {
+            "trial": t.number,
+            "ece": t.values[0],
+            "accuracy": t.values[1],
+            "feasible": is_feasible(t),
+            "params": method_params(t.params, epochs),
+        }
+        for t in sorted(members, key=lambda t: t.values[0])
+    ]
+
+
+def best_params_document(result: SearchResult) -> dict[str, Any]:
+    """best_params.json: {"method", "params"} as `train --params` / `compare --params` read it, plus provenance."""
+    best = result.best
+    if best is None:
+        raise CalbenchError(f"study {result.study.study_name!r} has no completed trial yet; run more --trials")
+    c = result.config
+    front = _pareto_front(result) if c.objective == "pareto" else []
+    return {
+        "method": c.method,
+        "params": method_params(best.params, c.epochs),
+        "study": result.study.study_name,
+        "trial": best.number,
+        "objective": c.objective,
+        "val": best.user_attrs.get("val", {}),
+        "feasible": is_feasible(best),
+        "reference_accuracy": result.study.user_attrs.get("reference_accuracy", {}),
+        "per_pair": _per_pair_optima(result, best),
+        **({"pareto_front": front} if front else {}),
+    }

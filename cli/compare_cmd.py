@@ -1,0 +1,144 @@
+"""`calbench compare` (fit, score, log and report a grid of methods) and `calbench report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from calbench.cli.common import (
+    CacheOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ModelOpt,
+    ParamsOpt,
+    ShotsOpt,
+    StrictOpt,
+    ValShotsOpt,
+    ViewsOpt,
+    WeightsOpt,
+    app,
+    console,
+    err_console,
+    parse_ints,
+    parse_names,
+    read_params,
+    results_table,
+    run_context,
+    user_errors,
+)
+
+MethodsOpt = typer.Option(None, "--methods", help="Comma-separated method ids (default: the standard set).")
+SeedsOpt = typer.Option("1,2,3", "--seeds", help="Comma-separated few-shot split / training seeds.")
+OutOpt = typer.Option(Path("results"), "--out", help="Folder for results.csv, predictions, diagrams and the report.")
+AllPairsOpt = typer.Option(False, "--all", help="Every available model x dataset pair of the same modality.")
+EveryMethodOpt = typer.Option(
+    False, "--all-methods", help="Every registered method (the default with --all unless --methods is given)."
+)
+ForceOpt = typer.Option(False, "--force", help="Recompute runs already in results.csv.")
+BootstrapOpt = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for each run's 95% ECE interval (0: none).")
+
+
+@app.command()
+@user_errors
+def compare(
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    methods: Optional[str] = MethodsOpt,
+    seeds: str = SeedsOpt,
+    shots: int = ShotsOpt,
+    val_shots: Optional[int] = ValShotsOpt,
+    views: int = ViewsOpt,
+    device: str = DeviceOpt,
+    out: Path = OutOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    weights: Optional[Path] = WeightsOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    params: Optional[Path] = ParamsOpt,
+    all_pairs: bool = AllPairsOpt,
+    every_method: bool = EveryMethodOpt,
+    force: bool = ForceOpt,
+    bootstrap: int = BootstrapOpt,
+    strict: bool = StrictOpt,
+) -> None:
+    """Train and evaluate methods; print tables, append to results.csv, write the report.
+
+    Runs already in OUT/results.csv with the same settings are reused, so an
+    interrupted grid resumes where it stopped.
+    """
+    from calbench.compare import Grid, run_compare
+    from calbench.methods import DEFAULT_METHODS, all_methods
+    from calbench.session import FewShot
+
+    chosen = (
+        parse_names(methods)
+        if methods is not None
+        else (all_methods() if (all_pairs or every_method) else DEFAULT_METHODS)
+    )
+    grid = Grid(
+        chosen,
+        parse_ints(seeds, "--seeds"),
+        FewShot(shots, val_shots, views),
+        bootstrap=bootstrap,
+        method_params=read_params(params),
+        force=force,
+    )
+    result = run_compare(
+        model,
+        data,
+        grid,
+        run_context(device, cache_dir, weights, data_root, strict),
+        out,
+        all_pairs=all_pairs,
+        log=lambda message: console.log(message) if console.is_terminal else None,
+        on_skip=lambda m, d, missing: err_console.print(
+            f"[yellow]skipped[/] {m} · {d}: {missing}", highlight=False, soft_wrap=True
+        ),
+    )
+    _render(result)
+
+
+def _skipped(model: str, data: str, missing: str) -> None:
+    err_console.print(f"[yellow]skipped[/] {model} · {data}: {missing}", highlight=False, soft_wrap=True)
+
+
+def _render(result: Any) -> None:
+    """Where features came from, one table per pair, failures, and what was written."""
+    from calbench.report import write_results_report
+
+    stats = result.stats
+    if result.computed == 0:
+        console.print(f"nothing to compute: every run is already in {result.out / 'results.csv'} (--force recomputes)")
+    elif stats.encoded == 0:
+        console.print(f"features: all {stats.loaded} read from the cache, no image encoded")
+    else:
+        console.print(f"features: {stats.encoded} image views encoded, {stats.loaded} read from the cache")
+    for model_name, dataset in dict.fromkeys((r["model"], r["dataset"]) for r in result.rows):
+        rows = [r for r in result.rows if (r["model"], r["dataset"]) == (model_name, dataset)]
+        console.print(
+            results_table(rows, f"{model_name} · {dataset} · {len({r['seed'] for r in rows})} seed(s) · test split")
+        )
+    for row in result.failures:
+        err_console.print(
+            f"[red]failed:[/] {row['model']} · {row['dataset']} · {row['method']} (seed {row['seed']}): {row['error']}",
+            highlight=False,
+        )
+    md, _ = write_results_report(result.out) if result.rows else (None, None)
+    summary = f"{result.computed} run(s) computed, {len(result.rows) - result.computed} reused from {result.out / 'results.csv'}"
+    if result.skipped_pairs:
+        summary += f"; {len(result.skipped_pairs)} pair(s) skipped for missing weights or data (listed above)"
+    console.print(
+        f"{summary}; {len(result.plots)} reliability diagrams{f', report {md}' if md else ''}; {result.seconds:.1f} s"
+    )
+
+
+@app.command()
+@user_errors
+def report(results_dir: Path = typer.Argument(Path("results"), help="A folder written by `calbench compare`.")) -> None:
+    """Render report.md and a self-contained report.html from a results folder."""
+    from calbench.report import write_results_report
+
+    md, page = write_results_report(results_dir)
+    console.print(f"wrote {md} and {page}")

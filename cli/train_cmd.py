@@ -1,0 +1,133 @@
+"""`calbench train` (save one learned prompt), `calbench evaluate` (score a saved prompt) and `calbench cache`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from calbench.cli.common import (
+    CacheOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ModelOpt,
+    ParamsOpt,
+    ShotsOpt,
+    StrictOpt,
+    ValShotsOpt,
+    ViewsOpt,
+    WeightsOpt,
+    app,
+    console,
+    err_console,
+    parse_ints,
+    read_params,
+    run_context,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def train(
+    method: str = typer.Option("calibprompt", "--method", help="A method that learns a prompt, optionally with +ts."),
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    seed: int = typer.Option(1, "--seed"),
+    shots: int = ShotsOpt,
+    val_shots: Optional[int] = ValShotsOpt,
+    views: int = ViewsOpt,
+    device: str = DeviceOpt,
+    out: Path = typer.Option(Path("prompts"), "--out", help="Folder for the learned context."),
+    cache_dir: Optional[Path] = CacheOpt,
+    weights: Optional[Path] = WeightsOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    params: Optional[Path] = ParamsOpt,
+    strict: bool = StrictOpt,
+) -> None:
+    """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
+    from calbench.methods import params_for
+    from calbench.runs import train_one
+    from calbench.session import FewShot
+
+    started = time.perf_counter()
+    context = run_context(device, cache_dir, weights, data_root, strict)
+    path, metrics = train_one(
+        method,
+        model,
+        data,
+        seed,
+        FewShot(shots, val_shots, views),
+        context,
+        out,
+        params_for(method, read_params(params)),
+    )
+    console.print(
+        f"{method} on {model} · {data}, seed {seed}: validation accuracy {100 * metrics['accuracy']:.2f}%, "
+        f"ECE {100 * metrics['ece']:.2f}% — saved {path} in {time.perf_counter() - started:.1f} s; "
+        f"score it with `calbench evaluate --prompt {path} --data {data}`"
+    )
+
+
+@app.command()
+@user_errors
+def evaluate(
+    prompt: Path = typer.Option(..., "--prompt", help="A prompt file saved by `calbench train`."),
+    data: str = DataOpt,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="The model it was trained on (default: read from the file)."
+    ),
+    device: str = DeviceOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    weights: Optional[Path] = WeightsOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
+) -> None:
+    """Score a saved prompt on a test split: its own dataset, or another with the same classes (a shift test)."""
+    from calbench.runs import evaluate_prompt
+
+    result = evaluate_prompt(prompt, data, model, run_context(device, cache_dir, weights, data_root, strict))
+    if result.note:
+        err_console.print(f"[yellow]note:[/] {result.note}", highlight=False)
+    name = result.session.dataset.name
+    shift = "" if name == result.trained_on else f" (trained on {result.trained_on}: a shift test)"
+    table = Table(
+        title=f"{result.method} · {result.session.model} · {name}{shift} · test split, {len(result.session.test_labels)} images"
+    )
+    for column in ("Acc %", "ECE %", "MCE %", "AdaECE %", "NLL", "Brier"):
+        table.add_column(column, justify="right")
+    m = result.metrics
+    table.add_row(
+        *(f"{100 * m[k]:.2f}" for k in ("accuracy", "ece", "mce", "adaptive_ece")),
+        f"{m['nll']:.3f}",
+        f"{m['brier']:.3f}",
+    )
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def cache(
+    model: str = ModelOpt,
+    data: str = DataOpt,
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Few-shot splits whose training views to encode."),
+    shots: int = ShotsOpt,
+    val_shots: Optional[int] = ValShotsOpt,
+    views: int = ViewsOpt,
+    device: str = DeviceOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    weights: Optional[Path] = WeightsOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
+) -> None:
+    """Encode the test split and the few-shot splits ahead of time (e.g. on a GPU node)."""
+    from calbench.runs import build_cache
+    from calbench.session import FewShot
+
+    context = run_context(device, cache_dir, weights, data_root, strict)
+    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), FewShot(shots, val_shots, views), context)
+    console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")

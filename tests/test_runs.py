@@ -1,0 +1,108 @@
+"""`calbench train` -> a prompt file -> `calbench evaluate`, on its own dataset and on a shifted copy."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from calbench.cli.app import app
+from calbench.errors import CalbenchError
+from calbench.methods import list_calibrators, list_methods, make_method
+from calbench.metrics import evaluate
+from calbench.runs import evaluate_prompt, train_one
+from calbench.session import FewShot, RunContext, Session
+
+pytestmark = pytest.mark.e2e
+runner = CliRunner()
+FEW = FewShot(shots=4, views=2)
+
+
+@pytest.fixture(scope="module")
+def context(cache_dir):
+    return RunContext(device="cpu", cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("method", ["coop-ce", "coop-ce+ts"])
+def test_a_saved_prompt_scores_as_the_trained_method(tmp_path, context, method):
+    path, _ = train_one(method, "tiny", "synthetic", 2, FEW, context, tmp_path, {"epochs": 3})
+    scored = evaluate_prompt(path, "synthetic", context=context)
+    session = Session("tiny", "synthetic", context)
+    trained = make_method(method, epochs=3).fit(session.fit_data(2, FEW))
+    with torch.no_grad():
+        direct = evaluate(trained.predict_proba(session.test_features(trained)).double().numpy(), session.test_labels)
+    assert scored.method == method and scored.note == "" and scored.trained_on == "synthetic"
+    assert scored.metrics == pytest.approx(direct, rel=1e-6, abs=1e-9)
+
+
+def test_a_calibrator_that_is_not_stored_is_named(tmp_path, context):
+    path, _ = train_one("coop-ce+iso", "tiny", "synthetic", 1, FEW, context, tmp_path, {"epochs": 2})
+    scored = evaluate_prompt(path, "synthetic", context=context)
+    assert scored.method == "coop-ce" and "+iso calibrator is not stored" in scored.note
+
+
+def test_shift_test_on_a_dataset_with_the_same_classes(tmp_path, context, synthetic):
+    path, _ = train_one("calibprompt", "tiny", "synthetic", 1, FEW, context, tmp_path / "p", {"epochs": 2})
+    shifted = tmp_path / "hospital-b"
+    shutil.copytree(synthetic.root, shifted)
+    scored = evaluate_prompt(path, str(shifted), context=context)
+    assert scored.session.dataset.name == "hospital-b" and scored.trained_on == "synthetic"
+    (shifted / "classnames.txt").write_text(
+        "".join(
+            f"{line.split()[0]} other {i}\n"
+            for i, line in enumerate((synthetic.root / "classnames.txt").read_text().splitlines())
+        )
+    )
+    with pytest.raises(
+        CalbenchError, match="was trained for the classes .* evaluate on a dataset with the same classes"
+    ):
+        evaluate_prompt(path, str(shifted), context=context)
+
+
+def test_train_refuses_a_method_without_a_prompt(tmp_path, context):
+    with pytest.raises(
+        CalbenchError, match="zero-shot learns no prompt, so there is nothing to train; pick one of: .*calibprompt"
+    ):
+        train_one("zero-shot", "tiny", "synthetic", 1, FEW, context, tmp_path)
+    assert not tmp_path.joinpath("zero-shot-tiny-synthetic-seed1.safetensors").exists()
+
+
+def test_evaluate_and_methods_commands(tmp_path, cache_dir):
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--method",
+            "coop-ls",
+            "--shots",
+            "4",
+            "--views",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(cache_dir),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    prompt = next(tmp_path.glob("coop-ls-tiny-synthetic-seed1.safetensors"))
+    shown = runner.invoke(
+        app,
+        ["evaluate", "--prompt", str(prompt), "--data", "synthetic", "--cache-dir", str(cache_dir), "--device", "cpu"],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "coop-ls · tiny · synthetic · test split, 300 images" in shown.output and "ECE %" in shown.output
+    missing = runner.invoke(
+        app, ["evaluate", "--prompt", str(tmp_path / "none.safetensors"), "--cache-dir", str(cache_dir)]
+    )
+    assert missing.exit_code == 2 and "does not exist; train one with `calbench train`" in missing.output
+    listed = runner.invoke(app, ["methods"])
+    assert listed.exit_code == 0
+    for name in list_methods():
+        assert name in listed.output
+    assert ", ".join(list_calibrators()) in listed.output.replace("\n", " ")
+    assert "smoothed over 32 noisy copies" in listed.output and "tunes at test time" in listed.output
