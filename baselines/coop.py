@@ -13,17 +13,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calbench.base import Method, as_number, check_known, register_method, split_train_params
+from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.calibprompt import PromptMethod
 from calbench.losses import Objective, Term
+from calbench.train import NON_NEGATIVE, POSITIVE, Range
 
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: default value, the term fields it sets, and where the default comes from."""
+    """A method parameter: default value, the term fields it sets, where the default comes from, and its range."""
 
     default: float
     sets: tuple[str, ...]
     source: str
+    allowed: Range = NON_NEGATIVE  # loss weights and most loss parameters: >= 0
+
+
+#: label smoothing's alpha (1 - alpha on the true class): alpha 1 puts no mass on the true class
+SMOOTHING = CALIBPROMPT_RANGES["alpha"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,15 @@ CALIBPROMPT = "Basu et al., BMVC 2025 (CalibPrompt defaults)"
 LOSS_METHODS: dict[str, LossMethod] = {
     "coop-ce": LossMethod("CoOp with cross-entropy (Zhou et al., IJCV 2022)", {"ce": "cross_entropy"}),
     "coop-ls": LossMethod(
-        "CoOp with label smoothing", {"ls": "label_smoothing"}, {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT)}
+        "CoOp with label smoothing",
+        {"ls": "label_smoothing"},
+        {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT, SMOOTHING)},
     ),
     "coop-mbls": LossMethod(
         "CoOp with margin-based label smoothing (Liu et al., CVPR 2022)",
         {"mbls": "mbls"},
         {
-            "margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022"),
+            "margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022", POSITIVE),
             "alpha": Param(0.1, ("mbls.alpha",), "Liu et al., CVPR 2022"),
         },
     ),
@@ -82,7 +91,7 @@ LOSS_METHODS: dict[str, LossMethod] = {
     "coop-logitnorm": LossMethod(
         "CoOp with LogitNorm (Wei et al., ICML 2022)",
         {"logitnorm": "logit_norm"},
-        {"temperature": Param(0.04, ("logitnorm.temperature",), "Wei et al., ICML 2022 (CIFAR-10 setting)")},
+        {"temperature": Param(0.04, ("logitnorm.temperature",), "Wei et al., ICML 2022 (CIFAR-10 setting)", POSITIVE)},
     ),
     "coop-zsnorm": LossMethod(
         "CoOp with ZS-Norm: CE on logits rescaled to the zero-shot range (Murugesan et al., ECCV 2024)",
@@ -110,21 +119,24 @@ LOSS_METHODS: dict[str, LossMethod] = {
         "CalibPrompt ablation: label smoothing + SMAC, no AS",
         {"ls": "label_smoothing", "smac": "smac"},
         {
-            "alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT),
+            "alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT, SMOOTHING),
             "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
         },
     ),
     "ls+as": LossMethod(
         "CalibPrompt ablation: label smoothing + AS, no SMAC",
         {"ls": "label_smoothing", "as": "angular_separation"},
-        {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT), "w_as": Param(0.01, ("as.weight",), CALIBPROMPT)},
+        {
+            "alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT, SMOOTHING),
+            "w_as": Param(0.01, ("as.weight",), CALIBPROMPT),
+        },
     ),
     "calibprompt-focal": LossMethod(
         "CalibPrompt with focal loss as the task loss: focal + SMAC + AS",
         {"focal": "focal", "smac": "smac", "as": "angular_separation"},
         {
             "gamma": Param(3.0, ("focal.gamma",), "Mukhoti et al., NeurIPS 2020"),
-            "alpha": Param(0.05, ("smac.alpha",), CALIBPROMPT),
+            "alpha": Param(0.05, ("smac.alpha",), CALIBPROMPT, SMOOTHING),
             "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
             "w_as": Param(0.01, ("as.weight",), CALIBPROMPT),
         },
@@ -134,9 +146,11 @@ LOSS_METHODS: dict[str, LossMethod] = {
 
 def _factory(name: str, spec: LossMethod):
     def build(**params: Any) -> Method:
-        cfg, rest = split_train_params(params)
+        cfg, rest = split_train_params(params, method=name)
         check_known(name, rest, spec.params)
-        values = {p: as_number(rest.get(p, param.default), f"{name} {p}") for p, param in spec.params.items()}
+        values = {
+            p: as_number(rest.get(p, param.default), f"{name} {p}", param.allowed) for p, param in spec.params.items()
+        }
         return PromptMethod(spec.objective(values), cfg)
 
     return build

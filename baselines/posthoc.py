@@ -77,7 +77,11 @@ class VectorScaling:
 
 
 class NetcalCalibrator:
-    """A netcal calibrator on softmax probabilities (multiclass: one-vs-all, renormalised)."""
+    """A netcal calibrator on softmax probabilities (multiclass: one-vs-all, renormalised).
+
+    On two columns netcal calibrates the positive class only and returns a 1-D array of its
+    probability; that is turned back into the (N, 2) distribution [1 - p, p].
+    """
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self.model = factory()
@@ -92,6 +96,9 @@ class NetcalCalibrator:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             probs = np.asarray(self.model.transform(F.softmax(logits.double(), dim=1).cpu().numpy()), dtype=np.float64)
+        if logits.shape[1] == 2 and probs.size == logits.shape[0]:  # two classes: p(class 1) only
+            positive = np.clip(np.nan_to_num(probs.reshape(-1), nan=0.5), 0.0, 1.0)
+            probs = np.stack([1.0 - positive, positive], axis=1)
         probs = np.nan_to_num(probs, nan=0.0)
         totals = probs.sum(axis=1, keepdims=True)
         uniform = np.full_like(probs, 1.0 / probs.shape[1])

@@ -33,6 +33,7 @@ from calbench.base import (
     FitData,
     LogitMethod,
     Method,
+    as_number,
     check_known,
     register_method,
     split_train_params,
@@ -43,7 +44,7 @@ from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
 from calbench.prompts import PromptLearner
 from calbench.smoothing import smoothed_proba
-from calbench.train import TrainConfig
+from calbench.train import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, TrainConfig
 
 PROMPTSMOOTH = "Hussein et al., MICCAI 2024 (PromptSmooth configs)"
 #: every default of the three methods: name -> (value, where it comes from)
@@ -67,8 +68,38 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "promptsmooth-zs starts from the hand prompt ('hand') or the few-shot PromptSmooth prompt ('fewshot')",
     ),
 }
+#: the range of each numeric parameter of the three methods (training options: TrainConfig's);
+#: sigma and each of train_sigmas are noise levels (> 0), the counts are whole numbers
+RANGES: dict[str, Range] = {
+    "sigma": POSITIVE,
+    "train_sigmas": POSITIVE,
+    "views_per_sigma": AT_LEAST_ONE,
+    "n_samples": AT_LEAST_ONE,
+    "w_as": NON_NEGATIVE,
+    "tta_steps": NON_NEGATIVE,
+    "tta_lr": POSITIVE,
+}
+COUNTS = ("views_per_sigma", "n_samples", "tta_steps")
+#: the one parameter that takes a list of numbers (in a --params file too)
+LIST_PARAMS = ("train_sigmas",)
 FEWSHOT_PARAMS = ("sigma", "train_sigmas", "views_per_sigma", "n_samples")
 ZEROSHOT_PARAMS = ("sigma", "n_samples", "tta_steps", "tta_lr", "init")
+
+
+def _checked(method: str, name: str, value: Any) -> Any:
+    """One own parameter, checked against its declared range (each element for train_sigmas)."""
+    what = f"{method} {name}"
+    if name == "train_sigmas":
+        sigmas = value if isinstance(value, (list, tuple)) else [value]
+        if not sigmas:
+            raise CalbenchError(f"{what} is empty; give at least one noise level, e.g. [0.25]")
+        return tuple(as_number(sigma, what, RANGES[name]) for sigma in sigmas)
+    if name not in RANGES:
+        return value
+    number = as_number(value, what, RANGES[name])
+    if name in COUNTS and not number.is_integer():
+        raise CalbenchError(f"{what}={value!r} must be a whole number in {RANGES[name]}")
+    return int(number) if name in COUNTS else number
 
 
 def _settings(
@@ -77,18 +108,9 @@ def _settings(
     """Split user parameters into a TrainConfig (PromptSmooth's training defaults) and the method's own ones."""
     check_known(method, params, own, train_options=trains)
     defaults = replace(TrainConfig(), **{name: DEFAULTS[name][0] for name in ("n_ctx", "epochs", "shots")})
-    cfg, rest = split_train_params(params if trains else {}, defaults)
-    values = {name: (rest if trains else params).get(name, DEFAULTS[name][0]) for name in own}
-    if "train_sigmas" in values:
-        sigmas = values["train_sigmas"]
-        values["train_sigmas"] = tuple(float(s) for s in (sigmas if isinstance(sigmas, (list, tuple)) else [sigmas]))
-    for sigma in (values.get("sigma", 1.0), *values.get("train_sigmas", ())):
-        if not float(sigma) > 0:
-            raise CalbenchError(f"{method}: noise sigma must be positive, got {sigma}")
-    for name, least in (("views_per_sigma", 1), ("n_samples", 1), ("tta_steps", 0)):
-        if name in values and not (float(values[name]) == int(values[name]) and int(values[name]) >= least):
-            raise CalbenchError(f"{method}: {name} must be an integer of at least {least}, got {values[name]}")
-    return cfg, values
+    cfg, rest = split_train_params(params if trains else {}, defaults, method=method)
+    given = rest if trains else params
+    return cfg, {name: _checked(method, name, given.get(name, DEFAULTS[name][0])) for name in own}
 
 
 class PromptSmooth(PromptMethod):
@@ -217,14 +239,18 @@ class PromptSmoothZeroShot(LogitMethod):
 
 
 @register_method(
-    "promptsmooth", "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)"
+    "promptsmooth",
+    "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)",
+    LIST_PARAMS,
 )
 def promptsmooth(**params: Any) -> Method:
     cfg, values = _settings("promptsmooth", params, FEWSHOT_PARAMS, trains=True)
     return PromptSmooth(Objective({"ce": Term("cross_entropy")}), cfg, **values)
 
 
-@register_method("promptsmooth-as", "few-shot PromptSmooth + angular separation (the CalibPrompt paper's combination)")
+@register_method(
+    "promptsmooth-as", "few-shot PromptSmooth + angular separation (the CalibPrompt paper's combination)", LIST_PARAMS
+)
 def promptsmooth_as(**params: Any) -> Method:
     cfg, values = _settings("promptsmooth-as", params, (*FEWSHOT_PARAMS, "w_as"), trains=True)
     w_as = float(values.pop("w_as"))
@@ -232,7 +258,9 @@ def promptsmooth_as(**params: Any) -> Method:
 
 
 @register_method(
-    "promptsmooth-zs", "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)"
+    "promptsmooth-zs",
+    "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)",
+    LIST_PARAMS,
 )
 def promptsmooth_zs(**params: Any) -> Method:
     init = params.get("init", DEFAULTS["init"][0])

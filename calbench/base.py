@@ -24,7 +24,7 @@ from torch import Tensor
 from calbench.errors import CalbenchError
 from calbench.models.base import VLMBackend
 from calbench.registry import Registry
-from calbench.train import TrainConfig
+from calbench.train import Range, TrainConfig, check_train_options
 
 #: ``FitData.extra`` key of the validation images in the form a smoothed method predicts from
 VAL_AS_TEST = "val-as-test"
@@ -186,15 +186,19 @@ class MethodSpec:
     name: str
     description: str
     factory: Callable[..., Method]
+    #: parameters that take a list of numbers (every other parameter is one number, text or true/false)
+    list_params: tuple[str, ...] = ()
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
 CALIBRATORS: Registry[Callable[[], Calibrator]] = Registry("calibrator")
 
 
-def register_method(name: str, description: str) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+def register_method(
+    name: str, description: str, list_params: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
     def add(factory: Callable[..., Method]) -> Callable[..., Method]:
-        METHODS.add(name, MethodSpec(name, description, factory))
+        METHODS.add(name, MethodSpec(name, description, factory, tuple(list_params)))
         return factory
 
     return add
@@ -215,9 +219,10 @@ def check_known(method: str, params: Mapping[str, Any], own: Iterable[str], trai
 
 
 def split_train_params(
-    params: Mapping[str, Any], defaults: Optional[TrainConfig] = None
+    params: Mapping[str, Any], defaults: Optional[TrainConfig] = None, method: str = "training option"
 ) -> tuple[TrainConfig, dict[str, Any]]:
-    """Separate TrainConfig fields (lr, n_ctx, ...) from a method's own parameters, type-checked."""
+    """Separate TrainConfig fields (lr, n_ctx, ...) from a method's own parameters, type- and range-checked
+    (an error names ``method``)."""
     types = {f.name: type(f.default) for f in fields(TrainConfig)}
     train: dict[str, Any] = {}
     for key, value in params.items():
@@ -238,11 +243,14 @@ def split_train_params(
                 f"training option {key}={value!r} must be {'a number' if kind is float else kind.__name__}"
             )
         train[key] = int(value) if kind is int else float(value) if kind is float else value
+    check_train_options(train, method)
     return replace(defaults or TrainConfig(), **train), {k: v for k, v in params.items() if k not in types}
 
 
-def as_number(value: Any, what: str) -> float:
-    """A method parameter from a JSON/YAML file as a float, or a one-line error naming it."""
+def as_number(value: Any, what: str, allowed: Optional[Range] = None) -> float:
+    """A method parameter from a JSON/YAML file as a float inside its declared range, or a one-line error naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CalbenchError(f"{what} must be a number, got {value!r}")
+    if allowed is not None:
+        allowed.check(what, value)
     return float(value)

@@ -3,8 +3,9 @@
 One safetensors file per (model fingerprint, dataset split fingerprint, split,
 transform, view) holds the features of the images encoded so far and their
 indices in the split; asking for more images encodes only the missing ones and
-rewrites the file atomically (temp file + rename). A corrupt file is rebuilt
-with a warning; a changed model, file set or transform gives a new key.
+rewrites the file atomically (temp file + rename) after every chunk of views, so a
+killed run resumes where its last chunk ended. A corrupt file is rebuilt with a
+warning; a changed model, file set or transform gives a new key.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from torch import Tensor
 from calbench.atomic import save_safetensors_atomic
 from calbench.data.folder import ImageFolderDataset
 from calbench.data.transforms import describe, to_tensor
+from calbench.errors import warn
 from calbench.models.base import VLMBackend
 
 
@@ -40,20 +43,72 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("calbench"))
 
 
+#: views encoded between saves of a split's cache files: a kill loses at most this many
+#: (seconds of GPU time), and at most this many new features wait in memory unsaved
+CHUNK_VIEWS = 1000
+#: ... or this many seconds of encoding, whichever comes first (a CPU encodes 1000 views slowly)
+CHUNK_SECONDS = 60.0
+
+
 @dataclass
 class CacheStats:
     encoded: int = 0
     loaded: int = 0
 
 
-class FeatureCache:
-    """Image features of one frozen model, keyed so that nothing stale is ever reused."""
+@dataclass
+class _ViewFile:
+    """One cache file (one view of one split): the rows it holds, and encoded rows not yet saved."""
 
-    def __init__(self, root: Path, vlm: VLMBackend, batch_size: int = 64, progress: bool = True) -> None:
+    path: Path
+    meta: dict[str, str]
+    features: Tensor
+    indices: Tensor
+    new_features: list[Tensor] = field(default_factory=list)
+    new_indices: list[Tensor] = field(default_factory=list)
+
+    def add(self, indices: list[int], features: Tensor) -> None:
+        self.new_indices.append(torch.tensor(indices, dtype=torch.int64))
+        self.new_features.append(features)
+
+    def save(self) -> None:
+        """Rewrite the file with every row so far, atomically: a kill leaves the previous save."""
+        if not self.new_indices:
+            return
+        self.features = torch.cat([self.features, *self.new_features])
+        self.indices = torch.cat([self.indices, *self.new_indices])
+        self.new_features, self.new_indices = [], []
+        save_safetensors_atomic(self.path, {"features": self.features, "indices": self.indices}, self.meta)
+
+    def rows(self, wanted: np.ndarray) -> Tensor:
+        position = {int(i): row for row, i in enumerate(self.indices.tolist())}
+        return self.features[[position[int(i)] for i in wanted]]
+
+
+class FeatureCache:
+    """Image features of one frozen model, keyed so that nothing stale is ever reused.
+
+    New features are saved every ``chunk_size`` views or ``chunk_seconds`` seconds of encoding,
+    whichever comes first, so an interrupted run keeps all but the last chunk's work.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        vlm: VLMBackend,
+        batch_size: int = 64,
+        progress: bool = True,
+        chunk_size: int = CHUNK_VIEWS,
+        chunk_seconds: float = CHUNK_SECONDS,
+    ) -> None:
+        if chunk_size < 1 or batch_size < 1:
+            raise ValueError(f"chunk_size and batch_size must be at least 1, got {chunk_size} and {batch_size}")
         self.root = Path(root) / "features"
         self.vlm = vlm
         self.batch_size = batch_size
         self.progress = progress
+        self.chunk_size = chunk_size
+        self.chunk_seconds = chunk_seconds
         self.stats = CacheStats()
 
     def _key(self, dataset: ImageFolderDataset, split: str, kind: str, view: int) -> tuple[Path, dict[str, str]]:
@@ -80,7 +135,8 @@ class FeatureCache:
                 raise ValueError("inconsistent shapes")
             return features, indices
         except Exception as exc:
-            warnings.warn(f"feature cache file {path} is unreadable ({exc}); rebuilding it", stacklevel=2)
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            warn(f"feature cache file {path} is unreadable ({reason}); rebuilding it", stacklevel=2)
             return empty
 
     def features(
@@ -97,36 +153,32 @@ class FeatureCache:
         one view per index in ``views``). Each image is decoded once for all its missing views.
         """
         wanted = np.asarray(indices, dtype=np.int64)
-        entries = []
+        files: dict[int, _ViewFile] = {}
         jobs: dict[int, list[int]] = {}  # image index -> views to encode
-        for view in views:
+        for view in dict.fromkeys(views):
             path, meta = self._key(dataset, split, kind, view)
             features, stored = self._read(path)
             missing = np.setdiff1d(wanted, stored.numpy())
             for index in missing.tolist():
                 jobs.setdefault(index, []).append(view)
-            entries.append((view, path, meta, features, stored))
+            files[view] = _ViewFile(path, meta, features, stored)
             self.stats.loaded += len(wanted) - len(missing)
-
-        new = self._encode(dataset, split, kind, jobs) if jobs else {}
-        out = []
-        for view, path, meta, features, stored in entries:
-            added = sorted(i for i, v in new if v == view)
-            if added:
-                features = torch.cat([features, torch.stack([new[(i, view)] for i in added])])
-                stored = torch.cat([stored, torch.tensor(added, dtype=torch.int64)])
-                save_safetensors_atomic(path, {"features": features, "indices": stored}, meta)
-            position = {int(i): row for row, i in enumerate(stored.tolist())}
-            out.append(features[[position[int(i)] for i in wanted]])
-        return torch.stack(out)
+        if jobs:
+            self._encode(dataset, split, kind, jobs, files)
+        return torch.stack([files[view].rows(wanted) for view in views])
 
     def _encode(
-        self, dataset: ImageFolderDataset, split: str, kind: str, jobs: dict[int, list[int]]
-    ) -> dict[tuple[int, int], Tensor]:
+        self,
+        dataset: ImageFolderDataset,
+        split: str,
+        kind: str,
+        jobs: dict[int, list[int]],
+        files: dict[int, _ViewFile],
+    ) -> None:
+        """Encode the missing (image, view) pairs into ``files``, saving them chunk by chunk."""
         device = self.vlm.device
         autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
         pending = [(index, view) for index in sorted(jobs) for view in jobs[index]]
-        result: dict[tuple[int, int], Tensor] = {}
         progress = Progress(
             TextColumn(f"encoding {dataset.name}/{split} ({kind})"),
             BarColumn(),
@@ -135,19 +187,43 @@ class FeatureCache:
             transient=True,
             disable=not self.progress,
         )
+        image: list[Any] = [-1, None]  # the last decoded image: its views are consecutive in ``pending``
         with progress, torch.inference_mode(), autocast:
             task = progress.add_task("encode", total=len(pending))
-            image_cache: tuple[int, object] = (-1, None)
-            for start in range(0, len(pending), self.batch_size):
-                batch = pending[start : start + self.batch_size]
-                pixels = []
-                for index, view in batch:
-                    if image_cache[0] != index:
-                        image_cache = (index, dataset.load_image(split, index))
-                    pixels.append(to_tensor(image_cache[1], kind, self.vlm.preprocess, view, index))
-                features = self.vlm.encode_images(torch.stack(pixels).to(device)).float().cpu()
-                for key, row in zip(batch, features):
-                    result[key] = row.clone()
-                progress.advance(task, len(batch))
-        self.stats.encoded += len(pending)
-        return result
+            saved = time.monotonic()
+            for chunk_start in range(0, len(pending), self.chunk_size):
+                chunk = pending[chunk_start : chunk_start + self.chunk_size]
+                for start in range(0, len(chunk), self.batch_size):
+                    batch = chunk[start : start + self.batch_size]
+                    self._encode_batch(dataset, split, kind, batch, files, image)
+                    progress.advance(task, len(batch))
+                    if time.monotonic() - saved >= self.chunk_seconds:
+                        self._save(files)
+                        saved = time.monotonic()
+                self._save(files)
+                saved = time.monotonic()
+
+    def _encode_batch(
+        self,
+        dataset: ImageFolderDataset,
+        split: str,
+        kind: str,
+        batch: list[tuple[int, int]],
+        files: dict[int, _ViewFile],
+        image: list[Any],
+    ) -> None:
+        pixels = []
+        for index, view in batch:
+            if image[0] != index:
+                image[:] = [index, dataset.load_image(split, index)]
+            pixels.append(to_tensor(image[1], kind, self.vlm.preprocess, view, index))
+        features = self.vlm.encode_images(torch.stack(pixels).to(self.vlm.device)).float().cpu()
+        for view in dict.fromkeys(v for _, v in batch):
+            rows = [row for row, (_, v) in enumerate(batch) if v == view]
+            files[view].add([batch[row][0] for row in rows], features[rows])
+        self.stats.encoded += len(batch)
+
+    @staticmethod
+    def _save(files: dict[int, _ViewFile]) -> None:
+        for file in files.values():
+            file.save()

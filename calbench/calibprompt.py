@@ -26,7 +26,11 @@ from calbench.base import (
 )
 from calbench.losses import Objective, calibprompt_objective
 from calbench.prompts import PromptLearner
-from calbench.train import TrainConfig, logits_for, train_prompt_learner
+from calbench.train import NON_NEGATIVE, Range, TrainConfig, logits_for, train_prompt_learner
+
+#: the range of each parameter of :func:`calbench.losses.calibprompt_objective` (where their defaults live):
+#: label smoothing's alpha in [0, 1) (alpha 1 leaves no mass on the true class), weights >= 0
+RANGES: dict[str, Range] = {"alpha": Range(0, 1), "w_smac": NON_NEGATIVE, "w_as": NON_NEGATIVE}
 
 
 class PromptMethod(LogitMethod):
@@ -87,6 +91,7 @@ class PromptMethod(LogitMethod):
 @register_method("calibprompt", "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)")
 def calibprompt(**params: Any) -> Method:
     """Parameters: alpha, w_smac, w_as (defaults in :func:`calbench.losses.calibprompt_objective`) and TrainConfig fields."""
-    cfg, rest = split_train_params(params)
+    cfg, rest = split_train_params(params, method="calibprompt")
     check_known("calibprompt", rest, inspect.signature(calibprompt_objective).parameters)
-    return PromptMethod(calibprompt_objective(**{k: as_number(v, f"calibprompt {k}") for k, v in rest.items()}), cfg)
+    values = {k: as_number(v, f"calibprompt {k}", RANGES[k]) for k, v in rest.items()}
+    return PromptMethod(calibprompt_objective(**values), cfg)

@@ -10,6 +10,7 @@ views disjoint from those, so the base classifier is fixed before its votes are 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,9 +25,9 @@ from calbench.atomic import write_csv_atomic
 from calbench.base import Method, base_of
 from calbench.cache import CacheStats
 from calbench.data.transforms import noise_kind
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method, parse_method
-from calbench.results import ResultsStore
+from calbench.results import open_folder, put_certification
 from calbench.session import FewShot, RunContext, Session
 from calbench.smoothing import DEFAULT_RADII, certified_accuracy, certify_predictions
 
@@ -88,12 +89,13 @@ def _votes(session: Session, method: Method, chosen: np.ndarray, sigma: float, n
     return torch.cat(votes)
 
 
-def _check(sigma: float, n: int, n0: int, alpha: float, subset: int) -> None:
+def _check(sigma: float, n: int, n0: int, alpha: float, subset: int, seed: int) -> None:
     for name, value in (("--n", n), ("--n0", n0), ("--subset", subset)):
         if value < 1:
             raise CalbenchError(f"{name} must be at least 1, got {value}")
-    if not sigma > 0:
-        raise CalbenchError(f"--sigma must be positive, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise CalbenchError(f"--sigma must be a positive finite number, got {sigma}")
+    check_seed(seed, "--seed")
     if not 0 < alpha < 1:
         raise CalbenchError(f"--alpha must be in (0, 1), got {alpha}")
 
@@ -122,8 +124,9 @@ def run_certify(
     results go to ``out``/certify/<run>.csv.
     """
     start = time.perf_counter()
-    _check(sigma, n, n0, alpha, subset)
+    _check(sigma, n, n0, alpha, subset, seed)
     parse_method(method)
+    open_folder(Path(out))  # a file or read-only folder in the way fails before any work
     smoothed = _build(method, sigma, dict(params or {}))
     config = getattr(base_of(smoothed), "config", None)
     fewshot = replace(fewshot, shots=shots if shots is not None else (config.shots if config else fewshot.shots))
@@ -140,7 +143,7 @@ def run_certify(
     run = {"model": model, "dataset": session.dataset.name, "method": method, "seed": seed, "shots": fewshot.shots}
     run.update({"sigma": float(sigma), "n0": n0, "n": n, "alpha": float(alpha), "subset": len(chosen)})
     rows = [{**run, "radius": r, "certified_accuracy": acc, "abstain_rate": abstain} for r, acc in accuracy.items()]
-    path = ResultsStore(Path(out)).put_certification(rows)
+    path = put_certification(Path(out), rows)
     items_path = _write_items(Path(out), run, chosen, labels[chosen], predicted, radius)
     seconds = time.perf_counter() - start
     return CertifyResult(

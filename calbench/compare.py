@@ -20,7 +20,7 @@ import torch
 
 from calbench.base import CALIBRATORS, Calibrated, Method
 from calbench.cache import CacheStats
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seeds, warn
 from calbench.methods import (
     DEFAULT_METHODS,
     check_method_params,
@@ -31,6 +31,7 @@ from calbench.methods import (
 )
 from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.plots import reliability_diagram
+from calbench.report.results import dataset_labels, diagram_stem
 from calbench.results import ResultsStore, Row
 from calbench.session import FewShot, RunContext, Session
 
@@ -55,6 +56,7 @@ class Grid:
             parse_method(name)
         if not self.seeds:
             raise CalbenchError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
+        check_seeds(self.seeds, "--seeds")
         if self.bootstrap < 0:
             raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {self.bootstrap}")
         check_method_params(self.method_params)
@@ -76,7 +78,20 @@ class CompareResult:
 
     @property
     def failures(self) -> list[Row]:
-        return [row for row in self.rows if row["status"] != "ok"]
+        return [row for row in self.rows if row["status"] == "failed"]
+
+    @property
+    def degenerate(self) -> list[Row]:
+        """Runs whose predictions collapsed to near-uniform (see :func:`degenerate_reason`)."""
+        return [row for row in self.rows if row["status"] == "degenerate"]
+
+
+#: a run is degenerate when every test item's top probability is this close to 1/C (calbench's
+#: choice: an untrained or collapsed prompt would otherwise give ``ok``-looking rows at chance accuracy)
+DEGENERATE_TOLERANCE = 1e-3
+#: statuses whose row has metrics and is reused on the next run: a degenerate run is a deterministic
+#: outcome of its settings (retrying gives the same), a failed one is retried
+SCORED = ("ok", "degenerate")
 
 
 def run_config(session: Session, method: str, settings: Mapping[str, object]) -> str:
@@ -92,11 +107,34 @@ def run_config(session: Session, method: str, settings: Mapping[str, object]) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def dataset_identity(session: Session) -> str:
+    """Six hex digits of the dataset's file fingerprints: what tells two datasets with one name
+    (a/data, b/data) apart in the report and the diagram names. The run's ``config`` hashes the
+    same fingerprints, so a row found by its config has this identity."""
+    dataset = session.dataset
+    return hashlib.sha256(f"{dataset.fingerprint('train')}|{dataset.fingerprint('test')}".encode()).hexdigest()[:6]
+
+
+def degenerate_reason(probs: np.ndarray) -> str:
+    """Why ``probs`` are a collapsed prediction, or "" when they are not: every top probability within
+    :data:`DEGENERATE_TOLERANCE` of 1/C."""
+    n_classes = probs.shape[1]
+    if probs.shape[0] == 0 or not np.all(np.abs(probs.max(axis=1) - 1.0 / n_classes) <= DEGENERATE_TOLERANCE):
+        return ""
+    return (
+        f"near-uniform predictions: every test item's top probability is within {DEGENERATE_TOLERANCE:g} of "
+        f"1/{n_classes}; the method learned nothing (check epochs, lr and loss weights)"
+    )
+
+
 def score(probs: np.ndarray, labels: np.ndarray, seed: int, n_bins: int, bootstrap: int) -> Row:
-    """A run's metric columns: every metric, and the bootstrap ECE interval when asked for."""
+    """A run's metric columns: every metric, the bootstrap ECE interval when asked for, and its status
+    (``degenerate`` for a collapsed prediction: metrics kept, never the best ECE)."""
     metrics: Row = dict(evaluate(probs, labels, n_bins))
     low, high = bootstrap_ece(probs, labels, bootstrap, seed, n_bins) if bootstrap > 0 else (float("nan"), float("nan"))
-    return {**metrics, "ece_ci_low": low, "ece_ci_high": high, "status": "ok", "error": ""}
+    reason = degenerate_reason(probs)
+    status = "degenerate" if reason else "ok"
+    return {**metrics, "ece_ci_low": low, "ece_ci_high": high, "status": status, "error": reason}
 
 
 def failed(reason: str) -> Row:
@@ -129,6 +167,8 @@ class _SeedRun:
             try:
                 method = self.grid.build(base)
                 self.fitted[base] = method.fit(self.session.fit_data(self.seed, self.grid.fewshot, method))
+            except OSError:  # a full or read-only disk under the cache is the machine's, not the method's
+                raise
             except Exception as exc:  # noqa: BLE001 - the base failed: so do its post-hoc variants
                 self.errors[base] = reason_of(exc)
                 raise CalbenchError(self.errors[base]) from exc
@@ -138,7 +178,8 @@ class _SeedRun:
         return wrapped.fit(self.session.fit_data(self.seed, self.grid.fewshot, wrapped))
 
     def run(self, name: str) -> tuple[Row, Optional[np.ndarray]]:
-        """Fit (or reuse) and score ``name``; a failure becomes a failed row, never an exception."""
+        """Fit (or reuse) and score ``name``; a method's failure becomes a failed row, while a file-system
+        error (the cache's disk is full or read-only) stops the grid with one line, finished rows kept."""
         try:
             method = self.fitted_method(name)
             with torch.no_grad():
@@ -146,6 +187,8 @@ class _SeedRun:
             if not np.all(np.isfinite(probs)):
                 raise CalbenchError("predicted probabilities are not finite")
             return score(probs, self.session.test_labels, self.seed, self.grid.n_bins, self.grid.bootstrap), probs
+        except OSError:
+            raise
         except Exception as exc:  # noqa: BLE001 - one failed run is reported in its row; the grid goes on
             return failed(reason_of(exc)), None
 
@@ -153,7 +196,8 @@ class _SeedRun:
 def compare_pair(
     session: Session, store: ResultsStore, grid: Grid, log: Callable[[str], None] = lambda message: None
 ) -> tuple[list[Row], int]:
-    """Every (method, seed) of one model and dataset; rows already in ``store`` are reused unless ``grid.force``."""
+    """Every (method, seed) of one model and dataset; rows already in ``store`` are reused unless ``grid.force``
+    (failed rows are retried, degenerate ones reused: the same settings give the same collapse)."""
     fewshot = grid.fewshot
     settings = {"shots": fewshot.shots, "val_shots": fewshot.val_shots, "views": fewshot.views, "n_bins": grid.n_bins}
     configs = {
@@ -161,14 +205,21 @@ def compare_pair(
         for name in grid.methods
     }
     where = {"model": session.model, "dataset": session.dataset.name}
+    identity = {"dataset_id": dataset_identity(session)}
 
     def logged(name: str, seed: int) -> Optional[Row]:
         return store.find(**where, method=name, seed=seed, config=configs[name])
 
     computed = 0
+    shape = (len(session.test_labels), session.dataset.n_classes)
     for seed in grid.seeds:
-        # failed runs are retried
-        todo = [n for n in grid.methods if grid.force or (logged(n, seed) or {}).get("status") != "ok"]
+        todo = [
+            n
+            for n in grid.methods
+            if grid.force
+            or (logged(n, seed) or {}).get("status") not in SCORED
+            or store.predictions_damaged(logged(n, seed), shape)  # a damaged prediction file: its run again
+        ]
         if todo:  # data problems (too few images, an unreadable file) stop the grid with one line, not a row per method
             session.test_features()
             session.fit_data(seed, fewshot)
@@ -177,31 +228,70 @@ def compare_pair(
             log(f"{session.model} · {session.dataset.name} · seed {seed}: {name}")
             metrics, probs = run.run(name)
             if metrics["status"] != "ok":
-                log(f"{session.model} · {session.dataset.name} · seed {seed}: {name} failed: {metrics['error']}")
-            store.put({**where, "method": name, "seed": seed, "config": configs[name], **metrics}, probs)
+                log(
+                    f"{session.model} · {session.dataset.name} · seed {seed}: {name} {metrics['status']}: {metrics['error']}"
+                )
+            store.put({**where, **identity, "method": name, "seed": seed, "config": configs[name], **metrics}, probs)
             computed += 1
     rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
+    unnamed = [{**row, **identity} for row in rows if not row.get("dataset_id")]
+    if unnamed:  # rows from before results.csv had a dataset_id: their config pins the same files
+        store.put_rows(unnamed)
+        rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
     return rows, computed
 
 
 def reliability_plots(
-    store: ResultsStore, rows: Sequence[Row], labels_of: Mapping[str, np.ndarray], n_bins: int
+    store: ResultsStore, rows: Sequence[Row], labels_of: Mapping[tuple[str, str], np.ndarray], n_bins: int
 ) -> dict[str, Path]:
-    """One diagram per (model, dataset, method), test predictions pooled over the seeds run."""
-    groups: dict[tuple[str, str, str], list[np.ndarray]] = {}
+    """One diagram per (model, dataset, method), test predictions pooled over the seeds run.
+
+    ``labels_of`` maps (dataset name, dataset_id) to test labels. A dataset is named as the report
+    names it: plainly, or with its identity where another dataset in the folder shares its name.
+    """
+    names = dataset_labels(store.rows)
+    groups: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     for row in rows:
-        probs = store.predictions(row)
+        probs = store.predictions(row)  # a degenerate run's too: its diagram shows the collapse
         if probs is not None:
-            groups.setdefault((str(row["model"]), str(row["dataset"]), str(row["method"])), []).append(probs)
+            key = (str(row["model"]), str(row["dataset"]), str(row.get("dataset_id") or ""), str(row["method"]))
+            groups.setdefault(key, []).append(probs)
     plots = {}
-    for (model, dataset, method), parts in groups.items():
-        path = store.out / "reliability" / f"{model}_{dataset}_{method.replace('+', '_')}.png"
-        labels = np.tile(labels_of[dataset], len(parts))
+    for (model, dataset, ident, method), parts in groups.items():
+        label = names[(dataset, ident)]
+        path = store.out / "reliability" / f"{diagram_stem(model, label, method)}.png"
+        labels = np.tile(labels_of[(dataset, ident)], len(parts))
         reliability_diagram(
-            np.concatenate(parts), labels, f"{method} · {model} · {dataset} · {len(parts)} seed(s) pooled", path, n_bins
+            np.concatenate(parts), labels, f"{method} · {model} · {label} · {len(parts)} seed(s) pooled", path, n_bins
         )
-        plots[f"{model}/{dataset}/{method}"] = path
+        plots[f"{model}/{label}/{method}"] = path
+    _rename_plain_diagrams(store, names, {key[:2] + key[3:]: key[2] for key in groups})
     return plots
+
+
+def _rename_plain_diagrams(
+    store: ResultsStore, names: Mapping[tuple[str, str], str], drawn: Mapping[tuple[str, str, str], str]
+) -> None:
+    """A diagram drawn while its dataset's name was unique in the folder has the plain name. Once another
+    dataset shares the name, it takes its dataset's label: the one other dataset of that name with runs
+    of that model and method (with none or several the owner is unknown and the file is left alone)."""
+
+    def ident(row: Row) -> str:
+        return str(row.get("dataset_id") or "")
+
+    for model, dataset, method in {(str(r["model"]), str(r["dataset"]), str(r["method"])) for r in store.rows}:
+        plain = store.out / "reliability" / f"{diagram_stem(model, dataset, method)}.png"
+        if not plain.is_file() or all(label == dataset for (name, _), label in names.items() if name == dataset):
+            continue  # no plain diagram, or the name is still unique
+        owners = {
+            names[(dataset, ident(r))]
+            for r in store.rows
+            if (str(r["model"]), str(r["dataset"]), str(r["method"])) == (model, dataset, method)
+            and r["status"] in SCORED
+            and ident(r) != drawn.get((model, dataset, method))
+        }
+        if len(owners) == 1:
+            plain.replace(plain.with_name(f"{diagram_stem(model, owners.pop(), method)}.png"))
 
 
 def plan_grid(
@@ -254,9 +344,14 @@ def run_compare(
     for m, d in pairs:
         session = Session(m, d, replace(context, weights=None) if all_pairs else context)
         session.cache.stats = stats  # one count over the grid
-        labels_of[session.dataset.name] = session.test_labels
+        labels_of[(session.dataset.name, dataset_identity(session))] = session.test_labels
         pair_rows, pair_computed = compare_pair(session, store, grid, log)
         rows += pair_rows
         computed += pair_computed
     plots = reliability_plots(store, rows, labels_of, grid.n_bins)
+    for row in {id(r): r for r in rows}.values():
+        if row["status"] == "degenerate":
+            warn(
+                f"{row['model']} · {row['dataset']} · {row['method']} (seed {row['seed']}) is degenerate: {row['error']}"
+            )
     return CompareResult(rows, computed, skipped, stats, time.perf_counter() - start, store.out, plots)

@@ -80,19 +80,51 @@ def method_signature(method: Method) -> dict[str, object]:
 
 
 def read_params_file(path: Path) -> dict[str, dict[str, object]]:
-    """Method parameters from JSON: {"method": m, "params": {...}} (as `tune` writes) or {method: {...}}."""
+    """Method parameters from JSON: {"method": m, "params": {...}} (as `tune` writes) or {method: {...}}.
+
+    Each parameter is one number, text, true/false or null; a list of numbers only where the
+    method declares it (``MethodSpec.list_params``, e.g. PromptSmooth's train_sigmas).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CalbenchError(f"parameter file {path} is a folder; pass a JSON file such as best_params.json")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CalbenchError(f"parameter file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise CalbenchError(f"parameter file {path} is not UTF-8 text; save it as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise CalbenchError(f"parameter file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "method" in data and "params" in data:
-        return {str(data["method"]): dict(data["params"])}
-    if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
-        return {str(k): dict(v) for k, v in data.items()}
-    raise CalbenchError(f'{path}: expected {{"method": ..., "params": {{...}}}} or {{method: {{param: value}}}}')
+        data = {str(data["method"]): data["params"]}
+    elif not isinstance(data, dict):
+        raise CalbenchError(f'{path}: expected {{"method": ..., "params": {{...}}}} or {{method: {{param: value}}}}')
+    for name, params in data.items():
+        _check_shape(path, str(name), params)
+    return {str(k): dict(v) for k, v in data.items()}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_shape(path: Path, method: str, params: object) -> None:
+    """One method's entry must be an object of scalars (lists of numbers where the method declares them)."""
+    if not isinstance(params, dict):
+        raise CalbenchError(
+            f'{path}: {method} must map to an object of parameters like {{"alpha": 0.1}}, got {json.dumps(params)}'
+        )
+    lists = METHODS.get(method).list_params if method in METHODS else ()
+    for key, value in params.items():
+        if isinstance(value, list) and key in lists:
+            if not value or not all(_is_number(v) for v in value):
+                raise CalbenchError(f"{path}: {method} {key} must be a list of numbers, got {json.dumps(value)}")
+        elif isinstance(value, (list, dict)):
+            raise CalbenchError(
+                f"{path}: {method} {key} must be one number, text or true/false"
+                f"{' (or a list of numbers)' if key in lists else ''}, got {json.dumps(value)}"
+            )
 
 
 def check_method_params(method_params: Mapping[str, Mapping[str, object]]) -> None:

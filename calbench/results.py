@@ -11,7 +11,9 @@ most the run in progress. Nothing here needs torch: a report renders from these 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from calbench.atomic import save_npy_atomic, write_csv_atomic
-from calbench.errors import CalbenchError
+from calbench.atomic import save_npy_atomic, write_bytes_atomic, write_csv_atomic
+from calbench.errors import CalbenchError, naming, warn
 from calbench.metrics import METRICS
 
 try:
@@ -39,6 +41,7 @@ RESULT_COLUMNS = [
     "status",
     "error",
     "config",
+    "dataset_id",  # the dataset's file fingerprints, short: tells apart two datasets with one name
 ]
 KEY = ("model", "dataset", "method", "seed", "config")
 #: one row per certified setting and radius (`calbench certify`)
@@ -62,38 +65,117 @@ CERTIFY_KEY = tuple(c for c in CERTIFY_COLUMNS if c not in ("certified_accuracy"
 Row = dict[str, Any]
 
 
-def read_results(path: Path) -> list[Row]:
-    """Rows of a results.csv with numbers parsed back (empty cells of failed runs become NaN)."""
+def _parse_csv(path: Path) -> tuple[list[str], list[tuple[int, Row, str]]]:
+    """The header and (line, row, damage) of every row; damage is "" for a sound row, else why it is not.
+
+    Bytes that are not UTF-8 are kept as surrogates so that only their rows are lost; a file
+    calbench wrote ends with a line break, so a last row without one was cut short.
+    """
+    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fields = list(reader.fieldnames or [])
+    except csv.Error:
+        fields = []
+    rows: list[tuple[int, Row, str]] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            rows.append((reader.line_num, {}, f"unreadable CSV ({exc})"))
+            continue
+        if None in row:
+            damage = "more fields than the header"
+        elif any(value is None for value in row.values()):
+            damage = "fewer fields than the header"
+        elif any(_NOT_UTF8.search(value) for value in row.values()):
+            damage = "bytes that are not UTF-8"
+        else:
+            damage = ""
+        rows.append((reader.line_num, row, damage))
+    if rows and text and not text.endswith("\n"):
+        rows[-1] = (rows[-1][0], rows[-1][1], "cut short: no line break at the end of the file")
+    return fields, rows
+
+
+#: surrogates that stand for bytes that were not UTF-8 (``errors="surrogateescape"``)
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _bad_number(row: Row, integers: Iterable[str], floats: Iterable[str]) -> str:
+    """Why a row's numeric cells do not parse ("" when they all do; empty float cells are NaN)."""
+    for key in integers:
+        try:
+            int(row[key])
+        except (KeyError, ValueError):
+            return f"{key} {row.get(key)!r} is not a whole number"
+    for key in floats:
+        try:
+            float(row[key]) if row.get(key) not in (None, "") else None
+        except ValueError:
+            return f"{key} {row[key]!r} is not a number"
+    return ""
+
+
+def _sound_rows(path: Path, rows: list[tuple[int, Row, str]], quiet: bool, then: str) -> tuple[list[Row], int]:
+    """The sound rows, and how many were damaged (each named in a warning unless ``quiet``)."""
+    sound = [row for _, row, damage in rows if not damage]
+    for line, _, damage in rows:
+        if damage and not quiet:
+            warn(f"{path} line {line} is damaged ({damage}); dropped it, {then}")
+    return sound, len(rows) - len(sound)
+
+
+def _load_results(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
     if not Path(path).is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("model", "dataset", "method", "seed", *METRICS) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CalbenchError(
-                f"{path} is not a calbench results.csv (no column {missing[0]!r}); point to a folder written by `calbench compare`"
-            )
-        rows = list(reader)
-    numeric = set(METRICS) | {"ece_ci_low", "ece_ci_high"}
+        return [], 0
+    fields, parsed = _parse_csv(path)
+    missing = [c for c in ("model", "dataset", "method", "seed", *METRICS) if c not in fields]
+    if missing:
+        raise CalbenchError(
+            f"{path} is not a calbench results.csv (no column {missing[0]!r}); point to a folder written by `calbench compare`"
+        )
+    numeric = [c for c in (*METRICS, "ece_ci_low", "ece_ci_high") if c in fields]
+    parsed = [(line, row, damage or _bad_number(row, ["seed"], numeric)) for line, row, damage in parsed]
+    rows, damaged = _sound_rows(path, parsed, quiet, "so its run is computed again")
     for row in rows:
         row["seed"] = int(row["seed"])
-        for key in numeric:
+        for key in (*METRICS, "ece_ci_low", "ece_ci_high"):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
         row.setdefault("status", "ok")
-    return rows
+        row["dataset_id"] = row.get("dataset_id") or ""  # files written before the column existed
+    return rows, damaged
+
+
+def read_results(path: Path) -> list[Row]:
+    """Rows of a results.csv with numbers parsed back (empty cells of failed runs become NaN).
+
+    A damaged row (bytes that are not UTF-8, a cell that should be a number and is not, a last
+    row cut short) is left out with a warning naming the file and line, so its run is computed again.
+    """
+    return _load_results(path)[0]
+
+
+def _load_certification(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
+    if not Path(path).is_file():
+        return [], 0
+    fields, parsed = _parse_csv(path)
+    if fields != CERTIFY_COLUMNS:
+        raise CalbenchError(
+            f"{path} has columns {fields}, not calbench's certification columns; move it away or pick another --out"
+        )
+    integers = ("seed", "shots", "n0", "n", "subset")
+    floats = ("sigma", "alpha", "radius", "certified_accuracy", "abstain_rate")
+    parsed = [(line, row, damage or _bad_number(row, integers, floats)) for line, row, damage in parsed]
+    return _sound_rows(path, parsed, quiet, "rerun `calbench certify` with that setting to restore it")
 
 
 def read_certification(path: Path) -> list[Row]:
-    """Rows of a certification.csv as text (the report formats them), checked to be calbench's."""
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != CERTIFY_COLUMNS:
-            raise CalbenchError(
-                f"{path} has columns {reader.fieldnames}, not calbench's certification columns; move it away or pick another --out"
-            )
-        return list(reader)
+    """Rows of a certification.csv as text (the report formats them), checked to be calbench's;
+    damaged rows are left out with a warning, as in :func:`read_results`."""
+    return _load_certification(path)[0]
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, Optional[float]]:
@@ -121,28 +203,54 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def open_folder(out: Path) -> Path:
+    """Create the results folder and take its lock once: a file in the way, or a folder that cannot
+    be written, fails here, before any work, instead of after the first run."""
+    with _locked(Path(out)):
+        return Path(out)
+
+
 def _merge(
-    path: Path, rows: Sequence[Row], columns: Sequence[str], key: Sequence[str], read: Callable[[Path], list[Row]]
+    path: Path,
+    rows: Sequence[Row],
+    columns: Sequence[str],
+    key: Sequence[str],
+    load: Callable[[Path, bool], tuple[list[Row], int]],
 ) -> list[Row]:
-    """Replace the rows of ``path`` that share ``key`` with ``rows``, keep the rest; re-read under the lock."""
+    """Replace the rows of ``path`` that share ``key`` with ``rows``, keep the rest; re-read under the lock.
+
+    Rows found damaged are dropped from the new file; the file as it was is kept beside it (``.damaged``).
+    """
 
     def of(row: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(str(row[k]) for k in key)
 
     with _locked(path.parent):
         new = {of(r) for r in rows}
-        merged = [r for r in read(path) if of(r) not in new] + list(rows)
-        write_csv_atomic(merged, path, columns)
+        kept, damaged = load(path, True)
+        if damaged:
+            backup = path.with_name(f"{path.name}.damaged")
+            with naming(backup):
+                write_bytes_atomic(backup, path.read_bytes())
+            warn(f"dropped {damaged} damaged row(s) from {path}; the file as it was is kept as {backup}")
+        merged = [r for r in kept if of(r) not in new] + list(rows)
+        with naming(path):
+            write_csv_atomic(merged, path, columns)
     return merged
 
 
 class ResultsStore:
-    """One results folder: its results.csv rows, their test predictions, and certification.csv."""
+    """One results folder: its results.csv rows, their test predictions, and certification.csv.
+
+    Opening a store creates the folder (so an unwritable one fails before any work) and reads
+    results.csv; damaged rows and prediction files are reported and their runs computed again.
+    """
 
     def __init__(self, out: Path) -> None:
-        self.out = Path(out)
+        self.out = open_folder(Path(out))
         self.path = self.out / "results.csv"
         self.rows = read_results(self.path)
+        self._damaged: set[Path] = set()  # prediction files already reported
 
     @staticmethod
     def key(row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -155,23 +263,60 @@ class ResultsStore:
     def put(self, row: Row, probs: Optional[np.ndarray] = None) -> None:
         """Add or replace one row (and its test probabilities); other processes' rows are kept."""
         if probs is not None:
-            save_npy_atomic(self.predictions_path(row), probs.astype(np.float32))
+            path = self.predictions_path(row)
+            with naming(path):
+                save_npy_atomic(path, probs.astype(np.float32))
         self.put_rows([row])
 
     def put_rows(self, rows: Sequence[Row]) -> None:
-        self.rows = _merge(self.path, rows, RESULT_COLUMNS, KEY, read_results)
+        self.rows = _merge(self.path, rows, RESULT_COLUMNS, KEY, _load_results)
 
     def predictions_path(self, row: Mapping[str, Any]) -> Path:
         name = "__".join(str(row[k]) for k in KEY).replace("/", "_").replace("+", "_")
         return self.out / "predictions" / f"{name}.npy"
 
-    def predictions(self, row: Mapping[str, Any]) -> Optional[np.ndarray]:
-        """The run's test probabilities, or None when it has none (failed, or written elsewhere)."""
+    def predictions(self, row: Mapping[str, Any], shape: Optional[tuple[int, int]] = None) -> Optional[np.ndarray]:
+        """The run's test probabilities ((items, classes) floats; ``shape`` when given), or None when it
+        has none (failed, or written elsewhere) or its file is damaged (then with a warning, once)."""
         path = self.predictions_path(row)
-        return np.load(path, allow_pickle=False) if row["status"] == "ok" and path.is_file() else None
+        if row.get("status") == "failed" or not path.is_file():
+            return None
+        try:
+            probs = np.load(path, allow_pickle=False)  # never unpickle: a file is data, not code
+            damage = _prediction_damage(probs, shape)
+        except (ValueError, EOFError) as exc:  # truncated, random bytes, an object array, an empty file
+            damage = f"unreadable: {exc}"
+        if not damage:
+            return probs
+        if path not in self._damaged:
+            self._damaged.add(path)
+            warn(f"predictions file {path} is damaged ({damage}); computing its run again")
+        return None
+
+    def predictions_damaged(self, row: Optional[Mapping[str, Any]], shape: Optional[tuple[int, int]] = None) -> bool:
+        """Whether a logged run has a prediction file that cannot be used (a missing file is not damaged):
+        such a run is computed again, like a corrupt cache entry."""
+        if row is None or row.get("status") == "failed" or not self.predictions_path(row).is_file():
+            return False
+        return self.predictions(row, shape) is None
 
     def put_certification(self, rows: Sequence[Row]) -> Path:
-        """Merge certification rows into certification.csv, replacing earlier rows of the same setting."""
-        path = self.out / "certification.csv"
-        _merge(path, rows, CERTIFY_COLUMNS, CERTIFY_KEY, read_certification)
-        return path
+        return put_certification(self.out, rows)
+
+
+def put_certification(out: Path, rows: Sequence[Row]) -> Path:
+    """Merge certification rows into ``out``/certification.csv, replacing earlier rows of the same setting."""
+    path = Path(out) / "certification.csv"
+    _merge(path, rows, CERTIFY_COLUMNS, CERTIFY_KEY, _load_certification)
+    return path
+
+
+def _prediction_damage(probs: np.ndarray, shape: Optional[tuple[int, int]]) -> str:
+    """Why loaded test probabilities cannot be a run's ("" when they can)."""
+    if probs.dtype.kind != "f" or probs.ndim != 2 or probs.size == 0:
+        return f"a {probs.dtype} array of shape {probs.shape}, not (items, classes) probabilities"
+    if shape is not None and probs.shape != tuple(shape):
+        return f"shape {probs.shape}, but the test split has {shape[0]} images of {shape[1]} classes"
+    if not np.all(np.isfinite(probs)):
+        return "probabilities that are not finite"
+    return ""

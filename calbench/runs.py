@@ -18,7 +18,7 @@ import torch
 from calbench.base import CALIBRATORS, Calibrated, Method, base_of
 from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seed, check_seeds
 from calbench.methods import list_methods, make_method, parse_method
 from calbench.metrics import evaluate
 from calbench.prompts import load_prompt, read_prompt_info, save_prompt
@@ -41,11 +41,13 @@ def train_one(
     params: Optional[dict[str, Any]] = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train one prompt method on one few-shot split, save its context; return the path and validation metrics."""
+    check_seed(seed, "--seed")
     untrained = make_method(method, **(params or {}))
     if not base_of(untrained).capabilities.learns_prompt:
         raise CalbenchError(
             f"{parse_method(method)[0]} learns no prompt, so there is nothing to train; pick one of: {', '.join(prompt_methods())}"
         )
+    Path(out).mkdir(parents=True, exist_ok=True)  # a file or read-only folder in the way fails before training
     session = Session(model, data, context)
     fit = session.fit_data(seed, fewshot, untrained, score_val=True)
     trained = untrained.fit(fit)
@@ -74,6 +76,7 @@ def build_cache(
     model: str, data: str, seeds: Sequence[int], fewshot: FewShot = FewShot(), context: RunContext = RunContext()
 ) -> tuple[CacheStats, Path]:
     """Encode the test split and each seed's few-shot views ahead of training."""
+    check_seeds(seeds, "--seeds")
     session = Session(model, data, context)
     session.test_features()
     for seed in seeds:

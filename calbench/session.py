@@ -34,6 +34,7 @@ class RunContext:
     weights: Optional[Path] = None  # a model weights file or folder; only for single-model runs
     data_root: Optional[Path] = None  # folder of the registered datasets; default $CALBENCH_DATA
     strict: bool = False  # an unreadable image is an error instead of a skipped file with a warning
+    trust_weights: bool = False  # also load TorchScript weights, running the code embedded in them
     progress: bool = False  # progress bars while encoding
 
     @property
@@ -76,7 +77,9 @@ class Session:
     def __init__(self, model: str, data: str, context: Optional[RunContext] = None) -> None:
         self.context = context or RunContext()
         self.model = model
-        self.vlm: VLMBackend = load_vlm(model, device=self.context.device, weights=self.context.weights)
+        self.vlm: VLMBackend = load_vlm(
+            model, device=self.context.device, weights=self.context.weights, trust_weights=self.context.trust_weights
+        )
         self.dataset: ImageFolderDataset = load_dataset(
             data, self.context.cache_root, self.context.data_root, strict=self.context.strict
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -20,21 +20,75 @@ from calbench.losses import Objective
 from calbench.prompts import PromptLearner
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a parameter may take, declared next to its default: a run on a value outside
+    it (no epochs, no context tokens, a smoothing alpha of 1.5) trains nothing useful and would
+    log an ``ok`` row. ``None`` is an unbounded side; NaN and inf are never inside."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = True
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low is None or self.low_open else "["
+        right = ")" if self.high is None or self.high_open else "]"
+        return f"{left}{low}, {high}{right}"
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def check(self, what: str, value: object) -> None:
+        """Refuse ``value`` with one line naming ``what`` ("coop-ls alpha"), the value and the range."""
+        if value not in self:
+            raise CalbenchError(f"{what}={value!r} is outside {self}; pass a value in that range")
+
+
+AT_LEAST_ONE = Range(1)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+
+
+def _option(default: Any, allowed: Optional[Range] = None) -> Any:
+    return field(default=default, metadata={"range": allowed} if allowed else {})
+
+
 @dataclass
 class TrainConfig:
-    """CoOp/CalibPrompt defaults (the papers' configs); the one place they live."""
+    """CoOp/CalibPrompt defaults (the papers' configs) and the range each may take; the one place they live."""
 
-    epochs: int = 50
-    batch_size: int = 16
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5  # constant lr during warm-up
-    n_ctx: int = 16
+    epochs: int = _option(50, AT_LEAST_ONE)
+    batch_size: int = _option(16, AT_LEAST_ONE)
+    lr: float = _option(0.002, POSITIVE)
+    momentum: float = _option(0.9, Range(0, 1))  # SGD momentum 1 never forgets a gradient
+    weight_decay: float = _option(5e-4, NON_NEGATIVE)
+    warmup_epochs: int = _option(1, NON_NEGATIVE)
+    warmup_lr: float = _option(1e-5, NON_NEGATIVE)  # constant lr during warm-up
+    n_ctx: int = _option(16, AT_LEAST_ONE)
     ctx_init: Optional[str] = None
     class_specific: bool = False
-    shots: int = 8
+    shots: int = _option(8, AT_LEAST_ONE)
+
+    def __post_init__(self) -> None:
+        check_train_options(vars(self), "training option")
+
+
+#: each TrainConfig field's declared range
+TRAIN_RANGES: dict[str, Range] = {f.name: f.metadata["range"] for f in fields(TrainConfig) if "range" in f.metadata}
+
+
+def check_train_options(values: dict[str, Any], owner: str) -> None:
+    """Refuse a training option outside its declared range, naming ``owner`` ("coop-ce", "training option")."""
+    for name, value in values.items():
+        if name in TRAIN_RANGES:
+            TRAIN_RANGES[name].check(f"{owner} {name}", value)
 
 
 def learning_rate(epoch: int, cfg: TrainConfig) -> float:

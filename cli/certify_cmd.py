@@ -15,6 +15,7 @@ from calbench.cli.common import (
     DeviceOpt,
     ModelOpt,
     ParamsOpt,
+    TrustWeightsOpt,
     ValShotsOpt,
     ViewsOpt,
     WeightsOpt,
@@ -59,6 +60,7 @@ def certify(
     out: Path = OutOpt,
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
+    trust_weights: bool = TrustWeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
 ) -> None:
@@ -79,7 +81,7 @@ def certify(
         seed,
         shots,
         fewshot=FewShot(val_shots=val_shots, views=views),
-        context=run_context(device, cache_dir, weights, data_root),
+        context=run_context(device, cache_dir, weights, data_root, trust_weights=trust_weights),
         out=out,
         params=params_for(method, read_params(params)),
     )

@@ -11,9 +11,11 @@ from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from calbench.errors import CalbenchError
+from calbench.cli.boundary import memory_line, option_names, os_error_line
+from calbench.errors import CalbenchError, CalbenchWarning
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs."
@@ -38,6 +40,12 @@ CacheOpt = typer.Option(
     None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir)."
 )
 WeightsOpt = typer.Option(None, "--weights", help="Model weights file or folder (default: the model's own source).")
+TrustWeightsOpt = typer.Option(
+    False,
+    "--trust-weights",
+    help="Also load TorchScript weights (e.g. OpenAI-format CLIP .pt files): this runs code embedded in the file, "
+    "so use it only for files from a source you trust. Without it weights are read as tensors only.",
+)
 ParamsOpt = typer.Option(
     None, "--params", help="JSON of method parameters: best_params.json from `tune`, or {method: {param: value}}."
 )
@@ -47,28 +55,47 @@ StrictOpt = typer.Option(
 DataRootOpt = typer.Option(None, "--data-root", envvar="CALBENCH_DATA", help="Folder holding registered datasets.")
 
 
+def _one_line_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def user_errors(fn: F) -> F:
-    """Turn user errors into one red line and exit code 2, never a traceback."""
+    """The CLI's error boundary: user errors, file-system errors and running out of memory become
+    one red line and exit code 2, never a traceback; calbench's warnings are always shown, one
+    line each. Anything else is a bug and stays a traceback (``main`` adds how to report it)."""
+
+    names = option_names(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def one_line_warning(
-            message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
-        ) -> None:
-            err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-        previous = warnings.showwarning
-        warnings.showwarning = one_line_warning
-        try:
-            return fn(*args, **kwargs)
-        except CalbenchError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished cache files and results are kept; run the same command to resume")
-            raise typer.Exit(130) from None
-        finally:
-            warnings.showwarning = previous
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CalbenchWarning)  # takes precedence over PYTHONWARNINGS=ignore
+            warnings.showwarning = _one_line_warning
+            try:
+                return fn(*args, **kwargs)
+            except CalbenchError as exc:
+                raise _fail(str(exc)) from None
+            except OSError as exc:  # a full or read-only disk, a file where a folder belongs, ...
+                raise _fail(os_error_line(exc, kwargs, names)) from None
+            except (MemoryError, RuntimeError) as exc:
+                line = memory_line(exc)
+                if line is None:
+                    raise
+                raise _fail(line) from None
+            except EOFError as exc:  # click would print a bare "Aborted!": keep it a traceback with the reason
+                raise RuntimeError(f"a file ended early: {exc}") from exc
+            except KeyboardInterrupt:
+                err_console.print(
+                    "interrupted: finished cache files and results are kept; run the same command to resume"
+                )
+                raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -90,6 +117,7 @@ def run_context(
     weights: Optional[Path] = None,
     data_root: Optional[Path] = None,
     strict: bool = False,
+    trust_weights: bool = False,
 ) -> Any:
     """The library's :class:`~calbench.session.RunContext` from the common options (progress bars on a terminal)."""
     from calbench.session import RunContext
@@ -100,6 +128,7 @@ def run_context(
         weights=weights,
         data_root=data_root,
         strict=strict,
+        trust_weights=trust_weights,
         progress=console.is_terminal,
     )
 
@@ -133,8 +162,10 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column("ECE 95% CI", justify="right")
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
-        ok = [row for row in mine if row["status"] == "ok"]
+        ok = [row for row in mine if row["status"] in ("ok", "degenerate")]  # degenerate runs have metrics
         seeds = f"{len(ok)}" if len(ok) == len(mine) else f"{len(ok)}/{len(mine)} ok"
+        degenerate = sum(row["status"] == "degenerate" for row in mine)
+        seeds += f", {degenerate} degenerate" if degenerate else ""
         cells = [format_mean_std([float(row[key]) for row in ok], scale, sep="±") for key, _, scale in columns]
         if single:
             low, high = (float(ok[0][k]) if ok else float("nan") for k in ("ece_ci_low", "ece_ci_high"))

@@ -11,6 +11,7 @@ from rich.table import Table
 from calbench.cli.common import CacheOpt, DataRootOpt, StrictOpt, ValShotsOpt, app, console, user_errors
 from calbench.data import DatasetSpec
 from calbench.data.official import OFFICIAL
+from calbench.errors import check_seed
 
 datasets_app = typer.Typer(invoke_without_command=True, help="List the registered datasets, or check a dataset folder.")
 app.add_typer(datasets_app, name="datasets")
@@ -139,10 +140,11 @@ def prepare_kather(
     test: Path = typer.Option(..., "--test", help="CRC-VAL-HE-7K.zip, or the extracted folder."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     from calbench.data.official import prepare_kather as run
 
-    _report(run(train, test, out=out, data_root=data_root, log=console.log))
+    _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
 
 
 @prepare_app.command("pannuke", help=_help("pannuke"))
@@ -154,10 +156,11 @@ def prepare_pannuke(
     test: list[Path] = typer.Option(..., "--test", help="The held-out fold (fold_3.zip); repeatable."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     from calbench.data.official import prepare_pannuke as run
 
-    _report(run(train, test, out=out, data_root=data_root, log=console.log))
+    _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
 
 
 @prepare_app.command("digestpath", help=_help("digestpath"))
@@ -174,8 +177,11 @@ def prepare_digestpath(
     max_patches: int = typer.Option(20, "--max-patches", help="At most this many 224 px patches per source image."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     from calbench.data.official import prepare_digestpath as run
+
+    check_seed(seed, "--seed")  # before any archive is read
 
     _report(
         run(
@@ -187,6 +193,7 @@ def prepare_digestpath(
             seed=seed,
             max_patches=max_patches,
             log=console.log,
+            strict=strict,
         )
     )
 
@@ -199,10 +206,23 @@ def prepare_covid(
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     from calbench.data.official import prepare_covid as run
 
-    _report(run(archive, out=out, data_root=data_root, test_fraction=test_fraction, seed=seed, log=console.log))
+    check_seed(seed, "--seed")  # before any archive is read
+
+    _report(
+        run(
+            archive,
+            out=out,
+            data_root=data_root,
+            test_fraction=test_fraction,
+            seed=seed,
+            log=console.log,
+            strict=strict,
+        )
+    )
 
 
 @prepare_app.command("rsna18", help=_help("rsna18"))
@@ -216,7 +236,21 @@ def prepare_rsna18(
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
     out: Optional[Path] = OutOpt,
     data_root: Optional[Path] = DataRootOpt,
+    strict: bool = StrictOpt,
 ) -> None:
     from calbench.data.official import prepare_rsna18 as run
 
-    _report(run(images, labels, out=out, data_root=data_root, test_fraction=test_fraction, seed=seed, log=console.log))
+    check_seed(seed, "--seed")  # before any archive is read
+
+    _report(
+        run(
+            images,
+            labels,
+            out=out,
+            data_root=data_root,
+            test_fraction=test_fraction,
+            seed=seed,
+            log=console.log,
+            strict=strict,
+        )
+    )

@@ -18,6 +18,7 @@ from calbench.cli.common import (
     ParamsOpt,
     ShotsOpt,
     StrictOpt,
+    TrustWeightsOpt,
     ValShotsOpt,
     ViewsOpt,
     WeightsOpt,
@@ -45,6 +46,7 @@ def train(
     out: Path = typer.Option(Path("prompts"), "--out", help="Folder for the learned context."),
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
+    trust_weights: bool = TrustWeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
     strict: bool = StrictOpt,
@@ -55,7 +57,7 @@ def train(
     from calbench.session import FewShot
 
     started = time.perf_counter()
-    context = run_context(device, cache_dir, weights, data_root, strict)
+    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
     path, metrics = train_one(
         method,
         model,
@@ -84,13 +86,16 @@ def evaluate(
     device: str = DeviceOpt,
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
+    trust_weights: bool = TrustWeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
     """Score a saved prompt on a test split: its own dataset, or another with the same classes (a shift test)."""
     from calbench.runs import evaluate_prompt
 
-    result = evaluate_prompt(prompt, data, model, run_context(device, cache_dir, weights, data_root, strict))
+    result = evaluate_prompt(
+        prompt, data, model, run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
+    )
     if result.note:
         err_console.print(f"[yellow]note:[/] {result.note}", highlight=False)
     name = result.session.dataset.name
@@ -121,6 +126,7 @@ def cache(
     device: str = DeviceOpt,
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
+    trust_weights: bool = TrustWeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
@@ -128,6 +134,6 @@ def cache(
     from calbench.runs import build_cache
     from calbench.session import FewShot
 
-    context = run_context(device, cache_dir, weights, data_root, strict)
+    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
     stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), FewShot(shots, val_shots, views), context)
     console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")

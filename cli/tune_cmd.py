@@ -13,6 +13,7 @@ from calbench.cli.common import (
     DataRootOpt,
     DeviceOpt,
     ShotsOpt,
+    TrustWeightsOpt,
     ValShotsOpt,
     ViewsOpt,
     WeightsOpt,
@@ -97,6 +98,7 @@ def tune(
     device: str = DeviceOpt,
     cache_dir: Optional[Path] = CacheOpt,
     weights: Optional[Path] = WeightsOpt,
+    trust_weights: bool = TrustWeightsOpt,
     data_root: Optional[Path] = DataRootOpt,
 ) -> None:
     """Search hyper-parameters on the validation split, then test the best setting once and write reports."""
@@ -115,7 +117,7 @@ def tune(
     config = TuneConfig(
         method, pairs, modality, objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched
     )
-    context = run_context(device, cache_dir, weights, data_root)
+    context = run_context(device, cache_dir, weights, data_root, trust_weights=trust_weights)
     final = parse_ints(final_seeds, "--final-seeds")
     run = run_tune(config, trials, study, storage, out, final, search_only, context, heartbeat)
     _render(run)

@@ -76,7 +76,11 @@ CASES = [
         "line names no folder",
         "{root}/classnames.txt:3 names class folder 'c', which is in neither images/train nor images/test; add the folder or remove the line",
     ),
-    ("bad line", "{root}/classnames.txt:2: expected '<class_folder> <class name>', got 'b'"),
+    (
+        "bad line",
+        "{root}/classnames.txt:2: expected '<class_folder> <class name>' (a folder with spaces: "
+        "'\"<class folder>\" <class name>' or a tab between them), got 'b'",
+    ),
     (
         "duplicate line",
         "{root}/classnames.txt:3: class folder 'a' is already named on line 1; keep one line per folder",

@@ -185,8 +185,13 @@ def test_zero_shot_promptsmooth_from_the_few_shot_prompt(session):
     "name, params, message",
     [
         ("promptsmooth", {"nope": 1}, "promptsmooth: unknown parameter"),
-        ("promptsmooth", {"train_sigmas": [0.25, 0.0]}, "noise sigma must be positive"),
-        ("promptsmooth", {"n_samples": 0}, "n_samples must be an integer of at least 1, got 0"),
+        (
+            "promptsmooth",
+            {"train_sigmas": [0.25, 0.0]},
+            r"promptsmooth train_sigmas=0.0 is outside \(0, inf\); pass a value",
+        ),
+        ("promptsmooth", {"n_samples": 0}, r"promptsmooth n_samples=0 is outside \[1, inf\); pass a value"),
+        ("promptsmooth", {"n_samples": 2.5}, r"promptsmooth n_samples=2.5 must be a whole number in \[1, inf\)"),
         ("promptsmooth-zs", {"epochs": 3}, "only apply with init=fewshot"),
         ("promptsmooth-zs", {"init": "random"}, "init must be 'hand' or 'fewshot'"),
     ],

@@ -143,6 +143,16 @@ def check_dataset(
     return DatasetCheck(dataset, counts, dict(dataset.skipped))
 
 
+def _read_template(path: Path) -> str:
+    """The prompt template of a folder (template.txt, written by `calbench data prepare`), UTF-8 with or without a BOM."""
+    if not path.is_file():
+        return DEFAULT_TEMPLATE
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise CalbenchError(f"{path} must be UTF-8 text: save it as UTF-8 and run again") from None
+
+
 def load_dataset(
     name_or_path: str, cache_dir: Path, data_root: Optional[Path] = None, strict: bool = False
 ) -> ImageFolderDataset:
@@ -156,8 +166,7 @@ def load_dataset(
         return ImageFolderDataset(spec.name, root, template=spec.template, cache_dir=Path(cache_dir), strict=strict)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        template_file = path / "template.txt"  # written by `calbench data prepare`
-        template = template_file.read_text(encoding="utf-8").strip() if template_file.is_file() else DEFAULT_TEMPLATE
+        template = _read_template(path / "template.txt")
         return ImageFolderDataset(
             path.name, path, template=template or DEFAULT_TEMPLATE, cache_dir=Path(cache_dir), strict=strict
         )

@@ -3,8 +3,12 @@
 Archives are read member by member, never extracted wholesale, and are checked
 before anything is read: a member with an absolute path, a ``..`` component, or
 a link that points outside the archive makes the whole archive refused. The
-output paths are built by calbench from class names and file stems, so nothing
+output paths are built by calbench from class names and file names, so nothing
 an archive says can place a file outside the output folder.
+
+Members are streamed, never read whole into memory: :meth:`Source.spooled` copies
+one in chunks to a temp file (small ones stay in memory) for the decoder, and a
+member over :data:`MAX_MEMBER_BYTES` is not read at all.
 """
 
 from __future__ import annotations
@@ -13,11 +17,32 @@ import posixpath
 import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Optional
 
-from calbench.errors import CalbenchError
+from calbench.data.folder import link_problem
+from calbench.errors import CalbenchError, warn
+
+#: The largest member calbench reads for decoding: calbench's own choice, about twice the largest
+#: image Pillow agrees to decode (its decompression-bomb limit, 89.5 M pixels, is 268 MB as 8-bit RGB),
+#: so every image calbench could use fits, and a member that would take gigabytes to read is skipped.
+#: Arrays copied out to be memory-mapped (:meth:`Source.local_path`) go to disk and are not capped.
+MAX_MEMBER_BYTES = 512 * 2**20
+#: a member up to this size is held in memory while it is decoded; a larger one goes to a temp file
+SPOOL_BYTES = 8 * 2**20
+CHUNK_BYTES = 2**20
+
+
+class Unreadable(Exception):
+    """A source item that cannot be used (does not decode, or is too large); it is skipped with a warning."""
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _unsafe(name: str) -> Optional[str]:
@@ -47,8 +72,9 @@ class Source:
             raise CalbenchError(f"{self.path} does not exist; give the downloaded archive or its extracted folder")
         self._zip: Optional[zipfile.ZipFile] = None
         self._tar: Optional[tarfile.TarFile] = None
+        self._tar_members: dict[str, tarfile.TarInfo] = {}  # by name: tarfile's own lookup scans every member
         if self.path.is_dir():
-            self.names = sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+            self.names = self._list_folder()
         elif zipfile.is_zipfile(self.path):
             self._zip = zipfile.ZipFile(self.path)
             self.names = self._check_zip(self._zip)
@@ -60,6 +86,18 @@ class Source:
                 f"{self.path} is neither a folder, a .zip nor a .tar archive; give the official download"
             )
         self.names = [n for n in self.names if not _metadata(n)]
+
+    def _list_folder(self) -> list[str]:
+        """Regular files under the folder (links to folders are not followed, so a link loop cannot hang it)."""
+        names = []
+        for path in self.path.rglob("*"):
+            if path.is_file():
+                names.append(path.relative_to(self.path).as_posix())
+            elif path.is_symlink() and not _metadata(path.relative_to(self.path).as_posix()):
+                why = link_problem(path)
+                if why is not None:
+                    warn(f"skipping unreadable file {path} ({why})", stacklevel=4)
+        return sorted(names)
 
     def _refuse(self, member: str, why: str) -> CalbenchError:
         return CalbenchError(
@@ -73,6 +111,8 @@ class Source:
             if why:
                 raise self._refuse(info.filename, why)
             if stat.S_ISLNK(info.external_attr >> 16):
+                if info.file_size > 4096:  # a link's target is a path: PATH_MAX is 4096 bytes
+                    raise self._refuse(info.filename, f"is a link with a {info.file_size}-byte target")
                 target = archive.read(info).decode("utf-8", "replace")
                 if _escapes(info.filename, target, relative_to_member=True):
                     raise self._refuse(info.filename, f"is a link pointing outside ({target!r})")
@@ -93,6 +133,7 @@ class Source:
                 continue
             if member.isfile():
                 names.append(member.name)
+                self._tar_members[member.name] = member
             elif not member.isdir():
                 raise self._refuse(member.name, "is a device, FIFO or other special file")
         return sorted(names)
@@ -102,13 +143,52 @@ class Source:
         if self._zip is not None:
             return self._zip.open(name)
         if self._tar is not None:
-            handle = self._tar.extractfile(name)
+            handle = self._tar.extractfile(self._tar_members[name])
             assert handle is not None
             return handle
         return open(self.path / name, "rb")
 
+    def size(self, name: str) -> int:
+        """The size in bytes of member ``name``, as the archive declares it."""
+        if self._zip is not None:
+            return self._zip.getinfo(name).file_size
+        if self._tar is not None:
+            return self._tar_members[name].size
+        return (self.path / name).stat().st_size
+
+    @contextmanager
+    def spooled(self, name: str) -> Iterator[IO[bytes]]:
+        """A seekable binary file of member ``name``, read in chunks; :class:`Unreadable` over :data:`MAX_MEMBER_BYTES`.
+
+        A folder's file is opened as it is; an archive member is copied to a temp file
+        (in memory up to :data:`SPOOL_BYTES`), so the decoder can seek and nothing is read whole.
+        """
+        size = self.size(name)
+        if size > MAX_MEMBER_BYTES:
+            raise self._too_large(name, size)
+        if self._zip is None and self._tar is None:
+            with open(self.path / name, "rb") as handle:
+                yield handle
+            return
+        with self.open(name) as source, tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as copy:
+            copied = 0
+            while chunk := source.read(CHUNK_BYTES):
+                copied += len(chunk)
+                if copied > MAX_MEMBER_BYTES:  # the archive understated its size
+                    raise self._too_large(name, copied)
+                copy.write(chunk)
+            copy.seek(0)
+            yield copy  # type: ignore[misc]
+
+    def _too_large(self, name: str, size: int) -> Unreadable:
+        return Unreadable(
+            f"{name} ({_size_text(size)}, over calbench's limit of {_size_text(MAX_MEMBER_BYTES)} for one member, "
+            "MAX_MEMBER_BYTES in calbench/data/archive.py)"
+        )
+
     def read(self, name: str) -> bytes:
-        with self.open(name) as handle:
+        """The whole of a small member ``name``; images are read with :meth:`spooled` instead."""
+        with self.spooled(name) as handle:
             return handle.read()
 
     def local_path(self, name: str, scratch: Path) -> Path:

@@ -1,6 +1,8 @@
 """The on-disk layout every calbench dataset uses, and its checks.
 
-    <root>/<name>/classnames.txt          lines "<class_folder> <class name>"
+    <root>/<name>/classnames.txt          lines "<class_folder> <class name>"; a folder with spaces as
+                                          "<folder><TAB><class name>" or '"<folder>" <class name>'
+                                          (UTF-8; see calbench.data.classnames)
     <root>/<name>/images/{train,test}/<class_folder>/*.{png,jpg,jpeg,tif,tiff,bmp}
 
 Class index = position of the class folder in sorted order.
@@ -14,15 +16,24 @@ indices that few-shot splits and cached features refer to are the same in
 every run that sees the same files. Deciding at listing time rather than at
 first decode is what keeps those indices stable: a file found broken half-way
 through encoding could not be dropped without shifting every index after it.
+Broken symbolic links (loops, missing targets) and images over Pillow's
+decompression-bomb limit are unreadable files in the same sense: skipped with a
+warning naming them, an error with ``strict``; nothing is followed recursively,
+so no link can make listing hang.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,29 +42,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calbench.atomic import write_text_atomic
-from calbench.errors import CalbenchError
+from calbench.data.classnames import read_classnames
+from calbench.errors import CalbenchError, warn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SPLITS = ("train", "test")
 DEFAULT_TEMPLATE = "a photo of a {}."
-CHECK_VERSION = "1"
+CHECK_VERSION = "2"  # 2: images over the decompression-bomb limit count as unreadable
 
 
-def _classname_lines(path: Path) -> dict[str, tuple[int, str]]:
-    """classnames.txt as {class_folder: (line number, class name)}."""
-    names: dict[str, tuple[int, str]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().split(maxsplit=1)
-        if len(parts) != 2:
-            raise CalbenchError(f"{path}:{number}: expected '<class_folder> <class name>', got {line.strip()!r}")
-        if parts[0] in names:
-            raise CalbenchError(
-                f"{path}:{number}: class folder {parts[0]!r} is already named on line {names[parts[0]][0]}; keep one line per folder"
-            )
-        names[parts[0]] = (number, parts[1])
-    return names
+#: what Pillow raises for a file it cannot decode (a DecompressionBombWarning only where warnings are errors)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombWarning)
 
 
 def _class_dirs(directory: Path) -> list[str]:
@@ -62,6 +61,32 @@ def _class_dirs(directory: Path) -> list[str]:
 
 def image_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def link_problem(path: Path, exc: Optional[OSError] = None) -> Optional[str]:
+    """Why ``path`` cannot be followed (a symbolic link loop, a missing target), or None when it can."""
+    if exc is None:
+        try:
+            path.stat()
+            return None
+        except OSError as error:
+            exc = error
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    if path.is_symlink():
+        return f"a dangling symbolic link to {os.readlink(path)}"
+    return exc.strerror or str(exc)
+
+
+def broken_links(directory: Path) -> list[tuple[Path, str]]:
+    """(link, why) for each visible entry of ``directory`` that is a symbolic link that cannot be followed."""
+    found = []
+    for path in sorted(directory.iterdir()):
+        if not path.name.startswith(".") and path.is_symlink():
+            why = link_problem(path)
+            if why is not None:
+                found.append((path, why))
+    return found
 
 
 def count_images(root: Path) -> dict[str, int]:
@@ -75,14 +100,52 @@ def count_images(root: Path) -> dict[str, int]:
     return counts
 
 
+def over_pixel_limit(size: Optional[tuple[int, int]] = None, exc: Optional[Exception] = None) -> Optional[str]:
+    """Why an image of ``size`` (or the one Pillow refused with ``exc``) is too large to decode, or None.
+
+    Pillow's limit (``PIL.Image.MAX_IMAGE_PIXELS``) guards against decompression bombs: it
+    raises above twice the limit and only warns between the limit and twice it; calbench
+    skips both, so no image that large is ever decoded.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if exc is not None:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"{found.group(1)} pixels" if found else "more pixels"
+    elif size is not None and limit is not None and size[0] * size[1] > limit:
+        what = f"{size[0]}x{size[1]} pixels"
+    else:
+        return None
+    return f"{what}, over Pillow's decompression-bomb limit of {limit} pixels: shrink or tile it"
+
+
 def decode_problem(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be decoded as an image, or None when it can (decodes it fully)."""
+    """Why ``path`` cannot be decoded as an image, or None when it can (decodes it fully).
+
+    Pillow's DecompressionBombWarning should be silenced by the caller (see
+    :func:`bomb_warnings_silenced`): the pixel count is checked here instead.
+    """
     try:
         with Image.open(path) as image:
+            too_large = over_pixel_limit(image.size)
+            if too_large is not None:
+                return too_large
             image.load()
         return None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        return over_pixel_limit(exc=exc)
+    except DECODE_ERRORS as exc:
         return str(exc) or type(exc).__name__
+
+
+@contextmanager
+def bomb_warnings_silenced() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning ignored (calbench names the file in its own warning instead).
+
+    Enter it in the main thread around work that decodes in threads: warning filters are process-wide.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 @dataclass
@@ -91,7 +154,7 @@ class ImageFolderDataset:
 
     ``cache_dir`` (optional) is where the result of the image check is remembered,
     so each file set is decoded once, not once per run. ``strict`` turns a skipped
-    corrupt image into an error.
+    corrupt image (or broken link) into an error.
     """
 
     name: str
@@ -104,6 +167,7 @@ class ImageFolderDataset:
     _files: dict[str, list[tuple[Path, int]]] = field(init=False, default_factory=dict, repr=False)
     _listing: dict[str, list[tuple[Path, int, os.stat_result]]] = field(init=False, default_factory=dict, repr=False)
     _fingerprints: dict[str, str] = field(init=False, default_factory=dict, repr=False)
+    _broken: dict[str, list[tuple[Path, str]]] = field(init=False, default_factory=dict, repr=False)
     skipped: dict[str, list[tuple[Path, str]]] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,12 +177,13 @@ class ImageFolderDataset:
         names_file = self.root / "classnames.txt"
         if not names_file.is_file():
             raise CalbenchError(f"{names_file} is missing; write one line '<class_folder> <class name>' per class")
-        lines = _classname_lines(names_file)
+        lines = read_classnames(names_file)
         for split in SPLITS:
             if not (self.root / "images" / split).is_dir():
                 raise CalbenchError(
                     f"{self.root / 'images' / split} is missing; a dataset needs images/train and images/test"
                 )
+        self._skip([link for split in SPLITS for link in broken_links(self.root / "images" / split)], "class folder")
         train, test = (_class_dirs(self.root / "images" / split) for split in SPLITS)
         unnamed = [f for f in sorted(set(train) | set(test)) if f not in lines]
         if unnamed:
@@ -145,10 +210,24 @@ class ImageFolderDataset:
     def n_classes(self) -> int:
         return len(self.class_folders)
 
+    def _skip(self, skipped: list[tuple[Path, str]], what: str) -> None:
+        """Warn about each unreadable entry by name; with ``strict``, refuse the first instead."""
+        if skipped and self.strict:
+            path, why = skipped[0]
+            raise CalbenchError(
+                f"cannot read {what} {path} ({why}) and {len(skipped) - 1} more; remove or replace them, or drop --strict to skip them"
+            )
+        for path, why in skipped:
+            warn(f"skipping unreadable {what} {path} ({why})", stacklevel=4)
+
     def _list(self, split: str) -> list[tuple[Path, int, os.stat_result]]:
-        """Every image file of a split with its label and stat, without decoding anything."""
+        """Every image file of a split with its label and stat, without decoding anything.
+
+        Entries that cannot be stat-ed (broken links) or are not regular files (a folder,
+        a FIFO that would block a read) are set aside as unreadable, with their reason.
+        """
         if split not in self._listing:
-            items = []
+            items, broken = [], []
             for label, folder in enumerate(self.class_folders):
                 directory = self.root / "images" / split / folder
                 paths = image_paths(directory)
@@ -156,8 +235,17 @@ class ImageFolderDataset:
                     raise CalbenchError(
                         f"{directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the class"
                     )
-                items += [(p, label, p.stat()) for p in paths]
-            self._listing[split] = items
+                for path in paths:
+                    try:
+                        st = path.stat()
+                    except OSError as exc:
+                        broken.append((path, link_problem(path, exc) or "cannot be read"))
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        items.append((path, label, st))
+                    else:
+                        broken.append((path, "not a regular file"))
+            self._listing[split], self._broken[split] = items, broken
         return self._listing[split]
 
     def fingerprint(self, split: str) -> str:
@@ -192,7 +280,7 @@ class ImageFolderDataset:
             except (ValueError, KeyError, TypeError):
                 pass  # a damaged record is rebuilt below
         paths = [path for path, _, _ in self._list(split)]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with bomb_warnings_silenced(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             problems = list(pool.map(decode_problem, paths))
         bad = {str(p.relative_to(self.root)): why for p, why in zip(paths, problems) if why is not None}
         if record is not None:
@@ -215,13 +303,8 @@ class ImageFolderDataset:
             skipped = [
                 (p, bad[str(p.relative_to(self.root))]) for p, _, _ in listing if str(p.relative_to(self.root)) in bad
             ]
-            if skipped and self.strict:
-                path, why = skipped[0]
-                raise CalbenchError(
-                    f"cannot read image {path} ({why}) and {len(skipped) - 1} more; remove or replace them, or drop --strict to skip them"
-                )
-            for path, why in skipped:
-                warnings.warn(f"skipping unreadable image {path} ({why})", stacklevel=2)
+            skipped = sorted(skipped + self._broken[split])
+            self._skip(skipped, "image")
             kept = [(p, label) for p, label, _ in listing if str(p.relative_to(self.root)) not in bad]
             for label, folder in enumerate(self.class_folders):
                 if not any(lab == label for _, lab in kept):
@@ -240,11 +323,14 @@ class ImageFolderDataset:
         path = self.files(split)[index][0]
         try:
             with Image.open(path) as image:
-                return to_rgb(image)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise CalbenchError(
-                f"cannot read image {path}: {exc}; it changed after the folder was checked, run again"
-            ) from None
+                problem = over_pixel_limit(image.size)
+                if problem is None:
+                    return to_rgb(image)
+        except Image.DecompressionBombError as exc:
+            problem = over_pixel_limit(exc=exc)
+        except DECODE_ERRORS as exc:
+            problem = str(exc)
+        raise CalbenchError(f"cannot read image {path}: {problem}; it changed after the folder was checked, run again")
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

@@ -33,7 +33,9 @@ from calbench.data.official_common import (
     copy_unit,
     finish,
     is_image,
+    output_stems,
     prepare_recipe,
+    renamed,
     require_found,
 )
 from calbench.data.official_radiology import RSNA_CLASSES, prepare_covid, prepare_rsna18, read_dicom
@@ -42,19 +44,26 @@ from calbench.errors import CalbenchError
 
 
 def prepare_kather(
-    train: Path, test: Path, out: Optional[Path] = None, data_root: Optional[Path] = None, log: Log = lambda m: None
+    train: Path,
+    test: Path,
+    out: Optional[Path] = None,
+    data_root: Optional[Path] = None,
+    log: Log = lambda m: None,
+    strict: bool = False,
 ) -> PrepareReport:
     """Kather from NCT-CRC-HE-100K (train) and CRC-VAL-HE-7K (test): class folders ADI ... TUM, 224 px already."""
     codes = {folder.lower(): folder for folder, _ in OFFICIAL["kather"].classes}
     with Source(train) as train_src, Source(test) as test_src:
-        units = []
+        units, changed = [], 0
         for split, source, what in (("train", train_src, "NCT-CRC-HE-100K"), ("test", test_src, "CRC-VAL-HE-7K")):
             found = class_members(source, codes)
             require_found(found, source, what)
-            units += [copy_unit(source, m, split, folder) for folder, members in found.items() for m in members]
-        return finish(
-            "kather", out, data_root, units, prepare_recipe("kather", {"train": [train_src], "test": [test_src]}), log
-        )
+            for folder, members in found.items():
+                stems = output_stems(members)
+                changed += renamed(stems)
+                units += [copy_unit(source, m, split, folder, stems[m]) for m in members]
+        recipe = prepare_recipe("kather", {"train": [train_src], "test": [test_src]}, renamed=changed)
+        return finish("kather", out, data_root, units, recipe, log, strict)
 
 
 def _pannuke_fold(source: Source, scratch: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +85,21 @@ def _pannuke_fold(source: Source, scratch: Path) -> tuple[np.ndarray, np.ndarray
     return images, masks[..., 0]
 
 
+def _fold_tags(folds: list[Source]) -> tuple[dict[int, str], int]:
+    """{id(fold): the name its patches start with}: the fold's file stem, made distinct from the other folds'
+    (two folds named fold_1.zip in different folders would otherwise overwrite each other), and how many changed."""
+    paths = [s.path.resolve().as_posix().lstrip("/") for s in folds]
+    stems = output_stems(paths)
+    return {id(s): stems[p] for s, p in zip(folds, paths)}, renamed(stems)
+
+
 def prepare_pannuke(
     train: Sequence[Path],
     test: Sequence[Path],
     out: Optional[Path] = None,
     data_root: Optional[Path] = None,
     log: Log = lambda m: None,
+    strict: bool = False,
 ) -> PrepareReport:
     """PanNuke folds: a patch is malignant when its mask has any neoplastic-nucleus pixel (channel 0), else benign."""
     if not train or not test:
@@ -95,10 +113,11 @@ def prepare_pannuke(
         # zipped folds are copied out next to the output (not to /tmp: a fold's arrays are several GB) to be memory-mapped
         with tempfile.TemporaryDirectory(prefix=".pannuke-arrays-", dir=target.parent) as scratch:
             units = []
+            tags, changed = _fold_tags([source for folds in sources.values() for source in folds])
             for split, folds in sources.items():
                 for number, source in enumerate(folds):
                     images, neoplastic = _pannuke_fold(source, Path(scratch) / f"{split}{number}")
-                    tag = PurePosixPath(source.path.name).stem
+                    tag = tags[id(source)]
 
                     def unit(
                         i: int,
@@ -116,7 +135,9 @@ def prepare_pannuke(
                         return Unit(f"{split}/{tag}/{i}", split, produce)
 
                     units += [unit(i) for i in range(images.shape[0])]
-            return finish("pannuke", target, data_root, units, prepare_recipe("pannuke", sources), log)
+            return finish(
+                "pannuke", target, data_root, units, prepare_recipe("pannuke", sources, renamed=changed), log, strict
+            )
     finally:
         for folds in sources.values():
             for source in folds:
@@ -133,12 +154,14 @@ def _digestpath_images(source: Source) -> list[str]:
     return [m for m in source.names if is_image(m) and not PurePosixPath(m).stem.lower().endswith("_mask")]
 
 
+def _without_suffix(member: str) -> str:
+    return PurePosixPath(member).with_suffix("").as_posix()
+
+
 def _digestpath_masks(source: Source) -> dict[str, str]:
-    """{image stem: its ``*_mask`` member} in the positive download."""
+    """{image path without suffix: its ``*_mask`` member beside it} in the positive download."""
     return {
-        PurePosixPath(m).stem[: -len("_mask")]: m
-        for m in source.names
-        if PurePosixPath(m).stem.lower().endswith("_mask")
+        _without_suffix(m)[: -len("_mask")]: m for m in source.names if PurePosixPath(m).stem.lower().endswith("_mask")
     }
 
 
@@ -150,7 +173,7 @@ def _check_digestpath(
         raise CalbenchError(
             f"{pos_src.path if not pos_images else neg_src.path} holds no tissue images; give tissue-train-pos-v1 and tissue-train-neg"
         )
-    unmasked = [m for m in pos_images if PurePosixPath(m).stem not in masks]
+    unmasked = [m for m in pos_images if _without_suffix(m) not in masks]
     if unmasked:
         raise CalbenchError(
             f"{pos_src.path}: {unmasked[0]} has no {PurePosixPath(unmasked[0]).stem}_mask image; --pos must be tissue-train-pos-v1 with its masks"
@@ -159,7 +182,8 @@ def _check_digestpath(
 
 def _digestpath_lesion(source: Source, member: str, masks: dict[str, str], image: np.ndarray) -> np.ndarray:
     """A positive image's lesion mask as booleans; a mask of another size makes the image unreadable."""
-    lesion = np.asarray(decode(source.read(masks[PurePosixPath(member).stem]), member).convert("L")) > 127
+    with source.spooled(masks[_without_suffix(member)]) as handle:
+        lesion = np.asarray(decode(handle, member).convert("L")) > 127
     if lesion.shape != image.shape[:2]:
         raise Unreadable(f"{member} (its mask is {lesion.shape[::-1]}, the image {image.shape[1::-1]})")
     return lesion
@@ -180,15 +204,15 @@ def _patch_corners(image: np.ndarray, lesion: Optional[np.ndarray]) -> list[tupl
 
 
 def _digestpath_patches(
-    source: Source, member: str, folder: str, masks: dict[str, str], seed: int, max_patches: int
+    source: Source, member: str, folder: str, masks: dict[str, str], seed: int, max_patches: int, stem: str
 ) -> Iterator[tuple[str, str, Image.Image]]:
-    """One image's patches: at most ``max_patches`` of its eligible tiles, seeded by the member name."""
-    image = np.asarray(decode(source.read(member), member).convert("RGB"))
+    """One image's patches, named ``<stem>_<top>_<left>``: at most ``max_patches`` of its eligible tiles, seeded by the member name."""
+    with source.spooled(member) as handle:
+        image = np.asarray(decode(handle, member).convert("RGB"))
     lesion = _digestpath_lesion(source, member, masks, image) if folder == "malignant" else None
     corners = _patch_corners(image, lesion)
     rng = np.random.default_rng([seed, *member.encode()])
     chosen = sorted(corners[i] for i in rng.permutation(len(corners))[:max_patches])
-    stem = PurePosixPath(member).stem
     for top, left in chosen:
         yield folder, f"{stem}_{top}_{left}", Image.fromarray(image[top : top + SIZE, left : left + SIZE])
 
@@ -202,6 +226,7 @@ def prepare_digestpath(
     seed: int = 0,
     max_patches: int = 20,
     log: Log = lambda m: None,
+    strict: bool = False,
 ) -> PrepareReport:
     """DigestPath 2019 tissue images, tiled into 224 px patches.
 
@@ -217,22 +242,24 @@ def prepare_digestpath(
         items = [(pos_src, m, "malignant") for m in pos_images] + [(neg_src, m, "benign") for m in neg_images]
         keys = [f"{folder}/{m}" for _, m, folder in items]
         test = stratified_test_keys(keys, [folder for _, _, folder in items], test_fraction, seed)
+        stems = {"malignant": output_stems(pos_images), "benign": output_stems(neg_images)}
         units = [
             Unit(
                 key,
                 "test" if key in test else "train",
-                partial(_digestpath_patches, source, member, folder, masks, seed, max_patches),
+                partial(_digestpath_patches, source, member, folder, masks, seed, max_patches, stems[folder][member]),
             )
             for (source, member, folder), key in zip(items, keys)
         ]
         recipe = prepare_recipe(
             "digestpath",
             {"pos": [pos_src], "neg": [neg_src]},
+            renamed=sum(renamed(s) for s in stems.values()),
             test_fraction=test_fraction,
             seed=seed,
             max_patches=max_patches,
         )
-        return finish("digestpath", out, data_root, units, recipe, log)
+        return finish("digestpath", out, data_root, units, recipe, log, strict)
 
 
 PREPARERS: dict[str, Callable[..., PrepareReport]] = {

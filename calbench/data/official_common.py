@@ -6,10 +6,12 @@ per-modality preparer modules can import it without an import cycle.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import IO, Optional
 
 from calbench.data.archive import Source
 from calbench.data.folder import IMAGE_SUFFIXES
@@ -103,23 +105,94 @@ OFFICIAL: dict[str, Official] = {
 }
 
 
-def prepare_recipe(name: str, sources: dict[str, Sequence[Source]], **options: object) -> dict[str, object]:
-    """What determines the output: the downloads' identities and the options (for the re-run check)."""
-    return {
+def prepare_recipe(
+    name: str, sources: dict[str, Sequence[Source]], renamed: int = 0, **options: object
+) -> dict[str, object]:
+    """What determines the output: the downloads' identities and the options (for the re-run check).
+
+    ``renamed`` counts the images whose output name differs from the file name alone, which
+    is how calbench named them before (see :func:`output_stems`); it is recorded only when
+    not 0, so a folder an older calbench prepared from the same downloads is reused exactly
+    when no name changed, and is refused, with what to do, when one did.
+    """
+    recipe: dict[str, object] = {
         "dataset": name,
         "size": SIZE,
         "sources": {k: [s.describe() for s in v] for k, v in sources.items()},
         "options": options,
     }
+    if renamed:
+        recipe["renamed"] = renamed
+    return recipe
+
+
+#: a file name of at most this many bytes (with the suffix) fits every common file system's 255
+MAX_STEM_BYTES = 200
+
+
+def _stem_candidate(member: str, level: int) -> str:
+    """Output stem of ``member`` at disambiguation ``level``: 0 the file stem, k its k nearest folders joined
+    with ``__`` in front, past its depth the suffix too; a name too long becomes its start and a hash."""
+    path = PurePosixPath(member)
+    folders = path.parts[:-1]
+    name = "__".join((*folders[len(folders) - min(level, len(folders)) :], path.stem))
+    if level > len(folders):
+        name += "_" + path.suffix.lstrip(".")
+    if len(name.encode()) > MAX_STEM_BYTES:
+        name = path.stem[:80] + "_" + hashlib.sha1(member.encode()).hexdigest()[:12]
+    return name
+
+
+def output_stems(members: Sequence[str]) -> dict[str, str]:
+    """A distinct output file stem (ignoring case) for each member that goes into one class folder.
+
+    A member keeps its file stem when no other has it; where several share one, the nearest
+    folders that tell them apart are put in front (``NCT-CRC-HE-100K__ADI__ADI-0001``), so
+    same-named files in different folders never overwrite each other.
+    """
+    stems: dict[str, str] = {}
+    taken: set[str] = set()
+    pending = sorted(set(members))
+    depth = max((len(PurePosixPath(m).parts) for m in pending), default=0)
+    for level in range(depth + 1):
+        names = {m: _stem_candidate(m, level) for m in pending}
+        counts = Counter(name.lower() for name in names.values())
+        for member in pending:
+            name = names[member]
+            if counts[name.lower()] == 1 and name.lower() not in taken:
+                stems[member] = name
+                taken.add(name.lower())
+        pending = [m for m in pending if m not in stems]
+    for member in pending:  # names that differ only in case: made distinct by a hash of the full path
+        stems[member] = f"{_stem_candidate(member, depth)}_{hashlib.sha1(member.encode()).hexdigest()[:8]}"
+    return stems
+
+
+def renamed(stems: dict[str, str]) -> int:
+    """How many members :func:`output_stems` names otherwise than calbench did before: by the file stem
+    alone, whose last dotted part the output suffix replaced (``img.1.png`` became ``img.png``)."""
+    return sum(stem != PurePosixPath(m).stem or "." in PurePosixPath(m).stem for m, stem in stems.items())
+
+
+def spooled_payload(source: Source, member: str) -> Iterator[tuple[IO[bytes], str]]:
+    """The member streamed (see :meth:`Source.spooled`) with its suffix, open while the consumer writes it."""
+    with source.spooled(member) as handle:
+        yield handle, PurePosixPath(member).suffix
 
 
 def finish(
-    name: str, out: Optional[Path], data_root: Optional[Path], units: list[Unit], recipe: dict[str, object], log: Log
+    name: str,
+    out: Optional[Path],
+    data_root: Optional[Path],
+    units: list[Unit],
+    recipe: dict[str, object],
+    log: Log,
+    strict: bool = False,
 ) -> PrepareReport:
+    """Write a paper dataset's units into its folder with its classes and prompt template."""
     entry = OFFICIAL[name]
-    return prepare_folder(
-        name, default_out(name, out, data_root), units, list(entry.classes), recipe, entry.template, log
-    )
+    out = default_out(name, out, data_root)
+    return prepare_folder(name, out, units, list(entry.classes), recipe, entry.template, log, strict=strict)
 
 
 def is_image(member: str) -> bool:
@@ -127,11 +200,12 @@ def is_image(member: str) -> bool:
 
 
 def copy_unit(source: Source, member: str, split: str, folder: str, stem: Optional[str] = None) -> Unit:
-    """A unit that copies (or resizes) one image member."""
+    """A unit that copies (or resizes) one image member, streamed; ``stem`` names the output (see :func:`output_stems`)."""
     path = PurePosixPath(member)
 
-    def produce() -> Iterable[tuple[str, str, tuple[bytes, str]]]:
-        yield folder, stem or path.stem, (source.read(member), path.suffix)
+    def produce() -> Iterable[tuple[str, str, tuple[IO[bytes], str]]]:
+        for payload in spooled_payload(source, member):
+            yield folder, stem or path.stem, payload
 
     return Unit(f"{split}/{folder}/{member}", split, produce)
 

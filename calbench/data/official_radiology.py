@@ -10,14 +10,24 @@ import io
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Optional
+from typing import IO, Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from calbench.data.archive import Source
 from calbench.data.folder import IMAGE_SUFFIXES
-from calbench.data.official_common import Log, class_members, copy_unit, finish, prepare_recipe, require_found
+from calbench.data.official_common import (
+    Log,
+    class_members,
+    copy_unit,
+    finish,
+    output_stems,
+    prepare_recipe,
+    renamed,
+    require_found,
+    spooled_payload,
+)
 from calbench.data.prepare import PrepareReport, Unit, Unreadable, stratified_test_keys
 from calbench.errors import CalbenchError
 
@@ -29,6 +39,7 @@ def prepare_covid(
     test_fraction: float = 0.2,
     seed: int = 0,
     log: Log = lambda m: None,
+    strict: bool = False,
 ) -> PrepareReport:
     """COVID-19 Radiography Database: the COVID and Normal class folders (images/ inside them; masks/ ignored)."""
     with Source(archive) as source:
@@ -36,9 +47,11 @@ def prepare_covid(
         require_found(found, source, "COVID-19 Radiography Database")
         members = [(m, folder) for folder, ms in found.items() for m in ms]
         test = stratified_test_keys([m for m, _ in members], [f for _, f in members], test_fraction, seed)
-        units = [copy_unit(source, m, "test" if m in test else "train", folder) for m, folder in members]
-        recipe = prepare_recipe("covid", {"archive": [source]}, test_fraction=test_fraction, seed=seed)
-        return finish("covid", out, data_root, units, recipe, log)
+        stems = {folder: output_stems(ms) for folder, ms in found.items()}  # by class, whatever the split
+        units = [copy_unit(source, m, "test" if m in test else "train", f, stems[f][m]) for m, f in members]
+        changed = sum(renamed(s) for s in stems.values())
+        recipe = prepare_recipe("covid", {"archive": [source]}, changed, test_fraction=test_fraction, seed=seed)
+        return finish("covid", out, data_root, units, recipe, log, strict)
 
 
 RSNA_CLASSES = {"normal": "normal", "no lung opacity / not normal": "not_normal", "lung opacity": "opacity"}
@@ -52,11 +65,11 @@ def _require_pydicom() -> ModuleType:
     return pydicom
 
 
-def read_dicom(data: bytes, what: str) -> Image.Image:
-    """A DICOM radiograph as a float image, later scaled to 8 bit (MONOCHROME1 inverted so bone is bright)."""
+def read_dicom(data: Union[bytes, IO[bytes]], what: str) -> Image.Image:
+    """A DICOM radiograph (bytes or a binary file) as a float image, later scaled to 8 bit (MONOCHROME1 inverted so bone is bright)."""
     pydicom = _require_pydicom()
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        dataset = pydicom.dcmread(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         pixels = dataset.pixel_array.astype(np.float64)
     except Exception as exc:  # pydicom raises many types for damaged files
         raise Unreadable(f"{what} ({exc})") from None
@@ -90,11 +103,8 @@ def _rsna_unit(source: Source, member: str, patient: str, folder: str, split: st
     """A unit for one patient's radiograph: DICOM is decoded here, PNG/JPEG conversions are copied or resized."""
 
     def produce() -> Iterable[tuple[str, str, object]]:
-        data = source.read(member)
-        if member.lower().endswith(".dcm"):
-            yield folder, patient, read_dicom(data, member)
-        else:
-            yield folder, patient, (data, PurePosixPath(member).suffix)
+        for handle, suffix in spooled_payload(source, member):
+            yield folder, patient, read_dicom(handle, member) if suffix.lower() == ".dcm" else (handle, suffix)
 
     return Unit(f"{split}/{folder}/{patient}", split, produce)
 
@@ -107,6 +117,7 @@ def prepare_rsna18(
     test_fraction: float = 0.2,
     seed: int = 0,
     log: Log = lambda m: None,
+    strict: bool = False,
 ) -> PrepareReport:
     """RSNA 2018: stage_2_train_images (.dcm, or .png/.jpg conversions) and stage_2_detailed_class_info.csv."""
     labels = Path(labels).expanduser()
@@ -127,10 +138,16 @@ def prepare_rsna18(
         if any(by_patient[p].lower().endswith(".dcm") for p in matched):
             _require_pydicom()  # fail before anything is written
         test = stratified_test_keys(matched, [patient_class[p] for p in matched], test_fraction, seed)
+        changed = renamed({by_patient[p]: p for p in matched})  # patient IDs with a dot lost their last part
         recipe = prepare_recipe(
-            "rsna18", {"images": [source]}, labels=str(labels.resolve()), test_fraction=test_fraction, seed=seed
+            "rsna18",
+            {"images": [source]},
+            changed,
+            labels=str(labels.resolve()),
+            test_fraction=test_fraction,
+            seed=seed,
         )
         units = [
             _rsna_unit(source, by_patient[p], p, patient_class[p], "test" if p in test else "train") for p in matched
         ]
-        return finish("rsna18", out, data_root, units, recipe, log)
+        return finish("rsna18", out, data_root, units, recipe, log, strict)

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Optional
 
 from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch, VLMBackend
-from calbench.models.weights import WEIGHTS_ENV, HubSource, Source, UrlSource, load_state_dict_file, locate
+from calbench.models.weights import (
+    WEIGHTS_ENV,
+    HubSource,
+    Source,
+    UrlSource,
+    load_state_dict_file,
+    locate,
+    trusting_code,
+)
 from calbench.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported when a model is built, not to list models or their modality
@@ -83,14 +91,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def load_vlm(name: str, device: str | torch.device = "cpu", weights: Optional[str | Path] = None) -> VLMBackend:
-    """Build model ``name`` on ``device``, frozen, with weights from ``weights`` or the model's own source."""
+def load_vlm(
+    name: str,
+    device: str | torch.device = "cpu",
+    weights: Optional[str | Path] = None,
+    trust_weights: bool = False,
+) -> VLMBackend:
+    """Build model ``name`` on ``device``, frozen, with weights from ``weights`` or the model's own source.
+
+    ``trust_weights`` also accepts TorchScript archives, whose embedded code runs when they are
+    loaded; without it weights are read as tensors only.
+    """
     spec = MODELS.get(name)
     source = spec.sources[0] if spec.sources else None
     path = (
         Path(weights) if weights is not None and source is None else locate(name, source, weights, spec.fetch_command)
     )
-    return spec.build(path, resolve_device(device))
+    with trusting_code(trust_weights):
+        return spec.build(path, resolve_device(device))
 
 
 def availability(name: str) -> tuple[bool, str]:
@@ -137,7 +155,8 @@ def _open_clip_builder(
 
 
 def _build_plip(path: Optional[Path], device: torch.device) -> VLMBackend:
-    """A ``save_pretrained`` folder (the Hub's vinid/plip), or an OpenAI-CLIP-format state dict file."""
+    """A ``save_pretrained`` folder (the Hub's vinid/plip), or an OpenAI-CLIP-format file: a state dict,
+    or OpenAI's TorchScript ``.pt`` (e.g. ``plip_vit_b32.pt``), which loads only with ``trust_weights``."""
     from calbench.errors import CalbenchError
     from calbench.models.hf_clip_backend import HFClipBackend
     from calbench.models.open_clip_backend import OpenClipBackend, openai_config

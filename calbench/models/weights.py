@@ -22,6 +22,9 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -51,29 +54,72 @@ def state_dict_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+#: whether TorchScript archives may be loaded; set only by :func:`trusting_code` (``--trust-weights``)
+_TRUST_CODE: ContextVar[bool] = ContextVar("calbench_trust_weights", default=False)
+
+
+@contextmanager
+def trusting_code(allow: bool = True) -> Iterator[None]:
+    """Within this block, let :func:`load_state_dict_file` load TorchScript archives (running their code).
+
+    One scoped setting instead of a parameter through every model builder and backend:
+    they all read weights through :func:`load_state_dict_file`.
+    """
+    token = _TRUST_CODE.set(allow)
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip with the ``constants.pkl`` or ``code/`` that ``torch.jit.load`` executes."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name.split("/", 1)[-1] for name in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(name == "constants.pkl" or name.startswith("code/") for name in names)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
-    """Read weights from safetensors or a torch checkpoint (safely: tensors only)."""
+    """Read weights from safetensors or a torch checkpoint: tensors only (``weights_only=True``).
+
+    A TorchScript archive runs code embedded in it when loaded, so it is refused unless the
+    caller trusts it (:func:`trusting_code`, the CLI's ``--trust-weights``).
+    """
     import torch
 
     if not path.is_file():
         raise CalbenchError(f"weights file {path} does not exist; pass --weights with an existing file")
+    if path.suffix != ".safetensors" and is_torchscript(path):
+        if not _TRUST_CODE.get():
+            raise CalbenchError(
+                f"weights file {path} is a TorchScript archive, which runs code embedded in it when loaded "
+                "(OpenAI-format CLIP .pt files such as PLIP's are); pass --trust-weights if you trust its source, "
+                "or convert it to a state dict"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as exc:
+            raise CalbenchError(f"cannot read TorchScript weights file {path}: {_first_line(exc)}") from None
+        return dict(state)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file, or a TorchScript archive (OpenAI's .pt files)
-        try:
-            if not zipfile.is_zipfile(path):
-                raise exc
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception:
-            raise CalbenchError(
-                f"cannot read weights file {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
-            ) from None
+    except Exception as exc:  # corrupt or foreign file, or a pickle holding more than tensors
+        raise CalbenchError(f"cannot read weights file {path}: {_first_line(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

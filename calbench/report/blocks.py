@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,28 +52,45 @@ STYLE = (
 )
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+#: characters that start inline Markdown (emphasis, code, links, strikethrough) or escape one
+_MD_PUNCTUATION = str.maketrans({c: "\\" + c for c in "\\`*_[]~|"})
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_escape(text: str) -> str:
+    """Plain text as inline Markdown: shown as written, never as HTML, markup, a link or a new line.
+
+    Names and error messages come from users and files; in a table a newline or a pipe
+    would also break the row.
+    """
+    text = " ".join(str(text).splitlines())
+    text = text.translate(_MD_PUNCTUATION)
+    return "".join(_MD_ENTITIES.get(c, c) for c in text)
+
+
+def _md_link_target(path: Path, base: Path) -> str:
+    """A relative link target, percent-encoded: spaces, brackets and parentheses cannot end the link."""
+    return urllib.parse.quote(Path(os.path.relpath(path, base)).as_posix(), safe="/")
 
 
 def render_markdown(blocks: Sequence[Block], base: Path) -> str:
-    """Markdown with images referenced relative to ``base`` (the folder the .md file is in)."""
+    """Markdown with images referenced relative to ``base`` (the folder the .md file is in); all text escaped."""
     out: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            out.append(f"{'#' * block.level} {block.text}\n")
+            out.append(f"{'#' * block.level} {md_escape(block.text)}\n")
         elif isinstance(block, Text):
-            out.append(block.text + "\n")
+            out.append(md_escape(block.text) + "\n")
         elif isinstance(block, Table):
             bold = block.bold or set()
-            out.append("| " + " | ".join(map(_md_cell, block.header)) + " |")
+            out.append("| " + " | ".join(map(md_escape, block.header)) + " |")
             out.append("|" + "---|" * len(block.header))
             for i, row in enumerate(block.rows):
-                cells = [f"**{_md_cell(c)}**" if (i, j) in bold else _md_cell(c) for j, c in enumerate(row)]
+                cells = [f"**{md_escape(c)}**" if (i, j) in bold else md_escape(c) for j, c in enumerate(row)]
                 out.append("| " + " | ".join(cells) + " |")
             out.append("")
         elif isinstance(block, Image):
-            out.append(f"![{block.caption}]({Path(os.path.relpath(block.path, base)).as_posix()})\n")
+            out.append(f"![{md_escape(block.caption)}]({_md_link_target(block.path, base)})\n")
     return "\n".join(out)
 
 

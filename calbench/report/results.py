@@ -34,9 +34,34 @@ PUBLISHED_ECE = {
     ("medclip", "rsna18"): (17.21, 17.14),
 }
 REFERENCE_METHOD = "coop-ce"
+#: statuses of runs with metrics; a ``degenerate`` run (near-uniform predictions) is never the best ECE
+SCORED = ("ok", "degenerate")
 
 Pair = tuple[str, str]
 Stats = dict[str, tuple[float, Optional[float]]]
+
+
+def dataset_labels(rows: Sequence[Row]) -> dict[tuple[str, str], str]:
+    """How the report and the diagrams name each (dataset, dataset_id): the plain name, unless another
+    dataset in the same results shares it; then the name and its identity, e.g. "data (a1b2c3)".
+
+    Rows from before results.csv had a dataset_id (empty) count as the name's one identified dataset;
+    a rerun of `compare` fills their id in. With several, they are "data (unknown)".
+    """
+    found: dict[str, set[str]] = {}
+    for r in rows:
+        found.setdefault(str(r["dataset"]), set()).add(str(r.get("dataset_id") or ""))
+    labels = {}
+    for name, ids in found.items():
+        unique = len(ids - {""}) <= 1
+        labels.update({(name, i): name if unique else f"{name} ({i or 'unknown'})" for i in ids})
+    return labels
+
+
+def diagram_stem(model: str, dataset_label: str, method: str) -> str:
+    """File stem of a reliability diagram, e.g. tiny_synthetic_coop-ce_ts; an identity as data-a1b2c3."""
+    tag = dataset_label.replace(" (", "-").replace(")", "")
+    return f"{model}_{tag}_{method.replace('+', '_')}"
 
 
 def _modality(model: str, dataset: str) -> str:
@@ -55,9 +80,15 @@ def _pct(mean: float, std: Optional[float]) -> str:
 
 
 class _Results:
-    """The logged runs a report shows: each (model, dataset, method)'s latest config, summarised over seeds."""
+    """The logged runs a report shows: each (model, dataset, method)'s latest config, summarised over seeds.
+
+    Each row's ``dataset`` is its label (:func:`dataset_labels`); ``names`` maps labels back to names.
+    """
 
     def __init__(self, logged: list[Row]) -> None:
+        labels = dataset_labels(logged)
+        logged = [{**r, "dataset": labels[(str(r["dataset"]), str(r.get("dataset_id") or ""))]} for r in logged]
+        self.names = {labels[key]: key[0] for key in labels}
         # runs with other settings (shots, parameters, weights) are not extra seeds: keep the most recent config
         latest = {(r["model"], r["dataset"], r["method"]): r.get("config", "") for r in logged}
         self.logged = logged
@@ -65,15 +96,29 @@ class _Results:
         self.pairs: list[Pair] = list(dict.fromkeys((str(r["model"]), str(r["dataset"])) for r in self.rows))
         self.methods = list(dict.fromkeys(str(r["method"]) for r in self.rows))
         self.cell: dict[tuple[str, str, str], Stats] = {}
+        #: (model, dataset, method) -> (degenerate seeds, scored seeds), for cells with a degenerate run
+        self.degenerate: dict[tuple[str, str, str], tuple[int, int]] = {}
         for r in self.rows:
             key = (str(r["model"]), str(r["dataset"]), str(r["method"]))
-            if key not in self.cell and r["status"] == "ok":
-                mine = [o for o in self.rows if (o["model"], o["dataset"], o["method"]) == key and o["status"] == "ok"]
+            if key not in self.cell and r["status"] in SCORED:
+                mine = [
+                    o for o in self.rows if (o["model"], o["dataset"], o["method"]) == key and o["status"] in SCORED
+                ]
                 self.cell[key] = {k: mean_std(float(o[k]) for o in mine) for k in ("ece", "accuracy", "nll", "brier")}
+                collapsed = sum(o["status"] == "degenerate" for o in mine)
+                if collapsed:
+                    self.degenerate[key] = (collapsed, len(mine))
 
     def ece(self, pair: Pair, method: str) -> Optional[float]:
         stats = self.cell.get((*pair, method))
         return None if stats is None else stats["ece"][0]
+
+    def mark(self, pair: Pair, method: str) -> str:
+        """ " (degenerate)" after a cell whose runs collapsed to near-uniform predictions ("1/3 seeds" if some did)."""
+        if (*pair, method) not in self.degenerate:
+            return ""
+        collapsed, scored = self.degenerate[(*pair, method)]
+        return " (degenerate)" if collapsed == scored else f" (degenerate in {collapsed}/{scored} seeds)"
 
 
 def _summary(res: _Results) -> list[Block]:
@@ -93,20 +138,36 @@ def _main_table(res: _Results) -> list[Block]:
     header = ["method"] + [f"{m} · {d}" for m, d in res.pairs]
     rows = []
     for method in res.methods:
-        cells = [res.cell.get((*pair, method)) for pair in res.pairs]
+        cells = [(pair, res.cell.get((*pair, method))) for pair in res.pairs]
         rows.append(
-            [method] + ["failed" if s is None else f"ECE {_pct(*s['ece'])} / Acc {_pct(*s['accuracy'])}" for s in cells]
+            [method]
+            + [
+                "failed" if s is None else f"ECE {_pct(*s['ece'])} / Acc {_pct(*s['accuracy'])}{res.mark(pair, method)}"
+                for pair, s in cells
+            ]
         )
     bold = set()
     for j, pair in enumerate(res.pairs, start=1):
-        scores = {i: e for i, m in enumerate(res.methods) if (e := res.ece(pair, m)) is not None}
+        scores = {
+            i: e
+            for i, m in enumerate(res.methods)
+            if (e := res.ece(pair, m)) is not None and (*pair, m) not in res.degenerate
+        }
         if scores:
             bold.add((min(scores, key=scores.get), j))
-    return [Heading("Results (best ECE per column in bold)"), Table(header, rows, bold)]
+    blocks: list[Block] = [Heading("Results (best ECE per column in bold)"), Table(header, rows, bold)]
+    if res.degenerate:
+        blocks.append(
+            Text(
+                "Degenerate runs predicted near-uniform probabilities (the status column of every run says why): "
+                "their metrics are shown but they are never the best ECE."
+            )
+        )
+    return blocks
 
 
 def _modality_table(res: _Results) -> list[Block]:
-    modalities = sorted({_modality(m, d) for m, d in res.pairs})
+    modalities = sorted({_modality(m, res.names[d]) for m, d in res.pairs})
     rows = []
     for method in res.methods:
         line = [method]
@@ -114,7 +175,7 @@ def _modality_table(res: _Results) -> list[Block]:
             cells = [
                 res.cell[(m, d, method)]
                 for m, d in res.pairs
-                if _modality(m, d) == modality and (m, d, method) in res.cell
+                if _modality(m, res.names[d]) == modality and (m, d, method) in res.cell
             ]
             ece, acc = (np.mean([c[k][0] for c in cells]) for k in ("ece", "accuracy")) if cells else (None, None)
             line.append(f"ECE {100 * ece:.2f} / Acc {100 * acc:.2f}" if cells else "–")
@@ -160,7 +221,7 @@ def _runs_table(res: _Results) -> list[Block]:
     rows = []
     for r in res.rows:
         ci = f"[{pct(r['ece_ci_low'])}, {pct(r['ece_ci_high'])}]" if pct(r["ece_ci_low"]) else ""
-        state = "ok" if r["status"] == "ok" else f"failed: {r.get('error', '')}"
+        state = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
         rows.append(
             [
                 str(r["model"]),
@@ -215,8 +276,12 @@ def build_blocks(results_dir: Path) -> list[Block]:
     )
     blocks += _certification(read_certification(results_dir / "certification.csv"))
     images = sorted((results_dir / "reliability").glob("*.png"))
+    captions = {diagram_stem(m, d, method): f"{m} · {d} · {method}" for m, d, method in res.cell}
     if images:
-        blocks += [Heading("Reliability diagrams"), *(Image(p, p.stem.replace("_", " · ", 2)) for p in images)]
+        blocks += [
+            Heading("Reliability diagrams"),
+            *(Image(p, captions.get(p.stem, p.stem.replace("_", " · ", 2))) for p in images),
+        ]
     return blocks
 
 

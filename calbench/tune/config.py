@@ -10,7 +10,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seeds
 from calbench.session import FewShot
 from calbench.train import TrainConfig
 from calbench.tune.space import Param, base_space
@@ -40,6 +40,11 @@ class TuneConfig:
             raise CalbenchError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
         if not self.split_seeds:
             raise CalbenchError("--split-seeds needs at least one seed")
+        check_seeds(self.split_seeds, "--split-seeds")
+        if not 0 <= self.acc_tolerance <= 100:  # NaN fails too, so it never reaches a stored study
+            raise CalbenchError(
+                f"--acc-tolerance is accuracy points a trial may lose, from 0 to 100; got {self.acc_tolerance}"
+            )
         FewShot(self.shots, self.val_shots, self.views)  # the same checks and messages as every command
         if self.epochs is not None and self.epochs < 1:
             raise CalbenchError(f"--epochs must be at least 1, got {self.epochs}")

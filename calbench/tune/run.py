@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from calbench.atomic import write_text_atomic
 from calbench.compare import Grid, run_compare
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seeds
 from calbench.results import ResultsStore, Row
 from calbench.session import RunContext
 from calbench.tune.config import TuneConfig
@@ -104,6 +104,7 @@ def run_tune(
 ) -> TuneRun:
     """Search on validation only; then (unless ``search_only``) write best_params.json, test the
     best and the hand-set settings once, and write report.md / report.html."""
+    check_seeds(final_seeds, "--final-seeds")  # before the search, not after it
     name = study_name or default_study_name(config.method, config.pairs, config.modality)
     out = Path(out) if out is not None else Path("results") / "tune" / name.replace("/", "-")
     out.mkdir(parents=True, exist_ok=True)

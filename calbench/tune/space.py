@@ -8,6 +8,7 @@ validation than the hand-set values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def _parse_one(name: str, spec: Any, old: Optional[Param], source: str) -> Param
     if kind not in ("float", "int"):
         raise CalbenchError(f"{source}: {name} has type {kind!r}; use float or int (or give choices)")
     log = bool(spec.get("log", base.log if base else False))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise CalbenchError(f"{source}: {name} needs finite numbers for low and high, got {low!r}..{high!r}")
     if not low < high or (log and low <= 0):
         raise CalbenchError(
             f"{source}: {name} needs 0 < low < high on a log scale and low < high otherwise, got {low}..{high}"

@@ -84,7 +84,12 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
     grace = 3 * heartbeat
     if "://" in url and not url.startswith("journal:"):
         if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            database = Path(url[len("sqlite:///") :])
+            if database.is_dir():
+                raise CalbenchError(
+                    f"--storage {url} names a folder; name a database file, e.g. {database / 'study.db'}"
+                )
+            database.parent.mkdir(parents=True, exist_ok=True)
         # several workers write the same SQLite file: wait for its lock instead of failing at once
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         for attempt in range(3):
@@ -106,5 +111,9 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
                     continue
                 raise CalbenchError(f"cannot open storage {url!r}: {str(exc).splitlines()[0]}") from None
     path = Path(url[len("journal:") :] if url.startswith("journal:") else url).expanduser()
+    if path.is_dir():
+        raise CalbenchError(
+            f"--storage {url} is a folder; give a journal file in it (e.g. {path / 'study.log'}) or a database URL"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     return HeartbeatJournalStorage(JournalFileBackend(str(path)), heartbeat, grace, retry)
