@@ -141,10 +141,7 @@ class Calibrated:
         self.calibrator = calibrator
         self.base_is_fitted = base_is_fitted
         caps = base.capabilities
-        extra = (
-            {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)} if caps.smoothed else {}
-        )
-        self.capabilities = replace(caps, fit_features={**caps.fit_features, **extra})
+        self.capabilities = replace(caps, fit_features={**caps.fit_features, **_val_copies(caps)})
 
     def fit(self, data: FitData) -> Calibrated:
         if not self.base_is_fitted:
@@ -175,10 +172,14 @@ def fit_requests(method: Method, score_val: bool = False) -> dict[str, FeatureRe
     """Every extra feature set ``method`` needs to fit; with ``score_val`` also the validation
     images in the form it predicts from (to score a smoothed method on validation)."""
     caps = method.capabilities
-    requests = dict(caps.fit_features)
-    if score_val and caps.smoothed:
-        requests[VAL_AS_TEST] = FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)
-    return requests
+    return {**caps.fit_features, **(_val_copies(caps) if score_val else {})}
+
+
+def _val_copies(caps: Capabilities) -> dict[str, FeatureRequest]:
+    """The validation images as noisy copies, for a smoothed method (what it predicts from); else nothing."""
+    if caps.test_copies is None:
+        return {}
+    return {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)}
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 One safetensors file per (model fingerprint, dataset split fingerprint, split,
 transform, view) holds the features of the images encoded so far and their
-indices in the split; asking for more images encodes only the missing ones and
-rewrites the file atomically (temp file + rename) after every chunk of views, so a
-killed run resumes where its last chunk ended. A corrupt file is rebuilt with a
-warning; a changed model, file set or transform gives a new key.
+indices in the split; asking for more images encodes only the missing ones. New rows
+are saved atomically in chunk files as they are encoded, so a killed run resumes where
+its last chunk ended, and folded into the main file once the split is done. A corrupt
+file is rebuilt with a warning; a changed model, file set or transform gives a new key.
 """
 
 from __future__ import annotations
@@ -58,31 +58,51 @@ class CacheStats:
 
 @dataclass
 class _ViewFile:
-    """One cache file (one view of one split): the rows it holds, and encoded rows not yet saved."""
+    """One cache file (one view of one split) and its chunk files.
+
+    Each chunk of new rows is written once, to a chunk file beside the main file; when the
+    split is encoded the chunks are folded into the main file and removed. So every row is
+    written twice at most, however large the split, and a kill leaves the chunks saved so far,
+    which the next read merges.
+    """
 
     path: Path
     meta: dict[str, str]
-    features: Tensor
-    indices: Tensor
-    new_features: list[Tensor] = field(default_factory=list)
-    new_indices: list[Tensor] = field(default_factory=list)
+    blocks: list[tuple[Tensor, Tensor]]  # (indices, features) held in memory, saved ones first
+    parts: list[Path] = field(default_factory=list)  # chunk files not yet folded into ``path``
+    unsaved: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def add(self, indices: list[int], features: Tensor) -> None:
-        self.new_indices.append(torch.tensor(indices, dtype=torch.int64))
-        self.new_features.append(features)
+        self.unsaved.append((torch.tensor(indices, dtype=torch.int64), features))
 
-    def save(self) -> None:
-        """Rewrite the file with every row so far, atomically: a kill leaves the previous save."""
-        if not self.new_indices:
+    def save_chunk(self) -> None:
+        """Write the rows encoded since the last save as one chunk file, atomically."""
+        if not self.unsaved:
             return
-        self.features = torch.cat([self.features, *self.new_features])
-        self.indices = torch.cat([self.indices, *self.new_indices])
-        self.new_features, self.new_indices = [], []
-        save_safetensors_atomic(self.path, {"features": self.features, "indices": self.indices}, self.meta)
+        indices, features = torch.cat([i for i, _ in self.unsaved]), torch.cat([f for _, f in self.unsaved])
+        part = self.path.with_name(f"{self.path.stem}.part-{os.getpid()}-{time.time_ns()}{self.path.suffix}")
+        save_safetensors_atomic(part, {"features": features, "indices": indices}, self.meta)
+        self.parts.append(part)
+        self.blocks.append((indices, features))
+        self.unsaved = []
+
+    def compact(self) -> None:
+        """Fold the chunk files into the main file (written atomically before they are removed)."""
+        if not self.parts:
+            return
+        indices, features = torch.cat([i for i, _ in self.blocks]), torch.cat([f for _, f in self.blocks])
+        save_safetensors_atomic(self.path, {"features": features, "indices": indices}, self.meta)
+        for part in self.parts:
+            part.unlink(missing_ok=True)
+        self.blocks, self.parts = [(indices, features)], []
+
+    def stored(self) -> np.ndarray:
+        return torch.cat([i for i, _ in self.blocks]).numpy()
 
     def rows(self, wanted: np.ndarray) -> Tensor:
-        position = {int(i): row for row, i in enumerate(self.indices.tolist())}
-        return self.features[[position[int(i)] for i in wanted]]
+        indices, features = torch.cat([i for i, _ in self.blocks]), torch.cat([f for _, f in self.blocks])
+        position = {int(i): row for row, i in enumerate(indices.tolist())}
+        return features[[position[int(i)] for i in wanted]]
 
 
 class FeatureCache:
@@ -124,20 +144,33 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
         return self.root / f"{dataset.name}-{split}-{kind}{view}-{digest}.safetensors", meta
 
-    def _read(self, path: Path) -> tuple[Tensor, Tensor]:
-        empty = (torch.zeros(0, self.vlm.embed_dim), torch.zeros(0, dtype=torch.int64))
-        if not path.is_file():
-            return empty
+    def _read(self, path: Path) -> tuple[list[tuple[Tensor, Tensor]], list[Path]]:
+        """The main file's rows and those of any chunk files beside it (a run killed before folding
+        them in), each image once; unreadable files are warned about and left out."""
+        parts = sorted(path.parent.glob(f"{path.stem}.part-*{path.suffix}"))
+        blocks, seen = [], np.zeros(0, dtype=np.int64)
+        for file in [path, *parts]:
+            if not file.is_file():
+                continue
+            indices, features = self._load(file)
+            keep = ~np.isin(indices.numpy(), seen)  # a kill between folding and removing repeats rows
+            if keep.any():
+                blocks.append((indices[keep], features[keep]))
+                seen = np.concatenate([seen, indices.numpy()[keep]])
+        empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.vlm.embed_dim))
+        return blocks or [empty], [p for p in parts if p.is_file()]
+
+    def _load(self, file: Path) -> tuple[Tensor, Tensor]:
         try:
-            stored = load_file(str(path))
+            stored = load_file(str(file))
             features, indices = stored["features"], stored["indices"]
             if features.shape[0] != indices.shape[0] or features.shape[1] != self.vlm.embed_dim:
                 raise ValueError("inconsistent shapes")
-            return features, indices
+            return indices, features
         except Exception as exc:
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            warn(f"feature cache file {path} is unreadable ({reason}); rebuilding it", stacklevel=2)
-            return empty
+            warn(f"feature cache file {file} is unreadable ({reason}); rebuilding it", stacklevel=3)
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.vlm.embed_dim)
 
     def features(
         self,
@@ -157,14 +190,15 @@ class FeatureCache:
         jobs: dict[int, list[int]] = {}  # image index -> views to encode
         for view in dict.fromkeys(views):
             path, meta = self._key(dataset, split, kind, view)
-            features, stored = self._read(path)
-            missing = np.setdiff1d(wanted, stored.numpy())
+            files[view] = _ViewFile(path, meta, *self._read(path))
+            missing = np.setdiff1d(wanted, files[view].stored())
             for index in missing.tolist():
                 jobs.setdefault(index, []).append(view)
-            files[view] = _ViewFile(path, meta, features, stored)
             self.stats.loaded += len(wanted) - len(missing)
         if jobs:
             self._encode(dataset, split, kind, jobs, files)
+        for file in files.values():
+            file.compact()
         return torch.stack([files[view].rows(wanted) for view in views])
 
     def _encode(
@@ -226,4 +260,4 @@ class FeatureCache:
     @staticmethod
     def _save(files: dict[int, _ViewFile]) -> None:
         for file in files.values():
-            file.save()
+            file.save_chunk()

@@ -24,6 +24,7 @@ from torch import Tensor
 from calbench.atomic import write_csv_atomic
 from calbench.base import Method, base_of
 from calbench.cache import CacheStats
+from calbench.calibprompt import PromptMethod
 from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method, parse_method
@@ -128,8 +129,9 @@ def run_certify(
     parse_method(method)
     open_folder(Path(out))  # a file or read-only folder in the way fails before any work
     smoothed = _build(method, sigma, dict(params or {}))
-    config = getattr(base_of(smoothed), "config", None)
-    fewshot = replace(fewshot, shots=shots if shots is not None else (config.shots if config else fewshot.shots))
+    base = base_of(smoothed)  # a prompt method's config names its paper's shots (PromptSmooth: 16)
+    own = base.config.shots if isinstance(base, PromptMethod) else fewshot.shots
+    fewshot = replace(fewshot, shots=shots if shots is not None else own)
 
     session = Session(model, data, context)
     smoothed.fit(session.fit_data(seed, fewshot, smoothed))

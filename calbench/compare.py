@@ -32,7 +32,7 @@ from calbench.methods import (
 from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.plots import reliability_diagram
 from calbench.report.results import dataset_labels, diagram_stem
-from calbench.results import ResultsStore, Row
+from calbench.results import SCORED, ResultsStore, Row
 from calbench.session import FewShot, RunContext, Session
 
 
@@ -57,6 +57,10 @@ class Grid:
         if not self.seeds:
             raise CalbenchError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
         check_seeds(self.seeds, "--seeds")
+        for option, values in (("--methods", list(self.methods)), ("--seeds", list(self.seeds))):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # a repeat would count one run as two seeds and pool its predictions twice
+                raise CalbenchError(f"{option} names {', '.join(twice)} more than once; name each once")
         if self.bootstrap < 0:
             raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {self.bootstrap}")
         check_method_params(self.method_params)
@@ -89,9 +93,6 @@ class CompareResult:
 #: a run is degenerate when every test item's top probability is this close to 1/C (calbench's
 #: choice: an untrained or collapsed prompt would otherwise give ``ok``-looking rows at chance accuracy)
 DEGENERATE_TOLERANCE = 1e-3
-#: statuses whose row has metrics and is reused on the next run: a degenerate run is a deterministic
-#: outcome of its settings (retrying gives the same), a failed one is retried
-SCORED = ("ok", "degenerate")
 
 
 def run_config(session: Session, method: str, settings: Mapping[str, object]) -> str:
@@ -199,7 +200,7 @@ def compare_pair(
     """Every (method, seed) of one model and dataset; rows already in ``store`` are reused unless ``grid.force``
     (failed rows are retried, degenerate ones reused: the same settings give the same collapse)."""
     fewshot = grid.fewshot
-    settings = {"shots": fewshot.shots, "val_shots": fewshot.val_shots, "views": fewshot.views, "n_bins": grid.n_bins}
+    settings = {"shots": fewshot.shots, "val_shots": fewshot.val, "views": fewshot.views, "n_bins": grid.n_bins}
     configs = {
         name: run_config(session, name, {**settings, "method": method_signature(grid.build(name))})
         for name in grid.methods
@@ -234,10 +235,10 @@ def compare_pair(
             store.put({**where, **identity, "method": name, "seed": seed, "config": configs[name], **metrics}, probs)
             computed += 1
     rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
-    unnamed = [{**row, **identity} for row in rows if not row.get("dataset_id")]
-    if unnamed:  # rows from before results.csv had a dataset_id: their config pins the same files
-        store.put_rows(unnamed)
-        rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
+    # written again last, so the report shows the settings run now, not ones logged after them; rows from
+    # before results.csv had a dataset_id get it (their config pins the same files)
+    store.put_rows([{**row, **identity} if not row.get("dataset_id") else row for row in rows])
+    rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
     return rows, computed
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any, Optional
 
 import calbench.baselines  # noqa: F401  (registers the comparison methods and calibrators)
 import calbench.calibprompt  # noqa: F401  (registers CalibPrompt)
-from calbench.base import CALIBRATORS, METHODS, Calibrated, Method
+from calbench.base import CALIBRATORS, METHODS, Calibrated, Capabilities, Method
 from calbench.calibprompt import PromptMethod
 from calbench.errors import CalbenchError
 
@@ -70,7 +70,20 @@ def method_signature(method: Method) -> dict[str, object]:
         return {"base": method_signature(method.base), "calibrator": type(method.calibrator).__name__}
     plain = (int, float, str, bool, tuple, list, type(None))
     signature: dict[str, object] = {"class": type(method).__name__}
-    signature.update({k: v for k, v in sorted(vars(method).items()) if not k.startswith("_") and isinstance(v, plain)})
+    for key, value in sorted(vars(method).items()):
+        if key.startswith("_"):
+            continue
+        if isinstance(value, plain):
+            signature[key] = value
+        elif isinstance(getattr(value, "capabilities", None), Capabilities):  # a method inside (promptsmooth-zs)
+            signature[key] = method_signature(value)
+    caps = method.capabilities
+    if caps.fit_features or caps.smoothed or caps.adapts_at_test:  # e.g. noisy copies: views, sigma
+        signature["capabilities"] = {
+            "fit": {name: astuple(request) for name, request in sorted(caps.fit_features.items())},
+            "copies": astuple(caps.test_copies) if caps.test_copies else None,
+            "adapts": caps.adapts_at_test,
+        }
     if isinstance(method, PromptMethod):
         signature["config"] = asdict(method.config)
         signature["objective"] = {

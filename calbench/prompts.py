@@ -101,7 +101,7 @@ def save_prompt(
 
 def read_prompt_info(path: Path) -> dict[str, Any]:
     """A prompt file's metadata, decoded, without loading any model: what `load_prompt` needs to check."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -110,7 +110,7 @@ def read_prompt_info(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         info = {**meta, "classnames": json.loads(meta["classnames"]), "extra": json.loads(meta.get("extra", "{}"))}
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, SafetensorError) as exc:
         raise CalbenchError(
             f"{path} is not a prompt file written by `calbench train` ({exc}); train one again"
         ) from None

@@ -44,6 +44,9 @@ RESULT_COLUMNS = [
     "dataset_id",  # the dataset's file fingerprints, short: tells apart two datasets with one name
 ]
 KEY = ("model", "dataset", "method", "seed", "config")
+#: statuses whose row has metrics and is reused on the next run: a degenerate run is a deterministic
+#: outcome of its settings (retrying gives the same), a failed one is retried
+SCORED = ("ok", "degenerate")
 #: one row per certified setting and radius (`calbench certify`)
 CERTIFY_COLUMNS = [
     "model",

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from calbench.base import CALIBRATORS, Calibrated, Method, base_of
+from calbench.base import Calibrated, Method, base_of
+from calbench.baselines.posthoc import TemperatureScaling
 from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
 from calbench.errors import CalbenchError, check_seed, check_seeds
@@ -61,7 +62,7 @@ def train_one(
         "seed": seed,
         "shots": fewshot.shots,
     }
-    if isinstance(trained, Calibrated) and hasattr(trained.calibrator, "temperature"):
+    if isinstance(trained, Calibrated) and isinstance(trained.calibrator, TemperatureScaling):
         extra["temperature"] = trained.calibrator.temperature
     path = Path(out) / f"{method.replace('+', '_')}-{model}-{session.dataset.name}-seed{seed}.safetensors"
     save_prompt(path, prompt.learner, asdict(prompt.config), extra)
@@ -105,7 +106,7 @@ def _restore(info: dict[str, Any], session: Session, path: Path) -> tuple[str, M
     if calibrator is None:
         return name, method, ""
     if calibrator == "ts" and "temperature" in extra:
-        scaling = CALIBRATORS.get("ts")()
+        scaling = TemperatureScaling()
         scaling.temperature = float(extra["temperature"])
         return name, Calibrated(method, scaling, base_is_fitted=True), ""
     return (

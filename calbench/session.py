@@ -70,8 +70,10 @@ class FewShot:
 class Session:
     """A model, a dataset and the model's feature cache, opened once and shared by every run on them.
 
-    Few-shot data and test features are read from the cache once per split and kept, so a
-    grid of methods on one session fetches each split's features once.
+    Few-shot data (with the extra features methods declare) and the clean test features are
+    read from the cache once per split and kept, so a grid of methods on one session fetches
+    them once; noisy test copies, large and used by few methods, are read from the cache each
+    time they are asked for.
     """
 
     def __init__(self, model: str, data: str, context: Optional[RunContext] = None) -> None:

@@ -67,7 +67,8 @@ def os_error_line(exc: OSError, values: Mapping[str, Any], names: Mapping[str, s
 
 def memory_line(exc: BaseException) -> Optional[str]:
     """One line for running out of memory (CPU or GPU), or None for anything else."""
-    if isinstance(exc, MemoryError):
+    cpu = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
+    if isinstance(exc, MemoryError) or cpu:
         return "out of memory; close other programs, or run on a machine with more memory"
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
         return "the GPU ran out of memory; free it from other jobs, or pass --device cpu"

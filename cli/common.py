@@ -142,7 +142,7 @@ def read_params(params: Optional[Path]) -> dict[str, dict[str, object]]:
 
 def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Mean ± std over seeds per method: percentages for rates, raw values for NLL and Brier."""
-    from calbench.results import format_mean_std
+    from calbench.results import SCORED, format_mean_std
 
     columns = [
         ("accuracy", "Acc %", 100),
@@ -162,7 +162,7 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
         table.add_column("ECE 95% CI", justify="right")
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
-        ok = [row for row in mine if row["status"] in ("ok", "degenerate")]  # degenerate runs have metrics
+        ok = [row for row in mine if row["status"] in SCORED]  # degenerate runs have metrics
         seeds = f"{len(ok)}" if len(ok) == len(mine) else f"{len(ok)}/{len(mine)} ok"
         degenerate = sum(row["status"] == "degenerate" for row in mine)
         seeds += f", {degenerate} degenerate" if degenerate else ""

@@ -87,18 +87,9 @@ def compare(
         method_params=read_params(params),
         force=force,
     )
-    result = run_compare(
-        model,
-        data,
-        grid,
-        run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights),
-        out,
-        all_pairs=all_pairs,
-        log=lambda message: console.log(message) if console.is_terminal else None,
-        on_skip=lambda m, d, missing: err_console.print(
-            f"[yellow]skipped[/] {m} · {d}: {missing}", highlight=False, soft_wrap=True
-        ),
-    )
+    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
+    log = (lambda message: console.log(message)) if console.is_terminal else (lambda message: None)
+    result = run_compare(model, data, grid, context, out, all_pairs, log, _skipped)
     _render(result)
 
 

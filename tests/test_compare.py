@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from calbench.base import METHODS, LogitMethod, MethodSpec
@@ -196,6 +197,74 @@ def test_report_shows_only_each_methods_latest_settings(tmp_path, cache_dir):
         f"| zero-shot+ts | **ECE {100 * new['ece']:.2f} / Acc {100 * new['accuracy']:.2f}** |" in md
     )  # one seed: no ± at all
     assert "1 older run(s) with other settings are in results.csv but not shown" in md
+
+
+@pytest.mark.e2e
+def test_going_back_to_earlier_settings_puts_them_back_in_the_report(tmp_path, cache_dir):
+    base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
+    grid = Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=2), bootstrap=0)
+    old = run_compare(grid=grid, **base).rows[0]
+    run_compare(grid=replace(grid, fewshot=FewShot(val_shots=8)), **base)
+    again = run_compare(grid=grid, **base)  # nothing to compute: reused, and now the latest
+    assert again.computed == 0 and again.rows[0]["config"] == old["config"]
+    runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
+    assert (
+        f"| zero-shot+ts | **ECE {100 * old['ece']:.2f} / Acc {100 * old['accuracy']:.2f}** |"
+        in (tmp_path / "report.md").read_text()
+    )
+
+
+@pytest.mark.e2e
+def test_spelled_out_validation_shots_are_the_same_config(tmp_path, cache_dir):
+    base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
+    run_compare(grid=Grid(["zero-shot+ts"], [1], bootstrap=0), **base)
+    assert run_compare(grid=Grid(["zero-shot+ts"], [1], FewShot(val_shots=8), bootstrap=0), **base).computed == 0
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (Grid(["zero-shot", "zero-shot"], [1]), "--methods names zero-shot more than once; name each once"),
+        (Grid(["zero-shot"], [1, 2, 1]), "--seeds names 1 more than once; name each once"),
+    ],
+)
+def test_a_repeated_method_or_seed_is_refused(tmp_path, grid, message):
+    with pytest.raises(CalbenchError, match=message):
+        run_compare(grid=grid, out=tmp_path)
+    assert not (tmp_path / "results.csv").exists()
+
+
+class _Spy(LogitMethod):
+    """Records what it is fitted on, and predicts like zero-shot."""
+
+    seen: list = []
+
+    def fit(self, data):
+        _Spy.seen.append(data)
+        self._zero_shot = METHODS.get("zero-shot").factory().fit(data)
+        return self
+
+    def predict_logits(self, inputs):
+        return self._zero_shot.predict_logits(inputs)
+
+
+@pytest.mark.e2e
+def test_fitting_never_sees_a_test_image(tmp_path, cache_dir):
+    from calbench.session import Session
+
+    METHODS._entries["spy"] = MethodSpec("spy", "test double", _Spy)
+    try:
+        run_compare(
+            grid=Grid(["spy", "spy+ts"], [1, 2], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
+        )
+    finally:
+        del METHODS._entries["spy"]
+    test = Session("tiny", "synthetic", RunContext(cache_dir=cache_dir)).test_features()
+    assert len(_Spy.seen) == 2  # one fit per seed; +ts reuses it
+    for data in _Spy.seen:
+        seen = [data.train_features.flatten(0, 1), data.val_features, *(t.flatten(0, -2) for t in data.extra.values())]
+        for features in seen:  # no row of what fitting sees is a test image's features
+            assert not (torch.cdist(features.float(), test.float()) < 1e-6).any()
 
 
 @pytest.mark.e2e

@@ -139,3 +139,20 @@ def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(se
     torch.testing.assert_close(
         method.predict_proba(copies), torch.softmax(method.base_logits(copies), dim=-1).mean(dim=0)
     )
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("promptsmooth", {"n_samples": 64}),
+        ("promptsmooth", {"views_per_sigma": 2}),
+        ("promptsmooth", {"train_sigmas": [0.5]}),
+        ("promptsmooth-zs", {"init": "fewshot", "epochs": 5}),
+    ],
+)
+def test_every_setting_of_a_smoothed_method_is_in_its_config(name, params):
+    from calbench.methods import method_signature
+
+    default = {"init": "fewshot"} if "init" in params else {}
+    assert method_signature(make_method(name, **params)) != method_signature(make_method(name, **default))
+    assert method_signature(make_method(name, **default)) == method_signature(make_method(name, **default))

@@ -200,6 +200,17 @@ def test_each_os_error_says_what_failed_and_what_to_do(code, culprit, message):
     assert describe_os_error(OSError(code, os.strerror(code), culprit), "--out") == message
 
 
+def _cpu_allocation_error() -> RuntimeError:
+    """What torch itself raises when the CPU allocator fails: a RuntimeError, not a MemoryError."""
+    import torch
+
+    try:
+        torch.empty(10**14)  # 400 TB: refused at once
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("torch allocated 400 TB")
+
+
 @pytest.mark.parametrize(
     "exc, message",
     [
@@ -246,6 +257,7 @@ def test_a_bug_stays_a_traceback_then_says_how_to_report_it(monkeypatch, capsys)
     "exc, message",
     [
         (MemoryError(), "out of memory; close other programs, or run on a machine with more memory"),
+        (_cpu_allocation_error(), "out of memory; close other programs, or run on a machine with more memory"),
         (
             type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"),
             "the GPU ran out of memory; free it from other jobs, or pass --device cpu",

@@ -78,26 +78,47 @@ def test_a_killed_encoding_keeps_its_saved_chunk_and_the_rerun_encodes_only_the_
 
 def test_unsaved_features_never_exceed_one_chunk(tiny, synthetic, tmp_path, monkeypatch):
     unsaved: list[int] = []
-    real_save = cache_module._ViewFile.save
+    real_save = cache_module._ViewFile.save_chunk
 
     def counting_save(self):
-        unsaved.append(sum(len(i) for i in self.new_indices))
+        unsaved.append(sum(len(i) for i, _ in self.unsaved))
         real_save(self)
 
-    monkeypatch.setattr(cache_module._ViewFile, "save", counting_save)
+    monkeypatch.setattr(cache_module._ViewFile, "save_chunk", counting_save)
     cache = FeatureCache(tmp_path / "c", tiny, batch_size=8, progress=False, chunk_size=10)
     cache.features(synthetic, "test", range(25), kind="eval")
     assert unsaved == [10, 10, 5] and cache.stats.encoded == 25  # batches never cross a chunk: 8 + 2, 8 + 2, 5
     assert (CHUNK_VIEWS, CHUNK_SECONDS) == (1000, 60.0)  # the documented defaults
 
 
-def test_a_slow_encoder_saves_every_chunk_seconds(tiny, synthetic, tmp_path, monkeypatch):
-    saves: list[str] = []
+def _recording_saves(monkeypatch) -> list[tuple[str, int]]:
+    saves: list[tuple[str, int]] = []
     real = cache_module.save_safetensors_atomic
-    monkeypatch.setattr(cache_module, "save_safetensors_atomic", lambda *a, **k: (saves.append("save"), real(*a, **k)))
+
+    def record(path, tensors, meta=None):
+        saves.append(("chunk" if ".part-" in Path(path).name else "main", len(tensors["indices"])))
+        real(path, tensors, meta)
+
+    monkeypatch.setattr(cache_module, "save_safetensors_atomic", record)
+    return saves
+
+
+def test_a_slow_encoder_saves_every_chunk_seconds(tiny, synthetic, tmp_path, monkeypatch):
+    saves = _recording_saves(monkeypatch)
     cache = FeatureCache(tmp_path / "c", tiny, batch_size=4, progress=False, chunk_seconds=0)
     cache.features(synthetic, "test", range(12), kind="eval")
-    assert len(saves) == 3  # after each batch of 4 (the time limit); the chunk's end has nothing new to save
+    # after each batch of 4 (the time limit; the chunk's end has nothing new), then folded into the main file
+    assert saves == [("chunk", 4), ("chunk", 4), ("chunk", 4), ("main", 12)]
+
+
+def test_each_row_is_written_twice_at_most_and_no_chunk_file_is_left(tiny, synthetic, tmp_path, monkeypatch):
+    saves = _recording_saves(monkeypatch)
+    cache = FeatureCache(tmp_path / "c", tiny, batch_size=8, progress=False, chunk_size=10)
+    cache.features(synthetic, "test", range(25), kind="eval")
+    assert saves == [("chunk", 10), ("chunk", 10), ("chunk", 5), ("main", 25)]  # linear, not a rewrite per chunk
+    assert [p.name for p in (tmp_path / "c" / "features").iterdir() if ".part-" in p.name] == []
+    more = cache.features(synthetic, "test", range(30), kind="eval")
+    assert saves[4:] == [("chunk", 5), ("main", 30)] and more.shape == (1, 30, 64)
 
 
 def test_a_cache_file_in_the_existing_format_still_loads(tiny, synthetic, tmp_path):

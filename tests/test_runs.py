@@ -96,6 +96,12 @@ def test_evaluate_and_methods_commands(tmp_path, cache_dir):
     )
     assert shown.exit_code == 0, shown.output
     assert "coop-ls · tiny · synthetic · test split, 300 images" in shown.output and "ECE %" in shown.output
+    for junk in (b"hello", b"model,dataset\n"):  # not safetensors at all
+        bogus = tmp_path / "bogus.safetensors"
+        bogus.write_bytes(junk)
+        refused = runner.invoke(app, ["evaluate", "--prompt", str(bogus), "--cache-dir", str(cache_dir)])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output
+        assert "is not a prompt file written by `calbench train`" in refused.output
     missing = runner.invoke(
         app, ["evaluate", "--prompt", str(tmp_path / "none.safetensors"), "--cache-dir", str(cache_dir)]
     )

@@ -17,7 +17,7 @@ import numpy as np
 
 from calbench.errors import CalbenchError
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
-from calbench.results import Row, mean_std, read_certification, read_results
+from calbench.results import SCORED, Row, mean_std, read_certification, read_results
 
 #: ECE (%) published for CoOp-CE and CalibPrompt (Basu et al., BMVC 2025; 8 shots, seed 1),
 #: keyed by calbench's (model, dataset) ids; shown next to our numbers where the pair ran.
@@ -35,7 +35,6 @@ PUBLISHED_ECE = {
 }
 REFERENCE_METHOD = "coop-ce"
 #: statuses of runs with metrics; a ``degenerate`` run (near-uniform predictions) is never the best ECE
-SCORED = ("ok", "degenerate")
 
 Pair = tuple[str, str]
 Stats = dict[str, tuple[float, Optional[float]]]

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import optuna
 
 from calbench.errors import CalbenchError
-from calbench.methods import METHODS
+from calbench.methods import METHODS, make_method
 from calbench.train import TrainConfig
 
 
@@ -221,3 +221,15 @@ def first_trials(
         if kept and kept not in [p for _, p in chosen]:
             chosen.append((f"{label} {pair_key(pair)}" if label == "paper" else label, kept))
     return chosen
+
+
+def check_space(method: str, space: Mapping[str, Param], epochs: Optional[int]) -> None:
+    """Build the method at both ends of every range and at every choice, so that a space reaching
+    outside a parameter's declared range fails here, before a study (which keeps its space) exists."""
+    for name, param in space.items():
+        ends = param.choices if param.kind == "categorical" else (param.low, param.high)
+        for value in ends:
+            try:
+                make_method(method, **method_params({name: value}, epochs))
+            except CalbenchError as exc:
+                raise CalbenchError(f"the search space reaches {name}={value!r}: {exc}") from None

@@ -18,7 +18,7 @@ from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
-from calbench.tune.space import first_trials, method_params, pair_key
+from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage
 from calbench.tune.worker import Surplus, Worker
 
@@ -88,6 +88,7 @@ def search(
         raise CalbenchError(f"--trials must be at least 1, got {n_trials}")
     for _, params in first_trials(config.method, config.pairs, config.space):  # a bad name fails here, not in trial 0
         make_method(config.method, **method_params(params, config.epochs))
+    check_space(config.method, config.space, config.epochs)
     started = time.perf_counter()
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the report lists failed and pruned trials with reasons
