@@ -288,7 +288,8 @@ class ResultsStore:
             probs = np.load(path, allow_pickle=False)  # never unpickle: a file is data, not code
             damage = _prediction_damage(probs, shape)
         except (ValueError, EOFError) as exc:  # truncated, random bytes, an object array, an empty file
-            damage = f"unreadable: {exc}"
+            pickled = "pickled" in str(exc)  # numpy's own text would suggest loading it unsafely
+            damage = "not an array of numbers (pickled data is never loaded)" if pickled else f"unreadable: {exc}"
         if not damage:
             return probs
         if path not in self._damaged:
