@@ -1,9 +1,10 @@
 """CoOp baselines and CalibPrompt ablations: the same prompt learner and trainer, other objectives.
 
-Each method is one row of :data:`LOSS_METHODS`: its loss terms, and its parameters with
-their defaults and sources. A parameter sets one or more term fields ("term.weight" or
-"term.<kwarg>"), so a shared hyper-parameter (CalibPrompt's alpha for LS and SMAC) is one
-knob. Training options (lr, n_ctx, epochs, ...) are accepted by every method.
+Each method is one row of :data:`LOSS_METHODS`: its loss terms, and the term fields each of
+its parameters sets ("term.weight" or "term.<kwarg>"), so a shared hyper-parameter
+(CalibPrompt's alpha for LS and SMAC) is one knob. Their defaults, with sources, are the
+method's section of the one table (:mod:`calbench.published`). Training options (lr, n_ctx,
+epochs, ...) are accepted by every method.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from calbench.base import Method, as_number, check_known, register_method, split
 from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.calibprompt import PromptMethod
 from calbench.losses import Objective, Term
+from calbench.published import section
 from calbench.train import NON_NEGATIVE, POSITIVE, Range
 
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: default value, the term fields it sets, where the default comes from, and its range."""
+    """A method parameter: the term fields it sets and its range (its default is in the table)."""
 
-    default: float
     sets: tuple[str, ...]
-    source: str
     allowed: Range = NON_NEGATIVE  # loss weights and most loss parameters: >= 0
 
 
@@ -52,46 +52,45 @@ class LossMethod:
         return Objective({term: Term(loss, weights[term], kwargs[term]) for term, loss in self.terms.items()})
 
 
-CALIBPROMPT = "Basu et al., BMVC 2025 (CalibPrompt defaults)"
 LOSS_METHODS: dict[str, LossMethod] = {
     "coop-ce": LossMethod("CoOp with cross-entropy (Zhou et al., IJCV 2022)", {"ce": "cross_entropy"}),
     "coop-ls": LossMethod(
         "CoOp with label smoothing",
         {"ls": "label_smoothing"},
-        {"alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT, SMOOTHING)},
+        {"alpha": Param(("ls.alpha",), SMOOTHING)},
     ),
     "coop-mbls": LossMethod(
         "CoOp with margin-based label smoothing (Liu et al., CVPR 2022)",
         {"mbls": "mbls"},
         {
-            "margin": Param(10.0, ("mbls.margin",), "Liu et al., CVPR 2022", POSITIVE),
-            "alpha": Param(0.1, ("mbls.alpha",), "Liu et al., CVPR 2022"),
+            "margin": Param(("mbls.margin",), POSITIVE),
+            "alpha": Param(("mbls.alpha",)),
         },
     ),
     "coop-focal": LossMethod(
         "CoOp with focal loss (Lin et al., 2017; for calibration Mukhoti et al., NeurIPS 2020)",
         {"focal": "focal"},
-        {"gamma": Param(3.0, ("focal.gamma",), "Mukhoti et al., NeurIPS 2020 (fixed gamma 3)")},
+        {"gamma": Param(("focal.gamma",))},
     ),
     "coop-mdca": LossMethod(
         "CoOp with CE + MDCA (Hebbalaguppe et al., CVPR 2022)",
         {"ce": "cross_entropy", "mdca": "mdca"},
-        {"beta": Param(1.0, ("mdca.weight",), "Hebbalaguppe et al., CVPR 2022 (beta 1 with NLL)")},
+        {"beta": Param(("mdca.weight",))},
     ),
     "coop-dca": LossMethod(
         "CoOp with CE + DCA (Liang et al., 2020)",
         {"ce": "cross_entropy", "dca": "dca"},
-        {"beta": Param(1.0, ("dca.weight",), "calbench default; tune with `calbench tune`")},
+        {"beta": Param(("dca.weight",))},
     ),
     "coop-mmce": LossMethod(
         "CoOp with CE + weighted MMCE (Kumar et al., ICML 2018)",
         {"ce": "cross_entropy", "mmce": "mmce"},
-        {"weight": Param(1.0, ("mmce.weight",), "calbench default; tune with `calbench tune`")},
+        {"weight": Param(("mmce.weight",))},
     ),
     "coop-logitnorm": LossMethod(
         "CoOp with LogitNorm (Wei et al., ICML 2022)",
         {"logitnorm": "logit_norm"},
-        {"temperature": Param(0.04, ("logitnorm.temperature",), "Wei et al., ICML 2022 (CIFAR-10 setting)", POSITIVE)},
+        {"temperature": Param(("logitnorm.temperature",), POSITIVE)},
     ),
     "coop-zsnorm": LossMethod(
         "CoOp with ZS-Norm: CE on logits rescaled to the zero-shot range (Murugesan et al., ECCV 2024)",
@@ -100,45 +99,45 @@ LOSS_METHODS: dict[str, LossMethod] = {
     "coop-penalty": LossMethod(
         "CoOp with CE + zero-shot range penalty (Murugesan et al., ECCV 2024)",
         {"ce": "cross_entropy", "penalty": "zs_penalty"},
-        {"weight": Param(1.0, ("penalty.weight",), "calbench default; tune with `calbench tune`")},
+        {"weight": Param(("penalty.weight",))},
     ),
     "coop-mmv": LossMethod(
         "CoOp with CE + margin mean-variance regulariser",
         {"ce": "cross_entropy", "mmv": "margin_mean_var"},
         {
-            "alpha": Param(0.1, ("mmv.alpha",), "calbench default"),
-            "beta": Param(0.01, ("mmv.beta",), "calbench default"),
+            "alpha": Param(("mmv.alpha",)),
+            "beta": Param(("mmv.beta",)),
         },
     ),
     "coop-tmm": LossMethod(
         "CoOp with CE + text moment matching to the zero-shot class features",
         {"ce": "cross_entropy", "tmm": "text_moment_matching"},
-        {"weight": Param(1.0, ("tmm.weight",), "calbench default; tune with `calbench tune`")},
+        {"weight": Param(("tmm.weight",))},
     ),
     "ls+smac": LossMethod(
         "CalibPrompt ablation: label smoothing + SMAC, no AS",
         {"ls": "label_smoothing", "smac": "smac"},
         {
-            "alpha": Param(0.05, ("ls.alpha", "smac.alpha"), CALIBPROMPT, SMOOTHING),
-            "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
+            "alpha": Param(("ls.alpha", "smac.alpha"), SMOOTHING),
+            "w_smac": Param(("smac.weight",)),
         },
     ),
     "ls+as": LossMethod(
         "CalibPrompt ablation: label smoothing + AS, no SMAC",
         {"ls": "label_smoothing", "as": "angular_separation"},
         {
-            "alpha": Param(0.05, ("ls.alpha",), CALIBPROMPT, SMOOTHING),
-            "w_as": Param(0.01, ("as.weight",), CALIBPROMPT),
+            "alpha": Param(("ls.alpha",), SMOOTHING),
+            "w_as": Param(("as.weight",)),
         },
     ),
     "calibprompt-focal": LossMethod(
         "CalibPrompt with focal loss as the task loss: focal + SMAC + AS",
         {"focal": "focal", "smac": "smac", "as": "angular_separation"},
         {
-            "gamma": Param(3.0, ("focal.gamma",), "Mukhoti et al., NeurIPS 2020"),
-            "alpha": Param(0.05, ("smac.alpha",), CALIBPROMPT, SMOOTHING),
-            "w_smac": Param(1.0, ("smac.weight",), CALIBPROMPT),
-            "w_as": Param(0.01, ("as.weight",), CALIBPROMPT),
+            "gamma": Param(("focal.gamma",)),
+            "alpha": Param(("smac.alpha",), SMOOTHING),
+            "w_smac": Param(("smac.weight",)),
+            "w_as": Param(("as.weight",)),
         },
     ),
 }
@@ -148,8 +147,10 @@ def _factory(name: str, spec: LossMethod):
     def build(**params: Any) -> Method:
         cfg, rest = split_train_params(params, method=name)
         check_known(name, rest, spec.params)
+        defaults = section(name)
         values = {
-            p: as_number(rest.get(p, param.default), f"{name} {p}", param.allowed) for p, param in spec.params.items()
+            p: as_number(rest.get(p, defaults[p].value), f"{name} {p}", param.allowed)
+            for p, param in spec.params.items()
         }
         return PromptMethod(spec.objective(values), cfg)
 

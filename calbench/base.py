@@ -7,15 +7,16 @@ features: build with parameters (no work), ``fit(FitData)`` returns self,
 train and validation features only: methods cannot see the test split.
 
 What a method needs beyond that is declared in its :class:`Capabilities`, never probed:
-extra few-shot features, prediction from noisy copies (a smoothed classifier), tuning at
-test time, a learned prompt.
+how many epochs it trains (one cached augmented view each), extra few-shot features,
+prediction from noisy copies (a smoothed classifier), tuning at test time on copies of
+their own, a learned prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,12 @@ from torch import Tensor
 from calbench.errors import CalbenchError
 from calbench.models.base import VLMBackend
 from calbench.registry import Registry
-from calbench.train import Range, TrainConfig, check_train_options
+from calbench.train import Range, TrainConfig, TrainViews, check_train_options
 
 #: ``FitData.extra`` key of the validation images in the form a smoothed method predicts from
 VAL_AS_TEST = "val-as-test"
+#: ``FitData.extra`` key of the validation copies a method that tunes at test time tunes on
+VAL_ADAPT = "val-adapt"
 
 
 @dataclass(frozen=True)
@@ -35,30 +38,53 @@ class FeatureRequest:
     """Cached features of few-shot or test images under a transform kind (e.g. noisy views).
 
     ``images`` is "train" (the few-shot training images), "val" or "test"; ``kind`` is a
-    transform kind of :mod:`calbench.data.transforms`; the features come as (views, N, D).
+    transform kind of :mod:`calbench.data.transforms` whose role suits the images (the session
+    refuses training views of test images); the features come as (views, N, D). ``views`` None
+    asks for one view per few-shot training view (one per epoch unless ``--views`` says fewer).
     """
 
     images: str
     kind: str
-    views: int = 1
+    views: Optional[int] = 1
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """What a method asks of the runner beyond clean few-shot features."""
 
+    #: epochs it trains over the few-shot images: the session caches one augmented view per
+    #: epoch (CoOp draws a fresh crop each epoch) unless ``--views`` says fewer; 0: no training
+    epochs: int = 0
     #: extra few-shot features to fit on, filled into ``FitData.extra`` under these names
     fit_features: Mapping[str, FeatureRequest] = field(default_factory=dict)
     #: a smoothed classifier: it predicts from (S, N, D) noisy copies of each image, not (N, D)
     test_copies: Optional[FeatureRequest] = None
-    #: tunes itself on each test image's copies before predicting (see ``adapt``)
-    adapts_at_test: bool = False
+    #: copies of each image it tunes itself on before predicting (see ``adapt``), drawn apart from
+    #: ``test_copies`` so it is never scored on the noise it tuned to; it then predicts from
+    #: (A + S, N, D): these A copies, then the S ``test_copies`` (:func:`split_copies`)
+    adapt_copies: Optional[FeatureRequest] = None
     #: holds a learned prompt (``learner``) that `calbench train` saves
     learns_prompt: bool = False
 
     @property
     def smoothed(self) -> bool:
         return self.test_copies is not None
+
+    @property
+    def adapts_at_test(self) -> bool:
+        return self.adapt_copies is not None
+
+
+def split_copies(caps: Capabilities, inputs: Tensor) -> tuple[Optional[Tensor], Tensor]:
+    """(adaptation copies or None, scoring copies) of a smoothed method's (A + S, N, D) inputs."""
+    if caps.adapt_copies is None:
+        return None, inputs
+    count = caps.adapt_copies.views
+    if count is None or inputs.dim() != 3 or inputs.shape[0] <= count:
+        raise ValueError(
+            f"a method that tunes at test time predicts from ({count} + S, N, D) copies, got shape {tuple(inputs.shape)}"
+        )
+    return inputs[:count], inputs[count:]
 
 
 @dataclass
@@ -68,13 +94,15 @@ class FitData:
     vlm: VLMBackend
     classnames: list[str]
     template: str
-    train_features: Tensor  # (V, N, D) normalised, one augmented view per row block
+    train_features: Union[Tensor, TrainViews]  # (V, N, D) normalised, one augmented view per row block; or online
     train_labels: Tensor  # (N,)
     val_features: Tensor  # (M, D) normalised, eval preprocessing
     val_labels: Tensor  # (M,)
     seed: int
     #: features named by the method's ``Capabilities.fit_features`` (never test images)
     extra: dict[str, Tensor] = field(default_factory=dict)
+    #: the dataset's name, for settings published per dataset (PromptSmooth's initial phrase)
+    dataset: str = ""
 
     def hand_prompts(self) -> list[str]:
         return [self.template.format(name) for name in self.classnames]
@@ -83,16 +111,18 @@ class FitData:
         """The validation images in the form ``method`` predicts from: noisy copies for a smoothed one."""
         if not method.capabilities.smoothed:
             return self.val_features
-        if VAL_AS_TEST not in self.extra:
+        needed = [VAL_ADAPT, VAL_AS_TEST] if method.capabilities.adapts_at_test else [VAL_AS_TEST]
+        if any(name not in self.extra for name in needed):
             raise CalbenchError(
                 "this smoothed method is scored on noisy validation copies; get them with Session.fit_data(..., method=method)"
             )
-        return self.extra[VAL_AS_TEST]
+        return torch.cat([self.extra[name] for name in needed]) if len(needed) > 1 else self.extra[VAL_AS_TEST]
 
 
 class Method(Protocol):
     """``predict_*`` take the test inputs in the form ``capabilities`` declares: (N, D) features, or
-    (S, N, D) noisy copies for a smoothed method. ``base_logits`` is the base classifier on one
+    (S, N, D) noisy copies for a smoothed method ((A + S, N, D), adaptation copies first, for one
+    that tunes at test time). ``base_logits`` is the base classifier on one
     view of each image, (N, D) -> (N, C): what randomized smoothing votes with."""
 
     capabilities: Capabilities
@@ -176,10 +206,14 @@ def fit_requests(method: Method, score_val: bool = False) -> dict[str, FeatureRe
 
 
 def _val_copies(caps: Capabilities) -> dict[str, FeatureRequest]:
-    """The validation images as noisy copies, for a smoothed method (what it predicts from); else nothing."""
+    """The validation images as noisy copies, for a smoothed method (what it predicts from: the copies it
+    is scored on, and those it tunes on first if it adapts); else nothing."""
     if caps.test_copies is None:
         return {}
-    return {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)}
+    copies = {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)}
+    if caps.adapt_copies is not None:
+        copies[VAL_ADAPT] = FeatureRequest("val", caps.adapt_copies.kind, caps.adapt_copies.views)
+    return copies
 
 
 @dataclass(frozen=True)

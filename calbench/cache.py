@@ -1,11 +1,12 @@
 """Feature cache: the frozen image encoder runs once per image and view, ever.
 
 One safetensors file per (model fingerprint, dataset split fingerprint, split,
-transform, view) holds the features of the images encoded so far and their
-indices in the split; asking for more images encodes only the missing ones. New rows
-are saved atomically in chunk files as they are encoded, so a killed run resumes where
-its last chunk ended, and folded into the main file once the split is done. A corrupt
-file is rebuilt with a warning; a changed model, file set or transform gives a new key.
+transform, view, and for training views the run seed) holds the features of the images
+encoded so far and their indices in the split; asking for more images encodes only the
+missing ones. New rows are saved atomically in chunk files as they are encoded, so a
+killed run resumes where its last chunk ended, and folded into the main file once the split
+is done. A corrupt file is rebuilt with a warning; a changed model, file set or transform
+gives a new key.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from calbench.atomic import save_safetensors_atomic
 from calbench.data.folder import ImageFolderDataset
-from calbench.data.transforms import describe, to_tensor
+from calbench.data.pixels import default_workers, view_batches
+from calbench.data.transforms import describe, uses_run_seed
 from calbench.errors import warn
 from calbench.models.base import VLMBackend
 
@@ -48,6 +50,9 @@ def default_cache_dir() -> Path:
 CHUNK_VIEWS = 1000
 #: ... or this many seconds of encoding, whichever comes first (a CPU encodes 1000 views slowly)
 CHUNK_SECONDS = 60.0
+#: a fold marker older than this was left by a killed process (folding takes seconds; calbench's
+#: choice, with a wide margin for a slow network file system)
+STALE_FOLD_SECONDS = 600.0
 
 
 @dataclass
@@ -86,15 +91,36 @@ class _ViewFile:
         self.blocks.append((indices, features))
         self.unsaved = []
 
-    def compact(self) -> None:
-        """Fold the chunk files into the main file (written atomically before they are removed)."""
+    def compact(self, read: Callable[[Path], tuple[list[tuple[Tensor, Tensor]], list[Path]]]) -> None:
+        """Fold the chunk files into the main file (written atomically before they are removed).
+
+        Processes on several nodes may share the cache and fold one key at once. One at a time
+        folds (an exclusive marker file, created with O_EXCL, which network file systems honour):
+        it re-reads the main file and every chunk file on disk (``read``), writes their rows and its
+        own, and only then removes the chunks it read. A process that finds the marker leaves its
+        chunks for the next read to merge, so no process's rows are ever overwritten or lost.
+        """
         if not self.parts:
             return
-        indices, features = torch.cat([i for i, _ in self.blocks]), torch.cat([f for _, f in self.blocks])
-        save_safetensors_atomic(self.path, {"features": features, "indices": indices}, self.meta)
-        for part in self.parts:
-            part.unlink(missing_ok=True)
-        self.blocks, self.parts = [(indices, features)], []
+        marker = self.path.with_name(f"{self.path.name}.folding")
+        try:
+            if marker.is_file() and time.time() - marker.stat().st_mtime > STALE_FOLD_SECONDS:
+                marker.unlink(missing_ok=True)  # left by a process killed while folding
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except (FileExistsError, FileNotFoundError):
+            return
+        try:
+            on_disk, parts = read(self.path)
+            blocks = [*on_disk, *self.blocks]
+            indices, features = torch.cat([i for i, _ in blocks]), torch.cat([f for _, f in blocks])
+            first = np.unique(indices.numpy(), return_index=True)[1]  # each image once: the rows on disk first
+            indices, features = indices[first], features[first]
+            save_safetensors_atomic(self.path, {"features": features, "indices": indices}, self.meta)
+            for part in {*parts, *self.parts}:
+                part.unlink(missing_ok=True)
+            self.blocks, self.parts = [(indices, features)], []
+        finally:
+            marker.unlink(missing_ok=True)
 
     def stored(self) -> np.ndarray:
         return torch.cat([i for i, _ in self.blocks]).numpy()
@@ -120,6 +146,7 @@ class FeatureCache:
         progress: bool = True,
         chunk_size: int = CHUNK_VIEWS,
         chunk_seconds: float = CHUNK_SECONDS,
+        workers: Optional[int] = None,
     ) -> None:
         if chunk_size < 1 or batch_size < 1:
             raise ValueError(f"chunk_size and batch_size must be at least 1, got {chunk_size} and {batch_size}")
@@ -129,9 +156,13 @@ class FeatureCache:
         self.progress = progress
         self.chunk_size = chunk_size
         self.chunk_seconds = chunk_seconds
+        #: processes decoding images for the encoder (default: none on a CPU, several on CUDA)
+        self.workers = default_workers(vlm.device) if workers is None else workers
         self.stats = CacheStats()
 
-    def _key(self, dataset: ImageFolderDataset, split: str, kind: str, view: int) -> tuple[Path, dict[str, str]]:
+    def _key(
+        self, dataset: ImageFolderDataset, split: str, kind: str, view: int, seed: Optional[int]
+    ) -> tuple[Path, dict[str, str]]:
         meta = {
             "model": self.vlm.fingerprint,
             "dataset": f"{dataset.name}:{dataset.fingerprint(split)}",
@@ -141,8 +172,12 @@ class FeatureCache:
             # CUDA encodes under fp16 autocast, the CPU in fp32: different numbers, different keys
             "precision": "fp16-autocast" if self.vlm.device.type == "cuda" else "fp32",
         }
+        run = ""
+        if seed is not None:  # training views are drawn per run seed; every other kind is the same for all runs
+            meta["seed"] = str(seed)
+            run = f"-seed{seed}"
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-        return self.root / f"{dataset.name}-{split}-{kind}{view}-{digest}.safetensors", meta
+        return self.root / f"{dataset.name}-{split}-{kind}{view}{run}-{digest}.safetensors", meta
 
     def _read(self, path: Path) -> tuple[list[tuple[Tensor, Tensor]], list[Path]]:
         """The main file's rows and those of any chunk files beside it (a run killed before folding
@@ -179,26 +214,33 @@ class FeatureCache:
         indices: Sequence[int],
         kind: str = "eval",
         views: Sequence[int] = (0,),
+        seed: Optional[int] = None,
     ) -> Tensor:
         """Features (len(views), len(indices), D) of images ``indices`` of ``split``, on CPU.
 
-        ``kind`` is "eval" (deterministic preprocessing) or "train" (seeded augmentation,
-        one view per index in ``views``). Each image is decoded once for all its missing views.
+        ``kind`` is a transform kind of :mod:`calbench.data.transforms`: "eval" (deterministic
+        preprocessing), "train" (seeded augmentation) or a noise kind, one view per index in
+        ``views``. ``seed`` is the run seed, given exactly for the kinds that draw training views
+        per run (:func:`~calbench.data.transforms.uses_run_seed`). Each image is decoded once for
+        all its missing views.
         """
+        if uses_run_seed(kind) != (seed is not None):
+            need = "needs the run seed" if seed is None else "is the same for every run; pass no seed"
+            raise ValueError(f"transform kind {kind!r} {need}")
         wanted = np.asarray(indices, dtype=np.int64)
         files: dict[int, _ViewFile] = {}
         jobs: dict[int, list[int]] = {}  # image index -> views to encode
         for view in dict.fromkeys(views):
-            path, meta = self._key(dataset, split, kind, view)
+            path, meta = self._key(dataset, split, kind, view, seed)
             files[view] = _ViewFile(path, meta, *self._read(path))
             missing = np.setdiff1d(wanted, files[view].stored())
             for index in missing.tolist():
                 jobs.setdefault(index, []).append(view)
             self.stats.loaded += len(wanted) - len(missing)
         if jobs:
-            self._encode(dataset, split, kind, jobs, files)
+            self._encode(dataset, split, kind, seed, jobs, files)
         for file in files.values():
-            file.compact()
+            file.compact(self._read)
         return torch.stack([files[view].rows(wanted) for view in views])
 
     def _encode(
@@ -206,6 +248,7 @@ class FeatureCache:
         dataset: ImageFolderDataset,
         split: str,
         kind: str,
+        seed: Optional[int],
         jobs: dict[int, list[int]],
         files: dict[int, _ViewFile],
     ) -> None:
@@ -221,15 +264,14 @@ class FeatureCache:
             transient=True,
             disable=not self.progress,
         )
-        image: list[Any] = [-1, None]  # the last decoded image: its views are consecutive in ``pending``
         with progress, torch.inference_mode(), autocast:
             task = progress.add_task("encode", total=len(pending))
             saved = time.monotonic()
             for chunk_start in range(0, len(pending), self.chunk_size):
                 chunk = pending[chunk_start : chunk_start + self.chunk_size]
-                for start in range(0, len(chunk), self.batch_size):
-                    batch = chunk[start : start + self.batch_size]
-                    self._encode_batch(dataset, split, kind, batch, files, image)
+                args = (dataset, split, kind, self.vlm.preprocess, seed, chunk, self.batch_size, self.workers)
+                for batch, pixels in view_batches(*args, pin=device.type == "cuda"):  # decoded in workers on CUDA
+                    self._encode_batch(batch, pixels, files)
                     progress.advance(task, len(batch))
                     if time.monotonic() - saved >= self.chunk_seconds:
                         self._save(files)
@@ -237,21 +279,8 @@ class FeatureCache:
                 self._save(files)
                 saved = time.monotonic()
 
-    def _encode_batch(
-        self,
-        dataset: ImageFolderDataset,
-        split: str,
-        kind: str,
-        batch: list[tuple[int, int]],
-        files: dict[int, _ViewFile],
-        image: list[Any],
-    ) -> None:
-        pixels = []
-        for index, view in batch:
-            if image[0] != index:
-                image[:] = [index, dataset.load_image(split, index)]
-            pixels.append(to_tensor(image[1], kind, self.vlm.preprocess, view, index))
-        features = self.vlm.encode_images(torch.stack(pixels).to(self.vlm.device)).float().cpu()
+    def _encode_batch(self, batch: list[tuple[int, int]], pixels: Tensor, files: dict[int, _ViewFile]) -> None:
+        features = self.vlm.encode_images(pixels.to(self.vlm.device, non_blocking=True)).float().cpu()
         for view in dict.fromkeys(v for _, v in batch):
             rows = [row for row, (_, v) in enumerate(batch) if v == view]
             files[view].add([batch[row][0] for row in rows], features[rows])

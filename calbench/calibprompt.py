@@ -7,9 +7,8 @@ the CoOp baselines in :mod:`calbench.baselines.coop` are the same class with oth
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,9 +25,10 @@ from calbench.base import (
 )
 from calbench.losses import Objective, calibprompt_objective
 from calbench.prompts import PromptLearner
-from calbench.train import NON_NEGATIVE, Range, TrainConfig, logits_for, train_prompt_learner
+from calbench.published import section
+from calbench.train import NON_NEGATIVE, Range, TrainConfig, TrainRun, logits_for, train_together
 
-#: the range of each parameter of :func:`calbench.losses.calibprompt_objective` (where their defaults live):
+#: the range of each parameter of :func:`calbench.losses.calibprompt_objective` (defaults: the one table):
 #: label smoothing's alpha in [0, 1) (alpha 1 leaves no mass on the true class), weights >= 0
 RANGES: dict[str, Range] = {"alpha": Range(0, 1), "w_smac": NON_NEGATIVE, "w_as": NON_NEGATIVE}
 
@@ -41,12 +41,19 @@ class PromptMethod(LogitMethod):
     def __init__(self, objective: Objective, config: Optional[TrainConfig] = None) -> None:
         self.objective = objective
         self.config = config or TrainConfig()
+        # one cached augmented view per epoch unless --views says fewer (Session.fit_data)
+        self.capabilities = Capabilities(epochs=self.config.epochs, learns_prompt=True)
         self.learner: Optional[PromptLearner] = None
         self.history: list[dict[str, float]] = []
         #: ``on_epoch(epoch, losses)`` after each epoch while ``self.learner`` trains (e.g. to report or prune); may raise to stop
         self.on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None
 
     def fit(self, data: FitData) -> PromptMethod:
+        return self.trained(train_together([self.training_run(data)])[0])
+
+    def training_run(self, data: FitData) -> TrainRun:
+        """This method's training on ``data`` as a :class:`TrainRun`, its learner freshly initialised, for
+        :meth:`fit` or to train with others in shared text passes (:mod:`calbench.batched`)."""
         cfg = self.config
         torch.manual_seed(data.seed)
         learner = PromptLearner(
@@ -62,17 +69,17 @@ class PromptMethod(LogitMethod):
         if self.objective.inputs & {"zs_logits", "zs_text_features"}:
             with torch.no_grad():
                 zs = data.vlm.encode_texts(data.hand_prompts())
-        self.history = train_prompt_learner(
-            learner,
-            self.objective,
-            data.train_features,
-            data.train_labels,
-            cfg,
-            data.seed,
-            zs_text_features=zs,
-            on_epoch=self.on_epoch,
+        return TrainRun(
+            learner, self.objective, data.train_features, data.train_labels, cfg, data.seed, zs, self.on_epoch
         )
-        return self.use_prompt(learner)
+
+    def trained(self, outcome: Union[list[dict[str, float]], Exception]) -> PromptMethod:
+        """Finish a fit from its run's outcome: the per-epoch losses, or the error that stopped it (raised)."""
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert self.learner is not None, "call training_run() first"
+        self.history = outcome
+        return self.use_prompt(self.learner)
 
     def use_prompt(self, learner: PromptLearner) -> PromptMethod:
         """Predict with ``learner``'s context (a trained one, or one loaded from a prompt file)."""
@@ -90,8 +97,11 @@ class PromptMethod(LogitMethod):
 
 @register_method("calibprompt", "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)")
 def calibprompt(**params: Any) -> Method:
-    """Parameters: alpha, w_smac, w_as (defaults in :func:`calbench.losses.calibprompt_objective`) and TrainConfig fields."""
+    """Parameters: alpha, w_smac, w_as (defaults: the table's ``calibprompt`` section) and TrainConfig fields."""
     cfg, rest = split_train_params(params, method="calibprompt")
-    check_known("calibprompt", rest, inspect.signature(calibprompt_objective).parameters)
-    values = {k: as_number(v, f"calibprompt {k}", RANGES[k]) for k, v in rest.items()}
+    check_known("calibprompt", rest, RANGES)
+    defaults = section("calibprompt")
+    values = {
+        k: as_number(rest.get(k, defaults[k].value), f"calibprompt {k}", allowed) for k, allowed in RANGES.items()
+    }
     return PromptMethod(calibprompt_objective(**values), cfg)

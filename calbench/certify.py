@@ -2,10 +2,12 @@
 
 The method is fitted on few-shot train/validation features only, as in ``compare``;
 the test split is read here for the final numbers and nowhere else. Each test image's
-n0 selection and n estimation samples are cached noisy views (transform kind
-``noise<sigma>``), classified by the method's base classifier. Methods that tune at
-test time (``adapt``) tune on their own noisy copies first, and are certified on
-views disjoint from those, so the base classifier is fixed before its votes are drawn.
+n0 selection and n estimation samples are cached noisy views, two independent draws
+(transform kinds ``select-noise<sigma>`` and ``estimate-noise<sigma>``), classified by the
+method's base classifier. Methods that tune at test time (``adapt``) tune first on their
+own adaptation copies (``adapt-noise<sigma>``, a third draw), so the base classifier is
+fixed before its votes are drawn. The defaults (n0 100, n 10000, alpha 0.001, 500 images)
+are the published PromptSmooth certification's (the ``certify`` section of the table).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from scipy.stats import norm
 from torch import Tensor
 
 from calbench.atomic import write_csv_atomic
@@ -27,7 +30,8 @@ from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
 from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError, check_seed
-from calbench.methods import make_method, parse_method
+from calbench.methods import make_method, parse_method, with_pair_defaults
+from calbench.published import default
 from calbench.results import open_folder, put_certification
 from calbench.session import FewShot, RunContext, Session
 from calbench.smoothing import DEFAULT_RADII, certified_accuracy, certify_predictions
@@ -67,27 +71,38 @@ def _build(method: str, sigma: float, params: dict[str, Any]) -> Method:
     return built
 
 
-def _votes(session: Session, method: Method, chosen: np.ndarray, sigma: float, n_votes: int) -> Tensor:
-    """(n_votes, subset) base-classifier labels on cached noisy views of the chosen test images.
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return from n estimation samples: with all n votes for the top
+    class the one-sided Clopper-Pearson bound is Beta(alpha; n, 1) = alpha^(1/n), so the radius is at
+    most sigma * Phi^-1(alpha^(1/n)); 0 when even that bound is below 1/2 (it always abstains)."""
+    bound = alpha ** (1.0 / n)
+    return float(sigma * norm.ppf(bound)) if bound >= 0.5 else 0.0
 
-    A method that tunes at test time tunes on its own noisy copies first, and votes on the
-    views after those, so its base classifier is fixed before the votes are drawn.
+
+def _votes(
+    session: Session, method: Method, chosen: np.ndarray, sigma: float, n0: int, n: int
+) -> tuple[Tensor, Tensor]:
+    """(n0, subset) selection and (n, subset) estimation labels of the base classifier on cached noisy
+    views of the chosen test images: two independent draws, as CERTIFY needs.
+
+    A method that tunes at test time tunes on its own adaptation copies first (another draw), so
+    its base classifier is fixed before the votes are drawn.
     """
-    offset = 0
+    adapt = method.capabilities.adapt_copies
     with torch.no_grad():
-        if method.capabilities.adapts_at_test:
-            copies = method.capabilities.test_copies
+        if adapt is not None:
             classify: Callable[[Tensor], Tensor] = base_of(method).adapt(
-                session.test_views(copies.kind, range(copies.views), chosen)
+                session.test_views(adapt.kind, range(int(adapt.views or 0)), chosen)
             )
-            offset = copies.views
         else:
             classify = lambda views: torch.stack([method.base_logits(view) for view in views])  # noqa: E731
-        votes = []
-        for first in range(offset, offset + n_votes, VIEW_CHUNK):
-            chunk = range(first, min(first + VIEW_CHUNK, offset + n_votes))
-            votes.append(classify(session.test_views(noise_kind(sigma), chunk, chosen)).argmax(dim=-1).cpu())
-    return torch.cat(votes)
+
+        def labels(role: str, count: int) -> Tensor:
+            kind = noise_kind(sigma, role)
+            chunks = [range(first, min(first + VIEW_CHUNK, count)) for first in range(0, count, VIEW_CHUNK)]
+            return torch.cat([classify(session.test_views(kind, c, chosen)).argmax(dim=-1).cpu() for c in chunks])
+
+        return labels("select", n0), labels("estimate", n)
 
 
 def _check(sigma: float, n: int, n0: int, alpha: float, subset: int, seed: int) -> None:
@@ -105,11 +120,11 @@ def run_certify(
     model: str = "tiny",
     data: str = "synthetic",
     method: str = "promptsmooth",
-    sigma: float = 0.25,
-    n: int = 100,
-    n0: int = 10,
-    alpha: float = 0.001,
-    subset: int = 500,
+    sigma: float = default("certify", "sigma"),
+    n: int = default("certify", "n"),
+    n0: int = default("certify", "n0"),
+    alpha: float = default("certify", "alpha"),
+    subset: int = default("certify", "subset"),
     seed: int = 1,
     shots: Optional[int] = None,
     fewshot: FewShot = FewShot(),
@@ -128,7 +143,7 @@ def run_certify(
     _check(sigma, n, n0, alpha, subset, seed)
     parse_method(method)
     open_folder(Path(out))  # a file or read-only folder in the way fails before any work
-    smoothed = _build(method, sigma, dict(params or {}))
+    smoothed = _build(method, sigma, with_pair_defaults(method, model, data, params or {}))
     base = base_of(smoothed)  # a prompt method's config names its paper's shots (PromptSmooth: 16)
     own = base.config.shots if isinstance(base, PromptMethod) else fewshot.shots
     fewshot = replace(fewshot, shots=shots if shots is not None else own)
@@ -137,8 +152,8 @@ def run_certify(
     smoothed.fit(session.fit_data(seed, fewshot, smoothed))
     labels = session.test_labels
     chosen = certify_subset(len(labels), subset, seed)
-    votes = _votes(session, smoothed, chosen, sigma, n0 + n)
-    predicted, radius = certify_predictions(votes[:n0], votes[n0:], session.dataset.n_classes, sigma, alpha)
+    selection, estimation = _votes(session, smoothed, chosen, sigma, n0, n)
+    predicted, radius = certify_predictions(selection, estimation, session.dataset.n_classes, sigma, alpha)
     accuracy = certified_accuracy(predicted, radius, labels[chosen], radii)
     abstain = float(np.mean(predicted == -1))
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from calbench.base import CALIBRATORS, Calibrated, Method
+from calbench.batched import prefit_grid
 from calbench.cache import CacheStats
 from calbench.errors import CalbenchError, check_seeds, warn
 from calbench.methods import (
@@ -28,12 +29,15 @@ from calbench.methods import (
     method_signature,
     params_for,
     parse_method,
+    resolved_settings,
 )
 from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.plots import reliability_diagram
 from calbench.report.results import dataset_labels, diagram_stem
 from calbench.results import SCORED, ResultsStore, Row
+from calbench.scoring import Extras, deferral_plots, deferral_row, shift_done, shift_rows
 from calbench.session import FewShot, RunContext, Session
+from calbench.shards import merge_shards
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Grid:
     bootstrap: int = 1000  # resamples of each run's 95% ECE interval (0: none)
     method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     force: bool = False  # recompute rows already in results.csv
+    extras: Extras = Extras()  # deferral settings, --shift and smoothed diagrams (calbench.scoring)
+    max_prompts: Optional[int] = None  # prompts per shared text-tower pass (None: calbench.batched's); 0: runs alone
 
     def check(self) -> None:
         """Reject a grid that cannot work, before any work, naming the option to fix."""
@@ -64,10 +70,11 @@ class Grid:
         if self.bootstrap < 0:
             raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {self.bootstrap}")
         check_method_params(self.method_params)
+        self.extras.check()
 
-    def build(self, name: str) -> Method:
-        """The method ``name`` with its base's ``--params``, not fitted."""
-        return make_method(name, **params_for(name, self.method_params))
+    def build(self, name: str, model: Optional[str] = None, dataset: Optional[str] = None) -> Method:
+        """The method ``name`` with its published defaults on (model, dataset) and its base's ``--params``, not fitted."""
+        return make_method(name, **params_for(name, self.method_params, model, dataset))
 
 
 @dataclass
@@ -155,10 +162,11 @@ def reason_of(exc: BaseException) -> str:
 class _SeedRun:
     """One seed of one pair: bases are fitted once and shared by their post-hoc variants (coop-ce, coop-ce+ts)."""
 
-    def __init__(self, session: Session, grid: Grid, seed: int) -> None:
+    def __init__(self, session: Session, grid: Grid, seed: int, fitted: Optional[dict[str, Method]] = None) -> None:
         self.session, self.grid, self.seed = session, grid, seed
-        self.fitted: dict[str, Method] = {}
+        self.fitted: dict[str, Method] = dict(fitted or {})  # bases fitted in shared text passes (calbench.batched)
         self.errors: dict[str, str] = {}
+        self.shifted: dict[str, list[Row]] = {}  # --shift: each run's rows on corrupted test copies
 
     def fitted_method(self, name: str) -> Method:
         base, calibrator = parse_method(name)
@@ -166,7 +174,7 @@ class _SeedRun:
             raise CalbenchError(self.errors[base])
         if base not in self.fitted:
             try:
-                method = self.grid.build(base)
+                method = self.grid.build(base, self.session.model, self.session.dataset.name)
                 self.fitted[base] = method.fit(self.session.fit_data(self.seed, self.grid.fewshot, method))
             except OSError:  # a full or read-only disk under the cache is the machine's, not the method's
                 raise
@@ -187,7 +195,11 @@ class _SeedRun:
                 probs = method.predict_proba(self.session.test_features(method)).double().cpu().numpy()
             if not np.all(np.isfinite(probs)):
                 raise CalbenchError("predicted probabilities are not finite")
-            return score(probs, self.session.test_labels, self.seed, self.grid.n_bins, self.grid.bootstrap), probs
+            row = score(probs, self.session.test_labels, self.seed, self.grid.n_bins, self.grid.bootstrap)
+            extras, fewshot = self.grid.extras, self.grid.fewshot
+            row.update(deferral_row(self.session, self.seed, fewshot, method, probs, extras.deferral))
+            self.shifted[name] = shift_rows(self.session, method, self.grid.n_bins) if extras.shift else []
+            return row, probs
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - one failed run is reported in its row; the grid goes on
@@ -201,30 +213,42 @@ def compare_pair(
     (failed rows are retried, degenerate ones reused: the same settings give the same collapse)."""
     fewshot = grid.fewshot
     settings = {"shots": fewshot.shots, "val_shots": fewshot.val, "views": fewshot.views, "n_bins": grid.n_bins}
+    settings["deferral"] = [grid.extras.deferral.alpha, grid.extras.deferral.target_error]
+    where = {"model": session.model, "dataset": session.dataset.name}
+    pair = (session.model, session.dataset.name)
     configs = {
-        name: run_config(session, name, {**settings, "method": method_signature(grid.build(name))})
+        name: run_config(session, name, {**settings, "method": method_signature(grid.build(name, *pair))})
         for name in grid.methods
     }
-    where = {"model": session.model, "dataset": session.dataset.name}
+    given = {name: params_for(name, grid.method_params, *pair) for name in grid.methods}
+    store.put_settings(
+        {
+            configs[name]: {**where, "method": name, "settings": resolved_settings(name, *pair, given[name])}
+            for name in grid.methods
+        }
+    )
     identity = {"dataset_id": dataset_identity(session)}
 
     def logged(name: str, seed: int) -> Optional[Row]:
         return store.find(**where, method=name, seed=seed, config=configs[name])
 
-    computed = 0
     shape = (len(session.test_labels), session.dataset.n_classes)
-    for seed in grid.seeds:
-        todo = [
+    shifted = shift_done(store) if grid.extras.shift else None  # runs --shift has scored
+    todos = {
+        seed: [
             n
             for n in grid.methods
             if grid.force
             or (logged(n, seed) or {}).get("status") not in SCORED
             or store.predictions_damaged(logged(n, seed), shape)  # a damaged prediction file: its run again
+            or (shifted is not None and store.key(logged(n, seed) or {}) not in shifted)  # --shift not yet run
         ]
-        if todo:  # data problems (too few images, an unreadable file) stop the grid with one line, not a row per method
-            session.test_features()
-            session.fit_data(seed, fewshot)
-        run = _SeedRun(session, grid, seed)
+        for seed in grid.seeds
+    }
+    # data problems stop the grid here with one line; prompt methods are fitted together (calbench.batched)
+    prefit = prefit_grid(session, lambda name: grid.build(name, *pair), fewshot, todos, grid.max_prompts, log)
+    for seed, todo in todos.items():
+        run = _SeedRun(session, grid, seed, prefit.get(seed))
         for name in todo:
             log(f"{session.model} · {session.dataset.name} · seed {seed}: {name}")
             metrics, probs = run.run(name)
@@ -232,14 +256,15 @@ def compare_pair(
                 log(
                     f"{session.model} · {session.dataset.name} · seed {seed}: {name} {metrics['status']}: {metrics['error']}"
                 )
-            store.put({**where, **identity, "method": name, "seed": seed, "config": configs[name], **metrics}, probs)
-            computed += 1
+            key = {**where, "method": name, "seed": seed, "config": configs[name]}
+            store.put({**key, **identity, **metrics}, probs)
+            store.put_shift([{**key, **r} for r in run.shifted.get(name, [])])
     rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
     # written again last, so the report shows the settings run now, not ones logged after them; rows from
     # before results.csv had a dataset_id get it (their config pins the same files)
     store.put_rows([{**row, **identity} if not row.get("dataset_id") else row for row in rows])
     rows = [row for seed in grid.seeds for name in grid.methods if (row := logged(name, seed)) is not None]
-    return rows, computed
+    return rows, sum(len(todo) for todo in todos.values())
 
 
 def reliability_plots(
@@ -310,7 +335,7 @@ def plan_grid(
     from calbench.models import availability as model_availability
 
     run, skipped = [], []
-    for m in MODELS:
+    for m in (m for m in MODELS if not MODELS.get(m).variant_of):  # variants run only when named
         for d in DATASETS:
             if not DATASETS.get(d).in_grid or MODELS.get(m).modality != DATASETS.get(d).modality:
                 continue
@@ -340,6 +365,7 @@ def run_compare(
     pairs, skipped = plan_grid(all_pairs, model, data, context.data_root)
     for m, d, missing in skipped:
         on_skip(m, d, missing)
+    merge_shards(Path(out))  # rows that the jobs of a launched grid (calbench.launch) left in shards
     store = ResultsStore(Path(out))
     stats, rows, labels_of, computed = CacheStats(), [], {}, 0
     for m, d in pairs:
@@ -350,6 +376,7 @@ def run_compare(
         rows += pair_rows
         computed += pair_computed
     plots = reliability_plots(store, rows, labels_of, grid.n_bins)
+    plots.update(deferral_plots(store, rows, labels_of, grid.extras))
     for row in {id(r): r for r in rows}.values():
         if row["status"] == "degenerate":
             warn(

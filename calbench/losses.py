@@ -3,7 +3,9 @@
 Conventions: ``logits`` is (B, C), ``labels`` is (B,) int64, p = softmax(logits),
 f_c is the fraction of batch labels equal to c. Every function returns a scalar
 tensor and is differentiable where training needs it. Nothing here touches a
-device or a model: callers pass tensors already where they live.
+device or a model: callers pass tensors already where they live. Hyper-parameters
+(gamma, alpha, ...) are keyword-only and have no defaults here: a method's defaults, with
+their sources, live in the one table (:mod:`calbench.published`).
 
 A training objective is a weighted sum of named terms (:class:`Objective`), so
 CalibPrompt, its ablations and every CoOp baseline are one table of weights.
@@ -24,6 +26,8 @@ from torch import Tensor
 from calbench.registry import Registry
 
 LOSSES: Registry[Callable[..., Tensor]] = Registry("loss")
+#: MMCE's Laplacian kernel width, part of the loss's definition (Kumar et al., ICML 2018)
+MMCE_BANDWIDTH = 0.4
 
 
 def _batch_fractions(labels: Tensor, n_classes: int, dtype: torch.dtype) -> Tensor:
@@ -37,7 +41,7 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @LOSSES.register("label_smoothing")
-def label_smoothing(logits: Tensor, labels: Tensor, alpha: float) -> Tensor:
+def label_smoothing(logits: Tensor, labels: Tensor, *, alpha: float) -> Tensor:
     """Cross-entropy against 1-alpha on the true class and alpha/(C-1) elsewhere.
 
     This is the CalibPrompt form; PyTorch's ``label_smoothing=`` spreads alpha/C
@@ -50,7 +54,7 @@ def label_smoothing(logits: Tensor, labels: Tensor, alpha: float) -> Tensor:
 
 
 @LOSSES.register("smac")
-def smac(logits: Tensor, labels: Tensor, alpha: float) -> Tensor:
+def smac(logits: Tensor, labels: Tensor, *, alpha: float) -> Tensor:
     """SMAC: match each class's mean confidence to its smoothed batch frequency.
 
     s_c = f_c (1 - alpha) + (1 - f_c) alpha / (C - 1); loss = mean_c |mean_b p_bc - s_c|.
@@ -74,7 +78,7 @@ def angular_separation(text_features: Tensor) -> Tensor:
 
 
 @LOSSES.register("focal")
-def focal(logits: Tensor, labels: Tensor, gamma: float = 3.0) -> Tensor:
+def focal(logits: Tensor, labels: Tensor, *, gamma: float) -> Tensor:
     """Focal loss (Lin et al., 2017; Mukhoti et al., 2020): mean of -(1 - p_t)^gamma log p_t."""
     log_pt = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
     return (-((1.0 - log_pt.exp()) ** gamma) * log_pt).mean()
@@ -95,11 +99,11 @@ def dca(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @LOSSES.register("mmce")
-def mmce(logits: Tensor, labels: Tensor, bandwidth: float = 0.4) -> Tensor:
+def mmce(logits: Tensor, labels: Tensor, *, bandwidth: float = MMCE_BANDWIDTH) -> Tensor:
     """Weighted MMCE (Kumar et al., ICML 2018) in the widely used public form.
 
     With r the top-label confidences split into m correct and n wrong predictions
-    and K(r, r') = exp(-|r - r'| / 0.4): MMCE^2 = A/m^2 + B/n^2 - 2X/(mn), where A, B
+    and K(r, r') = exp(-|r - r'| / bandwidth): MMCE^2 = A/m^2 + B/n^2 - 2X/(mn), where A, B
     and X are the *means* over the correct x correct, wrong x wrong and
     correct x wrong pairs of (1-r)(1-r')K, r r' K and (1-r) r' K. That public form
     divides by the group sizes twice; we keep it so numbers match published runs
@@ -125,7 +129,7 @@ def mmce(logits: Tensor, labels: Tensor, bandwidth: float = 0.4) -> Tensor:
 
 
 @LOSSES.register("mbls")
-def mbls(logits: Tensor, labels: Tensor, margin: float = 10.0, alpha: float = 0.1) -> Tensor:
+def mbls(logits: Tensor, labels: Tensor, *, margin: float, alpha: float) -> Tensor:
     """Margin-based label smoothing (Liu et al., CVPR 2022).
 
     CE + alpha * mean over all B x C entries of relu(max_j l_bj - l_bc - margin).
@@ -135,7 +139,7 @@ def mbls(logits: Tensor, labels: Tensor, margin: float = 10.0, alpha: float = 0.
 
 
 @LOSSES.register("logit_norm")
-def logit_norm(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+def logit_norm(logits: Tensor, labels: Tensor, *, temperature: float) -> Tensor:
     """LogitNorm (Wei et al., ICML 2022): CE of logits / (||logits||_2 + 1e-7) / temperature."""
     norms = logits.norm(p=2, dim=1, keepdim=True) + 1e-7
     return F.cross_entropy(logits / norms / temperature, labels)
@@ -163,7 +167,7 @@ def zs_penalty(logits: Tensor, labels: Tensor, zs_logits: Tensor) -> Tensor:
 
 
 @LOSSES.register("margin_mean_var")
-def margin_mean_var(logits: Tensor, labels: Tensor, alpha: float = 0.1, beta: float = 0.01) -> Tensor:
+def margin_mean_var(logits: Tensor, labels: Tensor, *, alpha: float, beta: float) -> Tensor:
     """Margin mean-variance: -alpha mean(m) + beta var(m), m = true logit - best other logit.
 
     The variance is the population variance (divide by B).
@@ -193,9 +197,10 @@ def text_moment_matching(text_features: Tensor, zs_text_features: Tensor) -> Ten
 
 @cache
 def _required_inputs(loss: str) -> tuple[str, ...]:
-    """Names of a loss's tensor arguments (those without defaults), read once per loss."""
+    """Names of a loss's tensor arguments (its positional ones; hyper-parameters are keyword-only),
+    read once per loss."""
     params = inspect.signature(LOSSES.get(loss)).parameters.values()
-    return tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ class Objective:
         return total, parts
 
 
-def calibprompt_objective(alpha: float = 0.05, w_smac: float = 1.0, w_as: float = 0.01) -> Objective:
+def calibprompt_objective(*, alpha: float, w_smac: float, w_as: float) -> Objective:
     """CalibPrompt (Basu et al., BMVC 2025): LS(alpha) + w_smac SMAC(alpha) + w_as AS."""
     return Objective(
         {

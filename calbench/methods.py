@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import calbench.baselines  # noqa: F401  (registers the comparison methods and calibrators)
 import calbench.calibprompt  # noqa: F401  (registers CalibPrompt)
+from calbench import published
 from calbench.base import CALIBRATORS, METHODS, Calibrated, Capabilities, Method
 from calbench.calibprompt import PromptMethod
 from calbench.errors import CalbenchError
@@ -150,6 +151,59 @@ def check_method_params(method_params: Mapping[str, Mapping[str, object]]) -> No
         make_method(name, **params)
 
 
-def params_for(method: str, method_params: Optional[Mapping[str, Mapping[str, object]]]) -> dict[str, object]:
-    """The parameters ``--params`` gives ``method``'s base (``coop-ce+ts`` takes coop-ce's)."""
-    return dict((method_params or {}).get(parse_method(method)[0], {}))
+def params_for(
+    method: str,
+    method_params: Optional[Mapping[str, Mapping[str, object]]],
+    model: Optional[str] = None,
+    dataset: Optional[str] = None,
+) -> dict[str, object]:
+    """The parameters ``method``'s base is built with on (model, dataset) (``coop-ce+ts`` takes
+    coop-ce's): the published per-pair and per-model defaults where they differ from the method's
+    own, under what ``--params`` gives it."""
+    base = parse_method(method)[0]
+    return with_pair_defaults(method, model, dataset, (method_params or {}).get(base, {}))
+
+
+def with_pair_defaults(
+    method: str, model: Optional[str], dataset: Optional[str], params: Mapping[str, object]
+) -> dict[str, object]:
+    """``params`` (one method's, e.g. from --params) over the published defaults of (model, dataset);
+    ``dataset`` may be a folder path, whose name is the dataset's name."""
+    name = Path(dataset).name if dataset else dataset
+    return {**pair_defaults(parse_method(method)[0], model, name), **dict(params)}
+
+
+def pair_defaults(method: str, model: Optional[str], dataset: Optional[str]) -> dict[str, object]:
+    """What the published runs set differently on (model, dataset) for base ``method``: a pair's
+    CalibPrompt alpha / w_as for the methods that take them, a model's training options (MedCLIP's
+    warm-up lr) for the methods that learn a prompt."""
+    own = published.section(method)
+    trains = METHODS.get(method).factory().capabilities.learns_prompt
+    resolved = published.resolve(method, published_model(model), dataset, trains)
+    return {k: s.value for k, s in resolved.items() if k not in own or own[k].value != s.value}
+
+
+def published_model(model: Optional[str]) -> Optional[str]:
+    """The model whose published settings ``model`` takes: a variant (``medclip-masked``) its model's."""
+    from calbench.models import MODELS
+
+    return MODELS.get(model).weights_name if model is not None and model in MODELS else model
+
+
+def resolved_settings(
+    method: str, model: Optional[str], dataset: Optional[str], given: Mapping[str, object]
+) -> dict[str, tuple[object, str]]:
+    """Each setting ``method``'s base runs with on (model, dataset) and where it comes from: its own
+    defaults, the trainer's for a method that learns a prompt, the pair's published row, ``--params``
+    (``given``, as :func:`params_for` returns them, published values included)."""
+    base = parse_method(method)[0]
+    trains = METHODS.get(base).factory().capabilities.learns_prompt
+    table = {
+        **(published.section("train") if trains else {}),
+        **published.resolve(base, published_model(model), dataset, trains),
+    }
+    out = {name: (s.value, s.source) for name, s in table.items()}
+    for name, value in given.items():
+        if name not in table or table[name].value != value:
+            out[name] = (value, "--params")
+    return out

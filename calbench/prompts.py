@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from calbench.atomic import save_safetensors_atomic
 from calbench.errors import CalbenchError
-from calbench.models.base import VLMBackend
+from calbench.models.base import TokenBatch, VLMBackend
+from calbench.published import default
 
 PLACEHOLDER = "X"
 
@@ -29,17 +30,20 @@ class PromptLearner(nn.Module):
 
     ``ctx_init`` (e.g. "a photo of a") starts the context from that phrase's token
     embeddings and sets ``n_ctx`` to its token count, so before training the
-    prompts are exactly the hand prompt "<ctx_init> <class name>.".
+    prompts are exactly the hand prompt "<ctx_init> <class name>.". With ``learned`` only
+    the phrase's first ``learned`` tokens are context and the rest stays frozen text, as
+    CoOp and TPT do with ``n_ctx`` = the phrase's word count (CoOp trainers/coop.py:75,79).
     """
 
     def __init__(
         self,
         vlm: VLMBackend,
         classnames: Sequence[str],
-        n_ctx: int = 16,
+        n_ctx: int = default("train", "n_ctx"),
         ctx_init: Optional[str] = None,
         class_specific: bool = False,
         seed: Optional[int] = None,
+        learned: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.vlm = vlm
@@ -50,6 +54,7 @@ class PromptLearner(nn.Module):
             ctx_init = ctx_init.strip()
             init_tokens = vlm.tokenize([ctx_init])
             n_ctx = int(init_tokens.eot[0]) - start  # tokens between the prefix and EOT
+            n_ctx = n_ctx if learned is None else max(1, min(n_ctx, learned))
             with torch.no_grad():
                 ctx = vlm.embed_tokens(init_tokens.ids)[0, start : start + n_ctx].float().clone()
             if class_specific:
@@ -72,11 +77,42 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_prefix", embeddings[:, :start].clone(), persistent=False)
         self.register_buffer("token_suffix", embeddings[:, start + n_ctx :].clone(), persistent=False)
 
+    def embeddings(self) -> Tensor:
+        """(C, L, W) input embeddings of the C prompts: frozen prefix, learned context, frozen suffix."""
+        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
+        return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+
     def text_features(self) -> Tensor:
         """(C, D) L2-normalised class text features through the frozen text tower."""
-        ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(len(self.classnames), -1, -1)
-        embeddings = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
-        return F.normalize(self.vlm.encode_embeddings(embeddings, self.tokens).float(), dim=-1)
+        return F.normalize(self.vlm.encode_embeddings(self.embeddings(), self.tokens).float(), dim=-1)
+
+
+def share_text_pass(a: PromptLearner, b: PromptLearner) -> bool:
+    """Whether two learners' prompts can go through one text-tower pass: the same frozen model and
+    prompts of the same token length (the rows of one batch share a length; every row keeps its own
+    EOT position and attention mask, so stacking changes no row's result)."""
+    return a.vlm is b.vlm and a.tokens.ids.shape[1] == b.tokens.ids.shape[1]
+
+
+def text_features_together(learners: Sequence[PromptLearner]) -> list[Tensor]:
+    """Each learner's (C, D) text features from one pass of their shared frozen text tower over the
+    R x C prompts stacked (learners that :func:`share_text_pass`). The tower treats rows
+    independently, so learner r's features, and the gradient its loss sends to its own context,
+    are those of its own pass (up to float rounding of the larger matrix products)."""
+    if len(learners) == 1:
+        return [learners[0].text_features()]
+    first = learners[0]
+    if not all(share_text_pass(first, other) for other in learners[1:]):
+        raise ValueError("prompt learners in one text pass need the same model and prompt length")
+    masks = [learner.tokens.attention_mask for learner in learners]
+    tokens = TokenBatch(
+        torch.cat([learner.tokens.ids for learner in learners]),
+        torch.cat([learner.tokens.eot for learner in learners]),
+        None if masks[0] is None else torch.cat(masks),
+    )
+    embeddings = torch.cat([learner.embeddings() for learner in learners])
+    features = F.normalize(first.vlm.encode_embeddings(embeddings, tokens).float(), dim=-1)
+    return list(features.split([len(learner.classnames) for learner in learners]))
 
 
 def save_prompt(
@@ -132,6 +168,7 @@ def load_prompt(path: Path, vlm: VLMBackend) -> PromptLearner:
         n_ctx=int(info["n_ctx"]),
         ctx_init=info["ctx_init"] or None,
         class_specific=info["class_specific"] == "True",
+        learned=int(info["n_ctx"]),  # a context of a phrase's first tokens comes back as such
     )
     with torch.no_grad():
         learner.ctx.copy_(ctx.to(learner.ctx.device))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,7 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from calbench.atomic import save_npy_atomic, write_bytes_atomic, write_csv_atomic
+from calbench.atomic import save_npy_atomic, write_bytes_atomic, write_csv_atomic, write_text_atomic
+from calbench.deferral import DEFERRAL_COLUMNS
 from calbench.errors import CalbenchError, naming, warn
 from calbench.metrics import METRICS
 
@@ -42,6 +44,7 @@ RESULT_COLUMNS = [
     "error",
     "config",
     "dataset_id",  # the dataset's file fingerprints, short: tells apart two datasets with one name
+    *DEFERRAL_COLUMNS,  # selective prediction, conformal sets, smooth ECE; empty in files from before them
 ]
 KEY = ("model", "dataset", "method", "seed", "config")
 #: statuses whose row has metrics and is reused on the next run: a degenerate run is a deterministic
@@ -140,12 +143,12 @@ def _load_results(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
         raise CalbenchError(
             f"{path} is not a calbench results.csv (no column {missing[0]!r}); point to a folder written by `calbench compare`"
         )
-    numeric = [c for c in (*METRICS, "ece_ci_low", "ece_ci_high") if c in fields]
+    numeric = [c for c in (*METRICS, "ece_ci_low", "ece_ci_high", *DEFERRAL_COLUMNS) if c in fields]
     parsed = [(line, row, damage or _bad_number(row, ["seed"], numeric)) for line, row, damage in parsed]
     rows, damaged = _sound_rows(path, parsed, quiet, "so its run is computed again")
     for row in rows:
         row["seed"] = int(row["seed"])
-        for key in (*METRICS, "ece_ci_low", "ece_ci_high"):
+        for key in (*METRICS, "ece_ci_low", "ece_ci_high", *DEFERRAL_COLUMNS):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else float("nan")
         row.setdefault("status", "ok")
         row["dataset_id"] = row.get("dataset_id") or ""  # files written before the column existed
@@ -307,12 +310,81 @@ class ResultsStore:
     def put_certification(self, rows: Sequence[Row]) -> Path:
         return put_certification(self.out, rows)
 
+    def put_shift(self, rows: Sequence[Row]) -> None:
+        put_shift(self.out, rows)
+
+    def shift_rows(self) -> list[Row]:
+        return read_shift(self.out)
+
+    def put_settings(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record the settings each config ran with (``settings.json``: config -> model, dataset,
+        method and {setting: [value, source]}), so the report shows what ran and why."""
+        path = self.out / SETTINGS_NAME
+        with _locked(self.out):
+            merged = {**read_settings(self.out), **{str(k): dict(v) for k, v in records.items()}}
+            with naming(path):
+                write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True, default=str))
+
+
+#: the settings each logged config ran with, for the report
+SETTINGS_NAME = "settings.json"
+
+
+def read_settings(out: Path) -> dict[str, dict[str, Any]]:
+    """``settings.json`` of a results folder ({} when missing; unreadable: {} with a warning)."""
+    path = Path(out) / SETTINGS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        warn(f"{path} is unreadable ({exc}); the report leaves out the settings, and the next compare rewrites it")
+        return {}
+    return data if isinstance(data, dict) else {}
+
 
 def put_certification(out: Path, rows: Sequence[Row]) -> Path:
     """Merge certification rows into ``out``/certification.csv, replacing earlier rows of the same setting."""
     path = Path(out) / "certification.csv"
     _merge(path, rows, CERTIFY_COLUMNS, CERTIFY_KEY, _load_certification)
     return path
+
+
+#: one row per run, corruption and severity (`compare --shift`): the run's test metrics on corrupted copies
+SHIFT_COLUMNS = [*KEY, "corruption", "severity", "accuracy", "ece", "smooth_ece", "nll", "aurc"]
+SHIFT_KEY = (*KEY, "corruption", "severity")
+
+
+def _load_shift(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
+    if not Path(path).is_file():
+        return [], 0
+    fields, parsed = _parse_csv(path)
+    if fields != SHIFT_COLUMNS:
+        raise CalbenchError(
+            f"{path} has columns {fields}, not calbench's shift columns; move it away or pick another --out"
+        )
+    floats = SHIFT_COLUMNS[len(SHIFT_KEY) :]
+    parsed = [(line, row, damage or _bad_number(row, ["seed", "severity"], floats)) for line, row, damage in parsed]
+    rows, damaged = _sound_rows(path, parsed, quiet, "so its run is computed again with --shift")
+    for row in rows:
+        row.update(seed=int(row["seed"]), severity=int(row["severity"]), **{k: float(row[k]) for k in floats})
+    return rows, damaged
+
+
+def read_shift(out: Path) -> list[Row]:
+    """Rows of ``out``/shift.csv with numbers parsed back ([] when there is none); damaged rows are left out."""
+    return _load_shift(Path(out) / "shift.csv")[0]
+
+
+def read_shift_file(path: Path) -> list[Row]:
+    """Rows of any shift file (a job's shard), quietly leaving damaged ones out; [] when there is none."""
+    return _load_shift(path, quiet=True)[0] if path.is_file() else []
+
+
+def put_shift(out: Path, rows: Sequence[Row]) -> None:
+    """Merge shift rows into ``out``/shift.csv, replacing earlier rows of the same run, corruption and severity."""
+    if rows:
+        _merge(Path(out) / "shift.csv", rows, SHIFT_COLUMNS, SHIFT_KEY, _load_shift)
 
 
 def _prediction_damage(probs: np.ndarray, shape: Optional[tuple[int, int]]) -> str:

@@ -19,8 +19,9 @@ from calbench.base import Calibrated, Method, base_of
 from calbench.baselines.posthoc import TemperatureScaling
 from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
+from calbench.deferral import deferral_metrics, test_only_metrics
 from calbench.errors import CalbenchError, check_seed, check_seeds
-from calbench.methods import list_methods, make_method, parse_method
+from calbench.methods import list_methods, make_method, parse_method, with_pair_defaults
 from calbench.metrics import evaluate
 from calbench.prompts import load_prompt, read_prompt_info, save_prompt
 from calbench.session import FewShot, RunContext, Session
@@ -40,27 +41,32 @@ def train_one(
     context: RunContext = RunContext(),
     out: Path = Path("prompts"),
     params: Optional[dict[str, Any]] = None,
+    online: bool = False,
 ) -> tuple[Path, dict[str, float]]:
-    """Train one prompt method on one few-shot split, save its context; return the path and validation metrics."""
+    """Train one prompt method on one few-shot split, save its context; return the path and validation metrics.
+    ``online``: the image encoder in the training loop (``--online-encoding``, :mod:`calbench.online`)."""
     check_seed(seed, "--seed")
-    untrained = make_method(method, **(params or {}))
+    params = with_pair_defaults(method, model, data, params or {})
+    untrained = make_method(method, **params)
     if not base_of(untrained).capabilities.learns_prompt:
         raise CalbenchError(
             f"{parse_method(method)[0]} learns no prompt, so there is nothing to train; pick one of: {', '.join(prompt_methods())}"
         )
     Path(out).mkdir(parents=True, exist_ok=True)  # a file or read-only folder in the way fails before training
     session = Session(model, data, context)
-    fit = session.fit_data(seed, fewshot, untrained, score_val=True)
+    fit = session.fit_data(seed, fewshot, untrained, score_val=True, online=online)
     trained = untrained.fit(fit)
     prompt = base_of(trained)
     assert isinstance(prompt, PromptMethod) and prompt.learner is not None
     extra: dict[str, Any] = {
         "method": method,
-        "params": params or {},
+        "params": params,
         "model": model,
         "dataset": session.dataset.name,
         "seed": seed,
         "shots": fewshot.shots,
+        "val_shots": fewshot.val,  # with data, seed and shots: the validation split `evaluate` fits thresholds on
+        "data": data,
     }
     if isinstance(trained, Calibrated) and isinstance(trained.calibrator, TemperatureScaling):
         extra["temperature"] = trained.calibrator.temperature
@@ -138,4 +144,26 @@ def evaluate_prompt(
     with torch.no_grad():
         probs = method.predict_proba(session.test_features(method)).double().cpu().numpy()
     trained_on = str(info["extra"].get("dataset", "?"))
-    return Evaluation(name, trained_on, session, evaluate(probs, session.test_labels), note)
+    deferral, missing = _deferral(info, method, probs, session, context)
+    note = "; ".join(part for part in (note, missing) if part)
+    return Evaluation(name, trained_on, session, {**evaluate(probs, session.test_labels), **deferral}, note)
+
+
+def _deferral(
+    info: dict[str, Any], method: Method, probs: Any, session: Session, context: RunContext
+) -> tuple[dict[str, float], str]:
+    """The deferral measures of a scored prompt, with the threshold and conformal sets fitted on the
+    validation split it was trained with (its dataset, seed and shots), as a deployment would fit them
+    before meeting another site; and a note when that split cannot be rebuilt (test-only measures then)."""
+    extra, labels = info["extra"], session.test_labels
+    try:
+        source = extra.get("data", extra["dataset"])
+        home = session if source in (session.dataset.name, str(session.dataset.root)) else None
+        home = home or Session(session.model, str(source), context)
+        shots = int(extra["shots"])
+        fit = home.fit_data(int(extra["seed"]), FewShot(shots, int(extra.get("val_shots", shots))), method, True)
+    except (CalbenchError, KeyError, ValueError) as exc:
+        return test_only_metrics(probs, labels), f"no validation split to fit a threshold or conformal sets on ({exc})"
+    with torch.no_grad():
+        val = method.predict_proba(fit.val_inputs(method)).double().cpu().numpy()
+    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels), ""

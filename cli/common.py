@@ -16,6 +16,7 @@ from rich.table import Table
 
 from calbench.cli.boundary import memory_line, option_names, os_error_line
 from calbench.errors import CalbenchError, CalbenchWarning
+from calbench.published import default
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Calibration-aware prompt learning for medical VLMs."
@@ -30,11 +31,17 @@ ModelOpt = typer.Option("tiny", "--model", "-m", help="Model name (see `calbench
 DataOpt = typer.Option(
     "synthetic", "--data", "-d", help="Dataset name (see `calbench datasets`) or a folder in calbench's layout."
 )
-ShotsOpt = typer.Option(8, "--shots", help="Training images per class.")
+ShotsOpt = typer.Option(default("train", "shots"), "--shots", help="Training images per class.")
 ValShotsOpt = typer.Option(
     None, "--val-shots", help="Validation images per class, from the train pool (default: --shots)."
 )
-ViewsOpt = typer.Option(10, "--views", help="Cached augmented views per training image (epoch e uses view e mod V).")
+ViewsOpt = typer.Option(
+    default("fewshot", "views"),
+    "--views",
+    help="Cached augmented views per training image (default: one per training epoch, as CoOp draws a fresh "
+    "crop every epoch). N views encode each few-shot image N times instead of once per epoch, but epoch e "
+    "reuses view e mod N, so training sees only N distinct crops of each image.",
+)
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 CacheOpt = typer.Option(
     None, "--cache-dir", help="Feature/data cache (default: $CALBENCH_CACHE or the user cache dir)."

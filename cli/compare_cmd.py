@@ -30,6 +30,25 @@ from calbench.cli.common import (
     run_context,
     user_errors,
 )
+from calbench.cli.deferral_view import (
+    AlphaOpt,
+    ShiftOpt,
+    SmoothDiagramsOpt,
+    TargetErrorOpt,
+    deferral_table,
+    extras,
+    shift_table,
+)
+from calbench.cli.launcher import (
+    CpusOpt,
+    GpusOpt,
+    LauncherOpt,
+    ParallelismOpt,
+    PartitionOpt,
+    TimeOpt,
+    compare_as_jobs,
+    make_launcher,
+)
 
 MethodsOpt = typer.Option(None, "--methods", help="Comma-separated method ids (default: the standard set).")
 SeedsOpt = typer.Option("1,2,3", "--seeds", help="Comma-separated few-shot split / training seeds.")
@@ -51,7 +70,7 @@ def compare(
     seeds: str = SeedsOpt,
     shots: int = ShotsOpt,
     val_shots: Optional[int] = ValShotsOpt,
-    views: int = ViewsOpt,
+    views: Optional[int] = ViewsOpt,
     device: str = DeviceOpt,
     out: Path = OutOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -64,6 +83,16 @@ def compare(
     force: bool = ForceOpt,
     bootstrap: int = BootstrapOpt,
     strict: bool = StrictOpt,
+    shift: bool = ShiftOpt,
+    conformal_alpha: float = AlphaOpt,
+    target_error: float = TargetErrorOpt,
+    smooth_diagrams: bool = SmoothDiagramsOpt,
+    launcher: str = LauncherOpt,
+    slurm_partition: Optional[str] = PartitionOpt,
+    slurm_gpus: Optional[int] = GpusOpt,
+    slurm_time: Optional[int] = TimeOpt,
+    slurm_cpus: Optional[int] = CpusOpt,
+    array_parallelism: Optional[int] = ParallelismOpt,
 ) -> None:
     """Train and evaluate methods; print tables, append to results.csv, write the report.
 
@@ -71,30 +100,44 @@ def compare(
     interrupted grid resumes where it stopped.
     """
     from calbench.compare import Grid, run_compare
-    from calbench.methods import DEFAULT_METHODS, all_methods
     from calbench.session import FewShot
 
-    chosen = (
-        parse_names(methods)
-        if methods is not None
-        else (all_methods() if (all_pairs or every_method) else DEFAULT_METHODS)
-    )
     grid = Grid(
-        chosen,
+        _chosen(methods, all_pairs or every_method),
         parse_ints(seeds, "--seeds"),
         FewShot(shots, val_shots, views),
         bootstrap=bootstrap,
         method_params=read_params(params),
         force=force,
+        extras=extras(conformal_alpha, target_error, shift, smooth_diagrams),
     )
     context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
     log = (lambda message: console.log(message)) if console.is_terminal else (lambda message: None)
-    result = run_compare(model, data, grid, context, out, all_pairs, log, _skipped)
-    _render(result)
+    jobs = make_launcher(launcher, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism)
+    args = (model, data, grid, context, out, all_pairs, log, _skipped)
+    _render(compare_as_jobs(jobs, *args) if jobs.distributed else run_compare(*args))
+
+
+def _chosen(methods: Optional[str], every: bool) -> list[str]:
+    """--methods, else every registered method (--all, --all-methods), else the standard set."""
+    from calbench.methods import DEFAULT_METHODS, all_methods
+
+    return parse_names(methods) if methods is not None else (all_methods() if every else list(DEFAULT_METHODS))
 
 
 def _skipped(model: str, data: str, missing: str) -> None:
     err_console.print(f"[yellow]skipped[/] {model} · {data}: {missing}", highlight=False, soft_wrap=True)
+
+
+def _render_deferral(out: Path, rows: list[dict[str, Any]], pair: str) -> None:
+    """The deferral measures of a pair's runs and, where `--shift` scored them, their shift table."""
+    from calbench.results import ResultsStore, read_shift
+
+    console.print(deferral_table(rows, f"{pair} · when to defer: fitted on validation, measured on test (mean)"))
+    keys = {ResultsStore.key(r) for r in rows}
+    shifted = [r for r in read_shift(out) if ResultsStore.key(r) in keys]
+    if shifted:
+        console.print(shift_table(rows, shifted, f"{pair} · Acc % / ECE % on corrupted test copies (mean)"))
 
 
 def _render(result: Any) -> None:
@@ -113,6 +156,7 @@ def _render(result: Any) -> None:
         console.print(
             results_table(rows, f"{model_name} · {dataset} · {len({r['seed'] for r in rows})} seed(s) · test split")
         )
+        _render_deferral(result.out, rows, f"{model_name} · {dataset}")
     for row in result.failures:
         err_console.print(
             f"[red]failed:[/] {row['model']} · {row['dataset']} · {row['method']} (seed {row['seed']}): {row['error']}",
@@ -123,7 +167,8 @@ def _render(result: Any) -> None:
     if result.skipped_pairs:
         summary += f"; {len(result.skipped_pairs)} pair(s) skipped for missing weights or data (listed above)"
     console.print(
-        f"{summary}; {len(result.plots)} reliability diagrams{f', report {md}' if md else ''}; {result.seconds:.1f} s"
+        f"{summary}; {len(result.plots)} plots (reliability, risk–coverage{', shift' if any('/shift' in k for k in result.plots) else ''})"
+        f"{f', report {md}' if md else ''}; {result.seconds:.1f} s"
     )
 
 

@@ -1,22 +1,42 @@
-"""`calbench methods`: every registered method and post-hoc calibrator."""
+"""`calbench methods`: every registered method, its defaults and where each comes from."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import typer
 from rich.table import Table
 
 from calbench.cli.common import app, console, user_errors
 
 
+def _value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 @app.command()
 @user_errors
-def methods() -> None:
-    """List the registered methods (what each learns and predicts from) and the post-hoc calibrators."""
+def methods(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Show the defaults resolved for this model."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="... and this dataset (a published pair's row)."),
+) -> None:
+    """List the methods with their defaults, the source of every default (published config file and
+    line, or calbench's own choice), the published per-pair settings, and the post-hoc calibrators."""
+    from calbench import published
     from calbench.base import METHODS
-    from calbench.methods import list_calibrators, list_methods, make_method
+    from calbench.methods import list_calibrators, list_methods, make_method, resolved_settings
 
-    table = Table(title="methods")
-    for column in ("id", "kind", "description"):
+    if (model is None) != (data is None):
+        raise typer.BadParameter("give --model and --data together (or neither)")
+    table = Table(title="methods" + (f" on {model} · {data}" if model else ""))
+    for column in ("id", "kind", "defaults", "description"):
         table.add_column(column, overflow="fold")
+    sources = Table(title="where each default comes from")
+    for column in ("method", "setting", "value", "source"):
+        sources.add_column(column, overflow="fold")
+    trainer = {k: (s.value, s.source) for k, s in published.section("train").items()}
     for name in list_methods():
         caps = make_method(name).capabilities
         kind = "learns a prompt" if caps.learns_prompt else "no training"
@@ -24,8 +44,37 @@ def methods() -> None:
             kind += f"; smoothed over {caps.test_copies.views} noisy copies"
         if caps.adapts_at_test:
             kind += "; tunes at test time"
-        table.add_row(name, kind, METHODS.get(name).description)
+        # the method's own settings and what it changes of the trainer's (listed once, below)
+        shown = {k: v for k, v in resolved_settings(name, model, data, {}).items() if trainer.get(k) != v}
+        defaults = ", ".join(f"{k} {_value(value)}" for k, (value, _) in shown.items())
+        table.add_row(name, kind, defaults or "–", METHODS.get(name).description)
+        for key, (value, source) in shown.items():
+            sources.add_row(name, key, _value(value), source)
+    for section in published.SHARED_SECTIONS:
+        for key, entry in published.section(section).items():
+            sources.add_row(f"({section})", key, _value(entry.value), entry.source)
     console.print(table)
+    console.print(sources)
+    console.print(_pairs_table(published))
     console.print(
         f"post-hoc calibrators (fitted on validation, written <method>+<id>): {', '.join(list_calibrators())}"
     )
+    console.print("`--params FILE` overrides any default; `compare`, `tune`, `train` and `certify` resolve them alike.")
+
+
+def _pairs_table(published) -> Table:  # noqa: ANN001 - the calbench.published module
+    pairs = Table(title="published per-pair settings (CalibPrompt and the methods that take its alpha / w_as)")
+    for column in ("model · dataset", "alpha", "w_as", "w_smac", "ECE % CE", "ECE % CalibPrompt", "source"):
+        pairs.add_column(column, overflow="fold")
+    for row in published.pairs():
+        s = row.settings
+        pairs.add_row(
+            f"{row.model} · {row.dataset}",
+            _value(s["alpha"].value),
+            _value(s["w_as"].value),
+            _value(s["w_smac"].value),
+            f"{row.published_ece['coop-ce']:.2f}",
+            f"{row.published_ece['calibprompt']:.2f}",
+            s["alpha"].source,
+        )
+    return pairs

@@ -30,6 +30,7 @@ from calbench.cli.common import (
     run_context,
     user_errors,
 )
+from calbench.cli.deferral_view import evaluation_table
 
 
 @app.command()
@@ -50,6 +51,12 @@ def train(
     data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
     strict: bool = StrictOpt,
+    online_encoding: bool = typer.Option(
+        False,
+        "--online-encoding",
+        help="Encode each batch's freshly augmented images in the training loop, as the published code does, "
+        "instead of reading cached views: the same augmentations, and far slower.",
+    ),
 ) -> None:
     """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
     from calbench.methods import params_for
@@ -67,6 +74,7 @@ def train(
         context,
         out,
         params_for(method, read_params(params)),
+        online_encoding,
     )
     console.print(
         f"{method} on {model} · {data}, seed {seed}: validation accuracy {100 * metrics['accuracy']:.2f}%, "
@@ -112,6 +120,8 @@ def evaluate(
         f"{m['brier']:.3f}",
     )
     console.print(table)
+    fitted = "thresholds and sets fitted on its training validation split" if "lac_size" in m else "test-only measures"
+    console.print(evaluation_table(m, f"when to defer on {name}: {fitted}"))
 
 
 @app.command()

@@ -24,6 +24,16 @@ from calbench.cli.common import (
     run_context,
     user_errors,
 )
+from calbench.cli.launcher import (
+    CpusOpt,
+    GpusOpt,
+    LauncherOpt,
+    ParallelismOpt,
+    PartitionOpt,
+    TimeOpt,
+    make_launcher,
+    print_failed_jobs,
+)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality.")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset name or folder (default: synthetic); or use --modality.")
@@ -37,7 +47,8 @@ TrialsOpt = typer.Option(
 ObjectiveOpt = typer.Option(
     "ece",
     "--objective",
-    help="ece (validation ECE under the accuracy constraint), nll, or pareto (ECE and accuracy).",
+    help="ece (validation ECE under the accuracy constraint), nll, aurc (area under the risk-coverage curve), "
+    "conformal-size (mean conformal set size at 90% coverage), or pareto (ECE and accuracy).",
 )
 AccToleranceOpt = typer.Option(
     1.0, "--acc-tolerance", help="Accuracy points a trial may lose against CoOp-CE on the same validation split."
@@ -51,7 +62,8 @@ EpochsOpt = typer.Option(
 StorageOpt = typer.Option(
     None,
     "--storage",
-    help="Optuna storage URL (sqlite:///..., postgresql://..., mysql://...) or a journal file (default: OUT/study.db).",
+    help="Optuna storage URL (sqlite:///..., postgresql+psycopg://... with calbench[postgres], mysql://...) or a journal "
+    "file (default: OUT/study.db; with --launcher slurm: OUT/study.log).",
 )
 StudyOpt = typer.Option(None, "--study", help="Study name (default: <method>/<model>/<dataset>).")
 OutOpt = typer.Option(
@@ -66,8 +78,24 @@ SearchOnlyOpt = typer.Option(
 HeartbeatOpt = typer.Option(
     10, "--heartbeat", help="Seconds between trial heartbeats; a trial silent for 3x this is failed and retried."
 )
+SamplerSeedOpt = typer.Option(
+    None,
+    "--sampler-seed",
+    help="Seed of the TPE sampler: one worker then samples the same trials again, on any storage.",
+)
+WorkersOpt = typer.Option(
+    1,
+    "--workers",
+    help="Search workers submitted as jobs sharing the study (with --launcher local-processes or slurm).",
+)
 ThreadsOpt = typer.Option(
     None, "--threads", help="CPU threads per process (give each of several workers on one machine its share)."
+)
+BatchTrialsOpt = typer.Option(
+    1,
+    "--batch-trials",
+    help="Trials each worker asks for at once and trains together, one text-tower pass per step for all "
+    "their prompts (keeps a GPU busy; each trial's result is as if run alone).",
 )
 
 
@@ -91,7 +119,16 @@ def tune(
     final_seeds: str = FinalSeedsOpt,
     search_only: bool = SearchOnlyOpt,
     heartbeat: int = HeartbeatOpt,
+    sampler_seed: Optional[int] = SamplerSeedOpt,
     threads: Optional[int] = ThreadsOpt,
+    batch_trials: int = BatchTrialsOpt,
+    launcher: str = LauncherOpt,
+    workers: int = WorkersOpt,
+    slurm_partition: Optional[str] = PartitionOpt,
+    slurm_gpus: Optional[int] = GpusOpt,
+    slurm_time: Optional[int] = TimeOpt,
+    slurm_cpus: Optional[int] = CpusOpt,
+    array_parallelism: Optional[int] = ParallelismOpt,
     shots: int = ShotsOpt,
     val_shots: Optional[int] = ValShotsOpt,
     views: int = ViewsOpt,
@@ -107,20 +144,33 @@ def tune(
 
     if modality is not None and (model is not None or data is not None):
         raise CalbenchError("give either --modality or --model/--data, not both")
-    if threads is not None:
+    jobs = make_launcher(launcher, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism)
+    if workers != 1 and not jobs.distributed:
+        raise CalbenchError("--workers runs worker jobs: add --launcher local-processes or --launcher slurm")
+    if threads is not None and not jobs.distributed:
         import torch
 
         torch.set_num_threads(max(1, threads))
     pairs = modality_pairs(modality, data_root) if modality else [(model or "tiny", data or "synthetic")]
     searched = read_space_file(method, space) if space else {}
     seeds = parse_ints(split_seeds, "--split-seeds")
-    config = TuneConfig(
-        method, pairs, modality, objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched
-    )
+    options = (objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched, batch_trials)
+    config = TuneConfig(method, pairs, modality, *options)
     context = run_context(device, cache_dir, weights, data_root, trust_weights=trust_weights)
     final = parse_ints(final_seeds, "--final-seeds")
-    run = run_tune(config, trials, study, storage, out, final, search_only, context, heartbeat)
+    args = (trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
+    run = _launched(config, jobs, workers, threads, args) if jobs.distributed else run_tune(config, *args)
     _render(run)
+
+
+def _launched(config: Any, jobs: Any, workers: int, threads: Optional[int], args: tuple[Any, ...]) -> Any:
+    """``workers`` search jobs on one study, then the final job; failed jobs are listed with their logs."""
+    from calbench.tune.launch import launch_tune
+
+    log = (lambda message: console.log(message)) if console.is_terminal else (lambda message: None)
+    run = launch_tune(config, jobs, workers, *args, threads=threads, log=log)
+    print_failed_jobs([f"job {o.job_id} (worker {o.index}) failed: {o.error}; log: {o.log}" for o in run.failed_jobs])
+    return run
 
 
 def _render(run: Any) -> None:

@@ -65,7 +65,7 @@ def test_session_hands_out_train_pool_data_only(cache_dir):
     assert not set(train_idx) & set(val_idx)
     assert session.fit_data(1, fewshot) is fit  # fetched once per split
     assert session.test_features().shape == (len(session.test_labels), 64)
-    smoothed = calbench.make_method("promptsmooth", n_samples=3, views_per_sigma=1)
+    smoothed = calbench.make_method("promptsmooth", n_samples=3)
     with_copies = session.fit_data(1, fewshot, smoothed, score_val=True)
     assert set(with_copies.extra) == {*smoothed.capabilities.fit_features, "val-as-test"}
     assert session.test_features(smoothed).shape == (3, len(session.test_labels), 64)

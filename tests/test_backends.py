@@ -2,7 +2,8 @@
 model's published on-disk format and loaded through ``load_vlm(name, weights=...)``.
 
 Each replica's own forward (``CLIPModel.get_*_features``, open_clip ``encode_*``, MedCLIP's
-published pooling) is the reference for our features.
+pooling as the published CalibPrompt code runs it, and as MedCLIP's own code does for
+``medclip-masked``) is the reference for our features.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from calbench.models import TokenBatch, load_vlm
 from calbench.models.medclip import MedCLIPModel
+from calbench.models.open_clip_backend import shipped_config
 from calbench.prompts import PromptLearner
 
 CLASSNAMES = ["crimson striped tissue", "amber striped tissue", "normal lung tissue", "lymphocytes"]
@@ -176,12 +178,16 @@ MEDCLIP_SMALL = {
         "max_position_embeddings": 128,
     },
     "projection_dim": 16,
-    "context_length": 77,
-    "preprocess_cfg": {"size": 32, "mean": [0.586, 0.586, 0.586], "std": [0.2795, 0.2795, 0.2795]},
+    # the shipped feed (context length, pooling, logit-scale clamp, pixel statistics) at a 32 px input
+    **{key: shipped_config("medclip")[key] for key in ("context_length", "text_pooling", "clamp_logit_scale")},
+    "preprocess_cfg": dict(shipped_config("medclip")["preprocess_cfg"], size=32),
 }
 
 
-def _medclip(root: Path):
+def _medclip(root: Path, masked: bool = False):
+    """A MedCLIP folder; the reference text forward is the published CalibPrompt zero-shot one
+    (padded to the context length, mean over every position: zsclip.py:76-96), or for
+    ``medclip-masked`` MedCLIP's own forward on one unpadded prompt at a time."""
     from transformers import BertTokenizerFast
 
     _write_vocab(root)
@@ -201,10 +207,15 @@ def _medclip(root: Path):
     text_model = model.text_model
 
     def reference_text(texts):
-        """MedCLIP's published text forward, one unpadded prompt at a time."""
+        batches = [[text] for text in texts] if masked else [texts]
+        pad = (
+            {}
+            if masked
+            else {"padding": "max_length", "truncation": True, "max_length": MEDCLIP_SMALL["context_length"]}
+        )
         out = []
-        for text in texts:
-            enc = tokenizer([text], return_tensors="pt")
+        for batch in batches:
+            enc = tokenizer(batch, return_tensors="pt", **pad)
             hidden = text_model.model(**enc, output_hidden_states=True).hidden_states
             embed = torch.stack([hidden[1], hidden[2], hidden[-1]]).permute(1, 0, 2, 3).mean(2).mean(1)
             out.append(text_model.projection_head(embed))
@@ -223,6 +234,7 @@ REPLICAS = {
     "clip-b32": lambda root: _open_clip_replica(root, quick_gelu=True, file_only=False),
     "biomedclip": _biomedclip,
     "medclip": _medclip,
+    "medclip-masked": lambda root: _medclip(root, masked=True),
 }
 
 
@@ -280,6 +292,9 @@ def test_cutting_to_the_longest_prompt_leaves_features_unchanged(replica):
     key, vlm, *_ = replica
     texts = [f"{HAND} {c}." for c in CLASSNAMES] + ["x"]
     cut = vlm.tokenize(texts)
+    if key == "medclip":  # the published mean over every position counts the padding: never cut
+        assert cut.ids.shape[1] == vlm.context_length
+        return
     full_ids, full_mask = _full_length(vlm, texts)
     assert cut.ids.shape[1] == int(cut.eot.max()) + 1 < full_ids.shape[1]
     with torch.no_grad():

@@ -162,7 +162,8 @@ def test_report_marks_the_best_ece_and_embeds_the_diagrams(tmp_path, cache_dir):
     assert "Relative ECE change against coop-ce" in md and "| coop-ce | +0.0% |" in md
     assert "![" in md and "reliability/tiny_synthetic_coop-ce.png" in md
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<b>ECE" in page
+    # a reliability diagram per method, and the pair's risk–coverage plot
+    assert page.count("data:image/png;base64,") == 3 + 1 and "<b>ECE" in page
 
 
 def test_report_of_a_missing_folder_is_one_line(tmp_path):

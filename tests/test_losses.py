@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from calbench import losses as L
 from calbench.errors import CalbenchError
 
+#: CalibPrompt's generic setting, spelled out: the loss functions take no defaults
+CALIBPROMPT = {"alpha": 0.05, "w_smac": 1.0, "w_as": 0.01}
+
 TOL = 1e-10
 
 
@@ -238,7 +241,6 @@ def test_focal_paper_value_gamma3():
     # row2: (3/4)^3 ln4            = 27/64 * 2 ln2 = 54/64 ln2
     # row3: (5/8)^3 ln(8/3)        = 125/512 ln(8/3)
     expected = (LN2 / 8 + math.log(4 / 3) / 64 + 54 / 64 * LN2 + 125 / 512 * math.log(8 / 3)) / 4
-    assert _val(L.focal(*frac_batch())) == pytest.approx(expected, abs=TOL)  # default gamma=3
     assert _val(L.focal(*frac_batch(), gamma=3.0)) == pytest.approx(expected, abs=TOL)
 
 
@@ -391,7 +393,6 @@ def test_mbls_paper_value_with_active_margin():
     ce = (math.log(1 + math.exp(-13) + math.exp(-25)) + 15 + math.log(1 + math.exp(-15) + math.exp(-20))) / 2
     expected = ce + 0.55
     logits, labels = _t([[0.0, 12.0, 25.0], [5.0, 0.0, 20.0]]), _y([2, 0])
-    assert _val(L.mbls(logits, labels)) == pytest.approx(expected, abs=TOL)
     assert _val(L.mbls(logits, labels, margin=10.0, alpha=0.1)) == pytest.approx(expected, abs=TOL)
     # alpha = 1, margin = 12: relu(d - 12) = [13, 1, 0] and [3, 8, 0] -> 25 / 6
     assert _val(L.mbls(logits, labels, margin=12.0, alpha=1.0)) == pytest.approx(ce + 25 / 6, abs=TOL)
@@ -399,7 +400,7 @@ def test_mbls_paper_value_with_active_margin():
 
 def test_mbls_small_gaps_equals_cross_entropy():
     # all logit gaps < 10 -> no penalty
-    assert _val(L.mbls(*irr_batch())) == pytest.approx(_ce(IRR_LOGITS, IRR_LABELS), abs=TOL)
+    assert _val(L.mbls(*irr_batch(), margin=10.0, alpha=0.1)) == pytest.approx(_ce(IRR_LOGITS, IRR_LABELS), abs=TOL)
 
 
 # --------------------------------------------------------------------------- LogitNorm
@@ -415,15 +416,15 @@ def test_logit_norm_paper_value():
         expected = _ce(scaled, labels)
         got = _val(L.logit_norm(_t(rows), _y(labels), temperature=temp))
         assert got == pytest.approx(expected, abs=TOL)
-    # default temperature = 1 -> normalised rows ~[.6,.8,0] and [1/3,-2/3,2/3]
-    approx_default = _ce([[0.6, 0.8, 0.0], [1 / 3, -2 / 3, 2 / 3]], labels)
-    assert _val(L.logit_norm(_t(rows), _y(labels))) == pytest.approx(approx_default, abs=1e-7)
+    # temperature 1 -> normalised rows ~[.6,.8,0] and [1/3,-2/3,2/3]
+    approx_unit = _ce([[0.6, 0.8, 0.0], [1 / 3, -2 / 3, 2 / 3]], labels)
+    assert _val(L.logit_norm(_t(rows), _y(labels), temperature=1.0)) == pytest.approx(approx_unit, abs=1e-7)
 
 
 def test_logit_norm_is_scale_invariant():
     # logits and 7 * logits normalise to the same row (up to the 1e-7 epsilon)
-    a = _val(L.logit_norm(*irr_batch()))
-    b = _val(L.logit_norm(7.0 * _t(IRR_LOGITS), _y(IRR_LABELS)))
+    a = _val(L.logit_norm(*irr_batch(), temperature=1.0))
+    b = _val(L.logit_norm(7.0 * _t(IRR_LOGITS), _y(IRR_LABELS), temperature=1.0))
     assert a == pytest.approx(b, abs=1e-6)
 
 
@@ -482,11 +483,11 @@ def test_margin_mean_var_paper_value():
     # loss = -.1 * 1/6 + .01 * 49/18 = -1/60 + 49/1800 = 19/1800
     logits = _t([[1.0, 4.0, 2.0], [3.0, 0.0, 5.0], [0.0, 1.0, 1.5]])
     labels = _y([1, 0, 2])
-    assert _val(L.margin_mean_var(logits, labels)) == pytest.approx(19 / 1800, abs=TOL)
+    assert _val(L.margin_mean_var(logits, labels, alpha=0.1, beta=0.01)) == pytest.approx(19 / 1800, abs=TOL)
     # alpha = 1, beta = 1: -1/6 + 49/18 = 46/18
     assert _val(L.margin_mean_var(logits, labels, alpha=1.0, beta=1.0)) == pytest.approx(46 / 18, abs=TOL)
     # sample (unbiased) variance would give -1/60 + .01 * 49/12 -> must NOT match
-    assert abs(_val(L.margin_mean_var(logits, labels)) - (-1 / 60 + 0.01 * 49 / 12)) > 1e-4
+    assert abs(_val(L.margin_mean_var(logits, labels, alpha=0.1, beta=0.01)) - (-1 / 60 + 0.01 * 49 / 12)) > 1e-4
 
 
 # --------------------------------------------------------------------------- text moment matching
@@ -529,7 +530,7 @@ def test_text_moment_matching_irregular_matches_loop():
 def test_calibprompt_objective_total_and_parts():
     logits, labels = irr_batch()
     feats = _t([[0.2, -1.0, 0.7], [1.5, 0.3, -0.2], [-0.4, 0.8, 0.9]])
-    obj = L.calibprompt_objective(alpha=0.05, w_as=0.01)
+    obj = L.calibprompt_objective(alpha=0.05, w_smac=1.0, w_as=0.01)
     total, parts = obj(logits=logits, labels=labels, text_features=feats)
 
     ls = float(L.label_smoothing(logits, labels, alpha=0.05))
@@ -565,9 +566,9 @@ def test_calibprompt_objective_weights_and_extra_inputs():
     assert float(total) == pytest.approx(ls + 2.0 * sm + 0.5 * (-1 / 3), abs=TOL)
 
 
-def test_calibprompt_objective_defaults():
-    # defaults: alpha = 0.05, w_smac = 1.0, w_as = 0.01
-    obj = L.calibprompt_objective()
+def test_calibprompt_objective_generic_setting():
+    # CalibPrompt's generic setting (PLIP-Kather's): alpha = 0.05, w_smac = 1.0, w_as = 0.01
+    obj = L.calibprompt_objective(**CALIBPROMPT)
     assert obj.terms == {
         "ls": L.Term("label_smoothing", 1.0, {"alpha": 0.05}),
         "smac": L.Term("smac", 1.0, {"alpha": 0.05}),
@@ -583,18 +584,18 @@ def test_calibprompt_objective_defaults():
 def test_objective_total_is_differentiable():
     logits = _t(IRR_LOGITS).requires_grad_(True)
     feats = _t([[0.2, -1.0, 0.7], [1.5, 0.3, -0.2], [-0.4, 0.8, 0.9]]).requires_grad_(True)
-    total, _ = L.calibprompt_objective()(logits=logits, labels=_y(IRR_LABELS), text_features=feats)
+    total, _ = L.calibprompt_objective(**CALIBPROMPT)(logits=logits, labels=_y(IRR_LABELS), text_features=feats)
     total.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
 
 
 def test_objective_inputs():
-    assert L.calibprompt_objective().inputs == {"logits", "labels", "text_features"}
+    assert L.calibprompt_objective(**CALIBPROMPT).inputs == {"logits", "labels", "text_features"}
     obj = L.Objective({"ce": L.Term("cross_entropy"), "pen": L.Term("zs_penalty", 0.5)})
     assert obj.inputs == {"logits", "labels", "zs_logits"}
-    # defaults with a value (gamma) are not inputs
-    assert L.Objective({"f": L.Term("focal")}).inputs == {"logits", "labels"}
+    # keyword-only hyper-parameters (gamma) are not inputs
+    assert L.Objective({"f": L.Term("focal", 1.0, {"gamma": 3.0})}).inputs == {"logits", "labels"}
     assert L.Objective({"t": L.Term("text_moment_matching")}).inputs == {"text_features", "zs_text_features"}
 
 
@@ -647,12 +648,12 @@ def test_every_registered_loss_is_tested_here():
         ("cross_entropy", {}),
         ("label_smoothing", {"alpha": 0.05}),
         ("smac", {"alpha": 0.05}),
-        ("focal", {}),
+        ("focal", {"gamma": 3.0}),
         ("mdca", {}),
         ("dca", {}),
-        ("mbls", {}),
-        ("logit_norm", {}),
-        ("margin_mean_var", {}),
+        ("mbls", {"margin": 10.0, "alpha": 0.1}),
+        ("logit_norm", {"temperature": 1.0}),
+        ("margin_mean_var", {"alpha": 0.1, "beta": 0.01}),
     ],
 )
 def test_logit_losses_gradients_finite(name, kwargs):
@@ -670,7 +671,7 @@ def test_mbls_gradient_includes_margin_term():
     # active, each contributes -alpha/6 to its own logit and +alpha/6 to the max logit (25).
     logits = _t([[0.0, 12.0, 25.0], [5.0, 0.0, 20.0]]).requires_grad_(True)
     labels = _y([2, 0])
-    L.mbls(logits, labels).backward()
+    L.mbls(logits, labels, margin=10.0, alpha=0.1).backward()
     g = logits.grad
     # CE part by hand: (p - onehot) / B
     ce_grad = []

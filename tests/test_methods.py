@@ -117,7 +117,7 @@ def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
 
     base = make_method("zero-shot").fit(fit_data)
     base.capabilities = Capabilities(
-        test_copies=FeatureRequest("test", "noise0.25", 1)
+        test_copies=FeatureRequest("test", "score-noise0.25", 1)
     )  # a smoothed base: scored on VAL_AS_TEST
     noisy = fit_data.val_features.flip(0)
     recorder = Recorder()
@@ -128,7 +128,7 @@ def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
 def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(session):
     assert make_method("coop-ce").capabilities.learns_prompt and not make_method("zero-shot").capabilities.learns_prompt
     assert make_method("promptsmooth-zs").capabilities.adapts_at_test
-    method = make_method("promptsmooth", epochs=2, views_per_sigma=1, n_samples=3)
+    method = make_method("promptsmooth", epochs=2, n_samples=3)
     assert method.capabilities.smoothed and not make_method("coop-ce").capabilities.smoothed
     method.fit(session.fit_data(1, FewShot(shots=4, views=2), method))
     features = session.test_features()[:5]
@@ -145,7 +145,7 @@ def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(se
     "name, params",
     [
         ("promptsmooth", {"n_samples": 64}),
-        ("promptsmooth", {"views_per_sigma": 2}),
+        ("promptsmooth-zs", {"adapt_samples": 50}),
         ("promptsmooth", {"train_sigmas": [0.5]}),
         ("promptsmooth-zs", {"init": "fewshot", "epochs": 5}),
     ],

@@ -134,4 +134,7 @@ def test_medclip_state_dict(monkeypatch, tmp_path):
     folder = _placeholder(tmp_path / "medclip", "pytorch_model.bin")
     vlm = _load_with(monkeypatch, "medclip", state, "medclip", folder)
     _check_loaded(vlm, state)
-    assert vlm.preprocess.mean == (0.5862785803043838,) * 3 and vlm.context_length == 77
+    # fed as the published CalibPrompt code feeds it: CLIP's pixel mean, prompts padded to 25 tokens
+    # (iabh1shekbasu/CalibPrompt configs/trainers/CoOp_MedCLIP/vit_b32_medclip_c16_ep50_batch16.yaml:11,
+    # trainers/classification/coop_medclip.py:90)
+    assert vlm.preprocess.mean == (0.48145466, 0.4578275, 0.40821073) and vlm.context_length == 25

@@ -199,5 +199,11 @@ def test_medclip_from_the_url_download_folder_and_the_hub_tokenizer(monkeypatch,
     (snapshot.parent.parent / "refs" / "main").write_text("f00d")
     assert availability("medclip") == (True, str(folder))
     vlm = load_vlm("medclip")
-    assert vlm.tokenize(["a photo of x"]).ids.tolist() == [[2, 5, 6, 7, 9, 3]]  # [CLS] a photo of x [SEP]
-    assert vlm.logit_scale == pytest.approx(100.0, rel=1e-4)  # log-scale 5.0 clamped to ln 100, as published
+    # [CLS] a photo of x [SEP], padded to 25 as published (CalibPrompt trainers/classification/coop_medclip.py:90)
+    assert vlm.tokenize(["a photo of x"]).ids.tolist() == [[2, 5, 6, 7, 9, 3] + [0] * 19]
+    # the published CalibPrompt code uses exp(log-scale) unclamped (trainers/classification/coop_medclip.py:258)
+    assert vlm.logit_scale == pytest.approx(float(torch.tensor(5.0).exp()), rel=1e-6)
+    masked = load_vlm("medclip-masked")  # the variant finds the same downloaded weights
+    assert masked.tokenize(["a photo of x"]).ids.tolist() == [[2, 5, 6, 7, 9, 3]]  # cut: padding is masked out
+    # MedCLIP's own clamp of log-scale 5.0 to ln 100 (CalibPrompt models/medclip/modeling_medclip.py:229)
+    assert masked.logit_scale == pytest.approx(100.0, rel=1e-4)

@@ -10,20 +10,22 @@ import torch
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from calbench.baselines.promptsmooth import DEFAULTS, PromptSmooth, hand_context, marginal_entropy
+from calbench.baselines.promptsmooth import NOISY_VIEWS, PromptSmooth, hand_context, marginal_entropy
 from calbench.calibprompt import PromptMethod
 from calbench.certify import ITEM_COLUMNS, run_certify
 from calbench.cli.app import app
-from calbench.data.transforms import describe, noise_kind, parse_noise_kind, to_tensor
+from calbench.data.transforms import NoiseKind, describe, noise_kind, parse_noise_kind, to_tensor
 from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
 from calbench.methods import make_method
+from calbench.published import default
 from calbench.results import CERTIFY_COLUMNS
 from calbench.session import FewShot, RunContext
-from calbench.smoothing import certified_accuracy
+from calbench.smoothing import certified_accuracy, smoothed_proba
 
 TEST_IMAGES = np.arange(0, 300, 30)  # 10 test images, 2 per class
-SMALL = {"epochs": 2, "views_per_sigma": 2, "n_samples": 4}
+SMALL = {"epochs": 2, "n_samples": 4}
+ZS_SMALL = {"n_samples": 4, "adapt_samples": 3}
 
 
 def _fit(method, session):
@@ -31,12 +33,14 @@ def _fit(method, session):
 
 
 def _copies(method, session):
-    request = method.capabilities.test_copies
-    return session.test_views(request.kind, range(request.views), TEST_IMAGES)
+    """The test images in the form ``method`` predicts from (Session.test_features, on TEST_IMAGES only)."""
+    caps = method.capabilities
+    requests = [r for r in (caps.adapt_copies, caps.test_copies) if r is not None]
+    return torch.cat([session.test_views(r.kind, range(r.views), TEST_IMAGES) for r in requests])
 
 
 def _assert_probabilities(probs):
-    assert probs.shape == (len(TEST_IMAGES), 5)
+    assert probs.shape[0] == len(TEST_IMAGES) and probs.shape[1] >= 2
     assert torch.all(probs >= 0) and torch.all(probs <= 1)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(TEST_IMAGES), dtype=probs.dtype))
 
@@ -44,19 +48,22 @@ def _assert_probabilities(probs):
 # --- noisy transforms -------------------------------------------------------------------------
 
 
-def test_noise_kinds_have_distinct_cache_descriptions_and_leave_eval_and_train_alone(tiny):
+def test_noise_kinds_have_distinct_cache_descriptions_and_leave_eval_alone(tiny):
     cfg = tiny.preprocess
     assert describe("eval", cfg) == f"eval:resize-shortest+center-crop;{cfg.describe()}"
-    assert describe("train", cfg) == f"train:rrc(0.08, 1.0)+hflip;seeded(view,index);{cfg.describe()}"
-    kinds = ["eval", "train", "noise0.25", "noise0.5", "noise1", "train-noise0.25", "train-noise0.5"]
+    assert describe("train", cfg) == f"train:rrc(0.08, 1.0)+hflip;seeded(split,run-seed,view,index);{cfg.describe()}"
+    kinds = ["eval", "train", "score-noise0.25", "score-noise0.5", "adapt-noise0.25", "select-noise0.25"]
+    kinds += ["estimate-noise0.25", "train-noise0.25", "train-noise0.25+0.5+1"]
     assert len({describe(kind, cfg) for kind in kinds}) == len(kinds)
-    assert (noise_kind(0.25), noise_kind(1.0, train=True)) == ("noise0.25", "train-noise1")
-    assert parse_noise_kind("train-noise0.5") == (True, 0.5) and parse_noise_kind("eval") is None
-    for bad in ("noise", "noise-1", "blur0.5"):
+    assert (noise_kind(0.25, "score"), noise_kind([1.0, 0.5], "train")) == ("score-noise0.25", "train-noise1+0.5")
+    assert parse_noise_kind("train-noise0.5+1") == NoiseKind("train", (0.5, 1.0))
+    assert parse_noise_kind("eval") is None
+    for bad in ("noise0.25", "score-noise", "score-noise-1", "blur0.5", "score-noise0.25+0.5", "train-noise0.5+0.5"):
         with pytest.raises(ValueError):
             describe(bad, cfg)
-    with pytest.raises(ValueError):
-        noise_kind(0.0)
+    for sigma, role in ((0.0, "score"), (0.25, "scoring"), ([0.25, 0.5], "adapt")):
+        with pytest.raises(ValueError):
+            noise_kind(sigma, role)
 
 
 def _pixels(tensor, cfg):
@@ -66,26 +73,25 @@ def _pixels(tensor, cfg):
 @pytest.mark.parametrize("sigma", [0.25, 1.0])
 def test_noise_is_seeded_gaussian_added_in_pixel_space_before_normalisation(tiny, synthetic, sigma):
     cfg, image = tiny.preprocess, synthetic.load_image("test", 3)
-    noise = _pixels(to_tensor(image, noise_kind(sigma), cfg, 0, 3), cfg) - _pixels(
-        to_tensor(image, "eval", cfg, 0, 3), cfg
-    )
+    kind = noise_kind(sigma, "score")
+    clean = _pixels(to_tensor(image, "eval", cfg, 0, 3, "test"), cfg)
+    noise = _pixels(to_tensor(image, kind, cfg, 0, 3, "test"), cfg) - clean
     assert abs(float(noise.mean())) < 0.05 * sigma and float(noise.std()) == pytest.approx(sigma, rel=0.05)
-    assert torch.equal(to_tensor(image, noise_kind(sigma), cfg, 0, 3), to_tensor(image, noise_kind(sigma), cfg, 0, 3))
-    other_view = _pixels(to_tensor(image, noise_kind(sigma), cfg, 1, 3), cfg) - _pixels(
-        to_tensor(image, "eval", cfg, 0, 3), cfg
-    )
+    assert torch.equal(to_tensor(image, kind, cfg, 0, 3, "test"), to_tensor(image, kind, cfg, 0, 3, "test"))
+    other_view = _pixels(to_tensor(image, kind, cfg, 1, 3, "test"), cfg) - clean
     assert abs(float(torch.corrcoef(torch.stack([noise.flatten(), other_view.flatten()]))[0, 1])) < 0.1
-    # the augmented kind keeps the crop and flip of the plain "train" view, and adds the noise
-    crop_noise = _pixels(to_tensor(image, noise_kind(sigma, train=True), cfg, 2, 3), cfg) - _pixels(
-        to_tensor(image, "train", cfg, 2, 3), cfg
+    # the augmented kind keeps the crop and flip of the plain "train" view of the same run seed, and adds the noise
+    train = noise_kind(sigma, "train")
+    crop_noise = _pixels(to_tensor(image, train, cfg, 2, 3, "train", seed=1), cfg) - _pixels(
+        to_tensor(image, "train", cfg, 2, 3, "train", seed=1), cfg
     )
     assert float(crop_noise.std()) == pytest.approx(sigma, rel=0.05)
 
 
 def test_noise_of_different_sigmas_is_independent(tiny, synthetic):
     cfg, image = tiny.preprocess, synthetic.load_image("test", 3)
-    clean = _pixels(to_tensor(image, "eval", cfg, 0, 3), cfg)
-    a, b = (_pixels(to_tensor(image, noise_kind(s), cfg, 0, 3), cfg) - clean for s in (0.25, 0.5))
+    clean = _pixels(to_tensor(image, "eval", cfg, 0, 3, "test"), cfg)
+    a, b = (_pixels(to_tensor(image, noise_kind(s, "score"), cfg, 0, 3, "test"), cfg) - clean for s in (0.25, 0.5))
     assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.1
 
 
@@ -94,22 +100,22 @@ def test_noise_of_different_sigmas_is_independent(tiny, synthetic):
 
 def test_defaults_are_promptsmooths():
     method = make_method("promptsmooth")
-    assert (method.config.n_ctx, method.config.epochs, method.config.shots) == (5, 50, 16)
-    assert sorted(method.capabilities.fit_features) == ["train-noise0.25", "train-noise0.5", "train-noise1"]
+    assert (method.config.n_ctx, method.config.epochs, method.config.shots, method.config.batch_size) == (5, 50, 16, 32)
+    views = method.capabilities.fit_features[NOISY_VIEWS]
+    assert (views.images, views.kind, views.views) == ("train", "train-noise0.25+0.5+1", None)  # one per epoch
     copies = method.capabilities.test_copies
-    assert copies.kind == "noise0.25" and copies.views == DEFAULTS["n_samples"][0] == 32
+    assert copies.kind == "score-noise0.25" and copies.views == default("promptsmooth", "n_samples") == 32
     assert set(make_method("promptsmooth-as").objective.terms) == {"ce", "as"}
-    assert make_method("promptsmooth-as").objective.terms["as"].weight == 0.01
+    assert make_method("promptsmooth-as").objective.terms["as"].weight == default("calibprompt", "w_as")
 
 
-def test_few_shot_promptsmooth_is_coop_on_interleaved_noisy_views(session):
+def test_few_shot_promptsmooth_is_coop_on_the_mixed_sigma_noisy_views(session):
     method = make_method("promptsmooth", train_sigmas=[0.25, 0.5], **SMALL)
     fit = _fit(method, session)
+    assert fit.extra[NOISY_VIEWS].shape[0] == 2  # FewShot(views=2)
     method.fit(fit)
-    a, b = fit.extra["train-noise0.25"], fit.extra["train-noise0.5"]
-    interleaved = torch.stack([a[0], b[0], a[1], b[1]])
     reference = PromptMethod(Objective({"ce": Term("cross_entropy")}), method.config).fit(
-        replace(fit, train_features=interleaved)
+        replace(fit, train_features=fit.extra[NOISY_VIEWS])
     )
     torch.testing.assert_close(method.learner.ctx, reference.learner.ctx)
 
@@ -135,29 +141,30 @@ def test_marginal_entropy_hand_value():
     )
 
 
-def test_zero_shot_promptsmooth_starts_from_the_hand_prompt(session):
+def test_zero_shot_promptsmooth_starts_from_the_hand_prompt_and_scores_on_other_copies(session):
     assert hand_context("a photo of a {}.") == "a photo of a"
-    untuned = make_method("promptsmooth-zs", tta_steps=0, n_samples=4)
+    untuned = make_method("promptsmooth-zs", tta_steps=0, **ZS_SMALL)
     fit = _fit(untuned, session)
     untuned.fit(fit)
     zero_shot = make_method("zero-shot").fit(fit)
-    copies = _copies(untuned, session)
+    inputs = _copies(untuned, session)
+    assert inputs.shape[0] == 3 + 4  # adaptation copies, then scoring copies
     with torch.no_grad():
-        expected = torch.stack([zero_shot.predict_proba(view) for view in copies]).mean(dim=0)
-        torch.testing.assert_close(untuned.predict_proba(copies), expected, atol=1e-5, rtol=1e-4)
+        expected = torch.stack([zero_shot.predict_proba(view) for view in inputs[3:]]).mean(dim=0)
+        torch.testing.assert_close(untuned.predict_proba(inputs), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_test_time_tuning_lowers_the_marginal_entropy_and_resets_the_prompt(session):
-    before = make_method("promptsmooth-zs", tta_steps=0, n_samples=4)
-    after = make_method("promptsmooth-zs", tta_steps=2, tta_lr=0.05, n_samples=4)
+    before = make_method("promptsmooth-zs", tta_steps=0, **ZS_SMALL)
+    after = make_method("promptsmooth-zs", tta_steps=2, tta_lr=0.05, **ZS_SMALL)
     fit = _fit(before, session)
-    copies = _copies(before, session)
+    inputs = _copies(before, session)
     entropy = {}
     for name, method in (("before", before), ("after", after)):
         method.fit(fit)
         start = method.learner.ctx.detach().clone()
         with torch.no_grad():
-            probs = method.predict_proba(copies)
+            probs = smoothed_proba(method.adapt(inputs[:3])(inputs[:3]))  # on the copies it tuned to
         _assert_probabilities(probs)
         entropy[name] = -(probs * probs.log()).sum(dim=1)
         assert torch.equal(method.learner.ctx.detach(), start)
@@ -166,19 +173,22 @@ def test_test_time_tuning_lowers_the_marginal_entropy_and_resets_the_prompt(sess
 
 def test_zero_shot_promptsmooth_from_the_few_shot_prompt(session):
     fewshot = make_method("promptsmooth", **SMALL)
-    untuned = make_method("promptsmooth-zs", init="fewshot", tta_steps=0, **SMALL)
-    tuned = make_method("promptsmooth-zs", init="fewshot", **SMALL)
+    untuned = make_method("promptsmooth-zs", init="fewshot", tta_steps=0, adapt_samples=3, **SMALL)
+    tuned = make_method("promptsmooth-zs", init="fewshot", adapt_samples=3, **SMALL)
     assert (
         isinstance(untuned.fewshot, PromptSmooth)
         and untuned.capabilities.fit_features == fewshot.capabilities.fit_features
+        and untuned.capabilities.epochs == fewshot.capabilities.epochs == 2
     )
     fit = _fit(fewshot, session)
-    copies = _copies(fewshot, session)
+    inputs = _copies(untuned, session)
     for method in (fewshot, untuned, tuned):
         method.fit(fit)
     with torch.no_grad():
-        torch.testing.assert_close(untuned.predict_proba(copies), fewshot.predict_proba(copies), atol=1e-5, rtol=1e-4)
-        _assert_probabilities(tuned.predict_proba(copies))
+        torch.testing.assert_close(
+            untuned.predict_proba(inputs), fewshot.predict_proba(inputs[3:]), atol=1e-5, rtol=1e-4
+        )
+        _assert_probabilities(tuned.predict_proba(inputs))
 
 
 @pytest.mark.parametrize(
@@ -238,7 +248,7 @@ def test_certify_writes_certified_accuracy_at_each_radius(tmp_path, cache_dir):
     assert radii.max() <= 0.5 * norm.ppf(0.01 ** (1 / 20)) + 1e-12
     assert np.all(radii[predicted == -1] == 0.0)
 
-    run_certify(method="promptsmooth-zs", sigma=0.5, params={"n_samples": 4}, **common)
+    run_certify(method="promptsmooth-zs", sigma=0.5, params=ZS_SMALL, **common)
     run_certify(method="promptsmooth", sigma=0.5, params=SMALL, **common)  # the same run again replaces its rows
     _, rows = _read(result.path)
     assert [r["method"] for r in rows].count("promptsmooth") == 5 and [r["method"] for r in rows].count(

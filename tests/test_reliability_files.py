@@ -57,7 +57,7 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("kind", "views"), [("eval", (0,)), ("train", (0, 1, 2))])
+@pytest.mark.parametrize(("kind", "views"), [("eval", (0,)), ("score-noise0.25", (0, 1, 2))])
 def test_a_killed_encoding_keeps_its_saved_chunk_and_the_rerun_encodes_only_the_rest(
     tiny, synthetic, tmp_path, kind, views
 ):
@@ -118,12 +118,12 @@ def test_each_row_is_written_twice_at_most_and_no_chunk_file_is_left(tiny, synth
     assert saves == [("chunk", 10), ("chunk", 10), ("chunk", 5), ("main", 25)]  # linear, not a rewrite per chunk
     assert [p.name for p in (tmp_path / "c" / "features").iterdir() if ".part-" in p.name] == []
     more = cache.features(synthetic, "test", range(30), kind="eval")
-    assert saves[4:] == [("chunk", 5), ("main", 30)] and more.shape == (1, 30, 64)
+    assert saves[4:] == [("chunk", 5), ("main", 30)] and more.shape == (1, 30, tiny.embed_dim)
 
 
 def test_a_cache_file_in_the_existing_format_still_loads(tiny, synthetic, tmp_path):
     cache = FeatureCache(tmp_path / "c", tiny, progress=False)
-    path, meta = cache._key(synthetic, "test", "eval", 0)
+    path, meta = cache._key(synthetic, "test", "eval", 0, None)
     stored = torch.randn(2, tiny.embed_dim)
     path.parent.mkdir(parents=True)
     save_file({"features": stored, "indices": torch.tensor([7, 3])}, str(path), metadata=meta)

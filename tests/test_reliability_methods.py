@@ -12,10 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from calbench import published
 from calbench.base import METHODS, Calibrated, LogitMethod, MethodSpec
 from calbench.baselines.coop import LOSS_METHODS
-from calbench.baselines.promptsmooth import DEFAULTS as PROMPTSMOOTH_DEFAULTS
 from calbench.baselines.promptsmooth import RANGES as PROMPTSMOOTH_RANGES
+from calbench.baselines.promptsmooth import default_of as promptsmooth_default
 from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.cli.app import app
 from calbench.compare import Grid, degenerate_reason, run_compare, score
@@ -35,8 +36,8 @@ FAMILIES = {
     "coop-ce": {"epochs": 2},
     "calibprompt": {"epochs": 2},
     "ls+smac": {"epochs": 2},
-    "promptsmooth": {"epochs": 2, "views_per_sigma": 1, "n_samples": 2, "train_sigmas": [0.25]},
-    "promptsmooth-zs": {"n_samples": 2},
+    "promptsmooth": {"epochs": 2, "n_samples": 2, "train_sigmas": [0.25]},
+    "promptsmooth-zs": {"n_samples": 2, "adapt_samples": 2},
 }
 
 
@@ -176,7 +177,7 @@ OUT_OF_RANGE = [
     ("promptsmooth", {"sigma": 0.0}, "promptsmooth sigma=0.0 is outside (0, inf)"),
     ("promptsmooth", {"train_sigmas": [0.25, -1.0]}, "promptsmooth train_sigmas=-1.0 is outside (0, inf)"),
     ("promptsmooth", {"n_samples": 0}, "promptsmooth n_samples=0 is outside [1, inf)"),
-    ("promptsmooth", {"views_per_sigma": 0}, "promptsmooth views_per_sigma=0 is outside [1, inf)"),
+    ("promptsmooth-zs", {"adapt_samples": 0}, "promptsmooth-zs adapt_samples=0 is outside [1, inf)"),
     ("promptsmooth", {"epochs": 0}, "promptsmooth epochs=0 is outside [1, inf)"),
     ("promptsmooth-as", {"w_as": -0.01}, "promptsmooth-as w_as=-0.01 is outside [0, inf)"),
     ("promptsmooth-zs", {"tta_lr": 0.0}, "promptsmooth-zs tta_lr=0.0 is outside (0, inf)"),
@@ -214,10 +215,12 @@ def test_every_default_lies_inside_its_declared_range():
         assert getattr(TrainConfig(), name) in allowed, name
     for method, spec in LOSS_METHODS.items():
         for name, param in spec.params.items():
-            assert param.default in param.allowed, (method, name)
+            assert published.default(method, name) in param.allowed, (method, name)
     assert set(CALIBPROMPT_RANGES) == {"alpha", "w_smac", "w_as"}
     for name, allowed in PROMPTSMOOTH_RANGES.items():
-        defaults = PROMPTSMOOTH_DEFAULTS[name][0]
+        defaults = promptsmooth_default(
+            "promptsmooth-zs" if name in ("adapt_samples", "tta_steps", "tta_lr") else "promptsmooth-as", name
+        )
         assert all(d in allowed for d in (defaults if isinstance(defaults, tuple) else [defaults])), name
 
 

@@ -34,7 +34,8 @@ def test_a_saved_prompt_scores_as_the_trained_method(tmp_path, context, method):
     with torch.no_grad():
         direct = evaluate(trained.predict_proba(session.test_features(trained)).double().numpy(), session.test_labels)
     assert scored.method == method and scored.note == "" and scored.trained_on == "synthetic"
-    assert scored.metrics == pytest.approx(direct, rel=1e-6, abs=1e-9)
+    assert {k: scored.metrics[k] for k in direct} == pytest.approx(direct, rel=1e-6, abs=1e-9)
+    assert "lac_size" in scored.metrics  # and the deferral measures, fitted on its validation split
 
 
 def test_a_calibrator_that_is_not_stored_is_named(tmp_path, context):

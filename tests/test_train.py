@@ -42,7 +42,12 @@ def test_training_is_deterministic_and_lowers_the_loss(tiny, synthetic, session)
     for _ in range(2):
         learner = PromptLearner(tiny, synthetic.classnames, n_ctx=4, seed=1)
         history = train_prompt_learner(
-            learner, calibprompt_objective(), fit.train_features, fit.train_labels, cfg, seed=1
+            learner,
+            calibprompt_objective(alpha=0.05, w_smac=1.0, w_as=0.01),
+            fit.train_features,
+            fit.train_labels,
+            cfg,
+            seed=1,
         )
         runs.append((learner.ctx.detach().clone(), history))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=0, rtol=0)
@@ -65,7 +70,7 @@ def test_saved_context_reloads_exactly(tiny, tmp_path):
     feats, labels = _features()
     cfg = TrainConfig(epochs=2, n_ctx=4)
     learner = PromptLearner(tiny, NAMES, n_ctx=4, seed=2)
-    train_prompt_learner(learner, calibprompt_objective(), feats, labels, cfg, seed=2)
+    train_prompt_learner(learner, calibprompt_objective(alpha=0.05, w_smac=1.0, w_as=0.01), feats, labels, cfg, seed=2)
     save_prompt(tmp_path / "p.safetensors", learner, asdict(cfg), {"method": "calibprompt"})
     loaded = load_prompt(tmp_path / "p.safetensors", tiny)
     torch.testing.assert_close(loaded.text_features(), learner.text_features(), atol=0, rtol=0)

@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 from calbench.cli.app import app
 from calbench.compare import Grid, run_compare
 from calbench.errors import CalbenchError
-from calbench.methods import METHODS, make_method, read_params_file
+from calbench.methods import METHODS, make_method, method_signature, read_params_file
 from calbench.metrics import ece
 from calbench.results import ResultsStore
 from calbench.session import FewShot, RunContext
 from calbench.train import logits_for
 from calbench.tune import TuneConfig, modality_pairs, parse_space, run_tune, search
 from calbench.tune.config import ACCURACY, counts_toward_total, select_best
-from calbench.tune.space import PAPER_SETTINGS, SPACES, first_trials, method_params
+from calbench.tune.space import SPACES, base_space, first_trials, method_params
 from calbench.tune.worker import Worker
 
 EPOCHS = 4  # fast trials; the demo itself keeps the paper's 50
@@ -39,14 +39,14 @@ def one_thread():
 @pytest.mark.parametrize("method", [m for m in SPACES if m in METHODS])
 def test_space_defaults_build_the_methods_own_defaults(method):
     """The enqueued first trial is the untuned method: same objective and training config."""
-    defaults = method_params({k: p.default for k, p in SPACES[method].items()}, None)
+    defaults = method_params({k: p.default for k, p in base_space(method).items()}, None)
     plain, explicit = make_method(method), make_method(method, **defaults)
-    assert explicit.objective == plain.objective
-    assert explicit.config == plain.config
+    assert all(p.default is not None for p in base_space(method).values())
+    assert method_signature(explicit) == method_signature(plain)
 
 
 def test_paper_setting_is_enqueued_first_then_the_defaults():
-    space = SPACES["calibprompt"]
+    space = base_space("calibprompt")
     default = {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0, "n_ctx": 16, "lr": 0.002}
     assert first_trials("calibprompt", [("tiny", "synthetic")], space) == [("default", default)]
     assert first_trials("calibprompt", [("plip", "digestpath")], space) == [
@@ -55,14 +55,19 @@ def test_paper_setting_is_enqueued_first_then_the_defaults():
     ]
     # PLIP on Kather is the paper's default setting: enqueued once
     assert first_trials("calibprompt", [("plip", "kather")], space) == [("paper plip/kather", default)]
-    assert PAPER_SETTINGS[("quiltnet", "kather")] == {"alpha": 0.01, "w_as": 1.0}
-    assert len(PAPER_SETTINGS) == 10
+    assert first_trials("calibprompt", [("quiltnet", "kather")], space)[0] == (
+        "paper quiltnet/kather",
+        {**default, "alpha": 0.01, "w_as": 1.0},
+    )
     # a narrowed space drops values it excludes instead of enqueueing them
     narrow = parse_space("calibprompt", {"alpha": {"low": 0.1, "high": 0.3}, "w_smac": None})
     assert first_trials("calibprompt", [("biomedclip", "covid")], narrow) == [
         ("paper biomedclip/covid", {"alpha": 0.1, "w_as": 3.0, "n_ctx": 16, "lr": 0.002}),
         ("default", {"w_as": 0.01, "n_ctx": 16, "lr": 0.002}),
     ]
+    # MedCLIP's published warm-up lr is part of its paper setting when the space searches it
+    warm = parse_space("calibprompt", {"warmup_lr": {"low": 1e-6, "high": 1e-2, "log": True}})
+    assert first_trials("calibprompt", [("medclip", "rsna18")], warm)[0][1]["warmup_lr"] == 1e-3
 
 
 def test_space_file_narrows_extends_and_rejects():
@@ -322,7 +327,10 @@ runner = CliRunner()
     [
         (["tune", "--modality", "demo", "--model", "tiny"], "error: give either --modality or --model/--data"),
         (["tune", "--method", "zero-shot"], "error: no search space for 'zero-shot'"),
-        (["tune", "--objective", "auc"], "error: --objective 'auc': choose one of ece, nll, pareto"),
+        (
+            ["tune", "--objective", "auc"],
+            "error: --objective 'auc': choose one of ece, nll, aurc, conformal-size, pareto",
+        ),
         (["tune", "--modality", "radiology-x"], "error: no models and datasets of modality 'radiology-x'"),
         (["tune", "--space", "/no/such/space.yaml"], "error: --space file /no/such/space.yaml does not exist"),
     ],

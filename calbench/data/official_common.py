@@ -17,6 +17,7 @@ from calbench.data.archive import Source
 from calbench.data.folder import IMAGE_SUFFIXES
 from calbench.data.prepare import SIZE, PrepareReport, Unit, default_out, prepare_folder
 from calbench.errors import CalbenchError
+from calbench.published import template as published_template
 
 Log = Callable[[str], None]
 
@@ -27,7 +28,7 @@ class Official:
     modality: str
     #: (class folder, human class name) in class-index (sorted folder) order
     classes: tuple[tuple[str, str], ...]
-    template: str
+    template: str  # the published hand prompt (the one table, :func:`calbench.published.template`)
     description: str
     source: str
     licence: str
@@ -36,7 +37,6 @@ class Official:
 
 HISTO = "histopathology"
 XRAY = "radiology"
-XRAY_TEMPLATE = "A chest X-ray image of {} patient"
 
 OFFICIAL: dict[str, Official] = {
     entry.name: entry
@@ -55,7 +55,7 @@ OFFICIAL: dict[str, Official] = {
                 ("STR", "cancer-associated stroma"),
                 ("TUM", "colorectal adenocarcinoma epithelium"),
             ),
-            "An H&E image of {}.",
+            published_template("kather").value,
             "Kather colorectal tissue: train NCT-CRC-HE-100K, test CRC-VAL-HE-7K (224 px, 0.5 um/px)",
             "https://zenodo.org/records/1214456",
             "CC BY 4.0 (Kather, Halama, Marx 2018)",
@@ -65,7 +65,7 @@ OFFICIAL: dict[str, Official] = {
             "pannuke",
             HISTO,
             (("benign", "benign"), ("malignant", "malignant")),
-            "An H&E image patch of {} skin tissue.",
+            published_template("pannuke").value,
             "PanNuke 256 px patches of 19 tissues; malignant = contains neoplastic nuclei; train folds 1+2, test fold 3",
             "https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke",
             "CC BY-NC-SA 4.0 (Gamper et al. 2019/2020); non-commercial use only",
@@ -75,7 +75,7 @@ OFFICIAL: dict[str, Official] = {
             "digestpath",
             HISTO,
             (("benign", "benign"), ("malignant", "malignant")),
-            "An H&E image patch of {} tissue.",
+            published_template("digestpath").value,
             "DigestPath 2019 colonoscopy tissue, tiled into 224 px patches; split by source image",
             "https://digestpath2019.grand-challenge.org/",
             "registration required; research use under the DigestPath 2019 challenge data terms",
@@ -85,7 +85,7 @@ OFFICIAL: dict[str, Official] = {
             "covid",
             XRAY,
             (("covid", "covid"), ("normal", "normal")),
-            XRAY_TEMPLATE,
+            published_template("covid").value,
             "COVID-19 Radiography Database, normal and COVID classes; seeded 80/20 split",
             "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database",
             "Kaggle dataset terms; cite Chowdhury et al. 2020 and Rahman et al. 2021",
@@ -95,7 +95,7 @@ OFFICIAL: dict[str, Official] = {
             "rsna18",
             XRAY,
             (("normal", "normal"), ("not_normal", "no lung opacity, not normal"), ("opacity", "lung opacity")),
-            XRAY_TEMPLATE,
+            published_template("rsna18").value,
             "RSNA Pneumonia Detection Challenge 2018 stage 2 train images, 3 classes; seeded 80/20 split by patient",
             "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge",
             "RSNA/Kaggle competition rules: non-commercial research use, accept the rules on Kaggle first",

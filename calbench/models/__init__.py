@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -59,10 +59,18 @@ class ModelSpec:
     build: Callable[[Optional[Path], torch.device], VLMBackend]
     #: the published weights; further sources (e.g. a tokenizer) follow
     sources: tuple[Source, ...] = ()
+    #: the model this entry runs differently (same weights, its own name in results and cache
+    #: keys); `compare --all` and modality-wide tuning run the models, not their variants
+    variant_of: str = ""
+
+    @property
+    def weights_name(self) -> str:
+        """The model whose ``$CALBENCH_WEIGHTS/<name>/`` folder holds the weights (a variant shares its model's)."""
+        return self.variant_of or self.name
 
     @property
     def fetch_command(self) -> str:
-        return f"calbench models fetch {self.name}"
+        return f"calbench models fetch {self.weights_name}"
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -105,7 +113,9 @@ def load_vlm(
     spec = MODELS.get(name)
     source = spec.sources[0] if spec.sources else None
     path = (
-        Path(weights) if weights is not None and source is None else locate(name, source, weights, spec.fetch_command)
+        Path(weights)
+        if weights is not None and source is None
+        else locate(spec.weights_name, source, weights, spec.fetch_command)
     )
     with trusting_code(trust_weights):
         return spec.build(path, resolve_device(device))
@@ -116,13 +126,13 @@ def availability(name: str) -> tuple[bool, str]:
     spec = MODELS.get(name)
     if not spec.sources:
         return True, "built in"
-    home = os.environ.get(WEIGHTS_ENV)
-    if home and (Path(home) / name).is_dir():
-        return True, str(Path(home) / name)
+    home, folder = os.environ.get(WEIGHTS_ENV), spec.weights_name
+    if home and (Path(home) / folder).is_dir():
+        return True, str(Path(home) / folder)
     found = [source.resolve(download=False) for source in spec.sources]
     if all(found):
         return True, str(found[0])
-    return False, f"run `{spec.fetch_command}` or download {spec.sources[0].hint()} into ${WEIGHTS_ENV}/{name}/"
+    return False, f"run `{spec.fetch_command}` or download {spec.sources[0].hint()} into ${WEIGHTS_ENV}/{folder}/"
 
 
 def fetch(name: str) -> Path:
@@ -143,13 +153,19 @@ def _build_tiny(path: Optional[Path], device: torch.device) -> VLMBackend:
     return OpenClipBackend.from_config("tiny", shipped_config("tiny"), device, seed=0, weights=path)
 
 
+def _build_tiny_random(path: Optional[Path], device: torch.device) -> VLMBackend:
+    from calbench.models.open_clip_backend import OpenClipBackend, shipped_config
+
+    return OpenClipBackend.from_config("tiny-random", shipped_config("tiny-random"), device, seed=0, weights=path)
+
+
 def _open_clip_builder(
-    name: str, config: str, overrides: Optional[dict] = None
+    name: str, config: str, overrides: Optional[dict] = None, embed_twice: bool = False
 ) -> Callable[[Optional[Path], torch.device], VLMBackend]:
     def build(path: Optional[Path], device: torch.device) -> VLMBackend:
         from calbench.models.open_clip_backend import load_open_clip
 
-        return load_open_clip(name, path, config, device, overrides)
+        return load_open_clip(name, path, config, device, overrides, embed_twice=embed_twice)
 
     return build
 
@@ -172,10 +188,15 @@ def _build_plip(path: Optional[Path], device: torch.device) -> VLMBackend:
     return OpenClipBackend.from_config("plip", openai_config(state), device, weights=state)
 
 
-def _build_medclip(path: Optional[Path], device: torch.device) -> VLMBackend:
-    from calbench.models.medclip import MedCLIPBackend
+def _medclip_builder(name: str, variant: Optional[str] = None) -> Callable[[Optional[Path], torch.device], VLMBackend]:
+    """MedCLIP fed as ``configs/medclip.json`` says, or with ``configs/<variant>.json`` laid over it."""
 
-    return MedCLIPBackend.from_path("medclip", path, device)
+    def build(path: Optional[Path], device: torch.device) -> VLMBackend:
+        from calbench.models.medclip import MedCLIPBackend
+
+        return MedCLIPBackend.from_path(name, path, device, variant=variant)
+
+    return build
 
 
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -193,6 +214,19 @@ MODELS.add(
         resolution=32,
         description="A 2-layer open_clip ViT/text transformer for demos and tests; not a medical model.",
         build=_build_tiny,
+    ),
+)
+MODELS.add(
+    "tiny-random",
+    ModelSpec(
+        name="tiny-random",
+        modality="test",  # no dataset has it: `compare --all` and modality-wide tuning leave it out
+        source="built in (random weights from seed 0)",
+        license="MIT (calbench)",
+        template_family="general",
+        resolution=32,
+        description="A 2-layer open_clip ViT/text transformer with random weights, for fast tests of the machinery.",
+        build=_build_tiny_random,
     ),
 )
 MODELS.add(
@@ -264,8 +298,12 @@ MODELS.add(
         license="research use only (see the MedCLIP repository)",
         template_family="radiology",
         resolution=224,
-        description="MedCLIP-ViT (Wang et al., EMNLP 2022): Swin-Tiny + Bio_ClinicalBERT trained on CheXpert and MIMIC-CXR.",
-        build=_build_medclip,
+        description=(
+            "MedCLIP-ViT (Wang et al., EMNLP 2022): Swin-Tiny + Bio_ClinicalBERT trained on CheXpert and MIMIC-CXR; "
+            "run as the published CalibPrompt code runs it (prompts padded to its length and averaged over every "
+            "position, CLIP's pixel mean and std)."
+        ),
+        build=_medclip_builder("medclip"),
         sources=(
             UrlSource(
                 "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt",
@@ -279,6 +317,33 @@ MODELS.add(
                 optional=("tokenizer_config.json", "config.json"),
             ),
         ),
+    ),
+)
+# variants: the same weights run another way, under their own name in results and cache keys
+MODELS.add(
+    "biomedclip-published",
+    replace(
+        MODELS.get("biomedclip"),
+        name="biomedclip-published",
+        description=(
+            "BiomedCLIP with the published CalibPrompt prompt learner's embedding: the frozen prompt tokens go "
+            "through BERT's embedding layer twice, the learned context once."
+        ),
+        build=_open_clip_builder("biomedclip-published", "biomedclip", embed_twice=True),
+        variant_of="biomedclip",
+    ),
+)
+MODELS.add(
+    "medclip-masked",
+    replace(
+        MODELS.get("medclip"),
+        name="medclip-masked",
+        description=(
+            "MedCLIP run as its own code runs it: text averaged over the real tokens only (padding-free), "
+            "MedCLIP's pixel mean and std and its logit-scale clamp."
+        ),
+        build=_medclip_builder("medclip-masked", variant="medclip-masked"),
+        variant_of="medclip",
     ),
 )
 for _name, _repo, _patch in (

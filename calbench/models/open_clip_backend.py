@@ -89,7 +89,13 @@ def openai_config(state: dict[str, Tensor]) -> dict:
 
 
 class OpenClipBackend:
-    """Wraps an ``open_clip.CLIP`` so its text tower can run on learned input embeddings."""
+    """Wraps an ``open_clip.CLIP`` so its text tower can run on learned input embeddings.
+
+    Precision: the text tower and the learned context run in fp32 here. The published
+    PLIP/QuiltNet runs cast the whole CLIP to fp16 and learned an fp16 context (CalibPrompt
+    models/clip/model.py:693, trainers/classification/coop.py:112-116 under PREC "fp16"), so
+    their numbers carry fp16 rounding that calbench's do not.
+    """
 
     prompt_prefix_len = 1  # [SOS]
 
@@ -187,6 +193,16 @@ class OpenClipBertBackend(OpenClipBackend):
 
     The tower attends only to real tokens (``attention_mask``) and pools at [CLS]
     (or as its open_clip pooler says), then projects with open_clip's head.
+
+    ``embed_twice`` (``biomedclip-published``) gives the prompt learner the frozen tokens as
+    the published CalibPrompt learner embeds them: through BERT's whole embedding layer (word,
+    position and token type, LayerNorm; trainers/classification/coop_biomedclip.py:82), which
+    the tower then applies again to every input embedding (line 125). The learned context is
+    embedded once, the frozen [CLS] and class-name tokens twice. A context started from words
+    (which the published learner does not offer: coop_biomedclip.py:48-49) starts from those
+    words as the frozen tokens get them. The default embeds every token once, as the tower was
+    trained; hand prompts (``encode_texts``) are embedded once either way, as in the published
+    zero-shot code (trainers/classification/zsclip.py:115).
     """
 
     def __init__(
@@ -198,9 +214,11 @@ class OpenClipBertBackend(OpenClipBackend):
         device: torch.device,
         tokenizer: Any = None,
         context_length: int = 256,
+        embed_twice: bool = False,
     ) -> None:
         self._hf_tokenizer = tokenizer
         self.context_length = context_length
+        self.embed_twice = embed_twice
         super().__init__(name, model, preprocess, config_id, device)
 
     def _check(self, name: str, model: torch.nn.Module) -> None:
@@ -221,7 +239,9 @@ class OpenClipBertBackend(OpenClipBackend):
         return bert_tokens(self._tokenizer, texts, self.context_length, self.device)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
-        return self.model.text.transformer.embeddings.word_embeddings(ids.to(self.device))
+        embeddings = self.model.text.transformer.embeddings
+        ids = ids.to(self.device)
+        return embeddings(input_ids=ids) if self.embed_twice else embeddings.word_embeddings(ids)
 
     def encode_embeddings(self, embeddings: Tensor, tokens: TokenBatch) -> Tensor:
         text = self.model.text
@@ -244,13 +264,19 @@ def _text_config_folder(name: str, folder: Optional[Path]) -> str:
 
 
 def load_open_clip(
-    name: str, path: Path, default_config: str, device: torch.device, overrides: Optional[dict] = None
+    name: str,
+    path: Path,
+    default_config: str,
+    device: torch.device,
+    overrides: Optional[dict] = None,
+    embed_twice: bool = False,
 ) -> OpenClipBackend:
     """Load from a folder in open_clip's Hub layout (``open_clip_config.json`` + weights) or a state-dict file.
 
     Without ``open_clip_config.json`` the architecture shipped with calbench is used;
     ``overrides`` are model settings a model's source fixes outside its config file
-    (OpenAI CLIP's QuickGELU).
+    (OpenAI CLIP's QuickGELU); ``embed_twice`` is the published BiomedCLIP prompt
+    embedding (see :class:`OpenClipBertBackend`), part of the cache key.
     """
     folder = path if path.is_dir() else None
     weights = first_file(path, WEIGHT_NAMES) if folder else path
@@ -264,9 +290,12 @@ def load_open_clip(
         else shipped_config(default_config)
     )
     config = dict(raw["model_cfg"], **(overrides or {}), preprocess_cfg=raw.get("preprocess_cfg", {}))
-    config_id = _config_id(config)  # before local paths are filled in: moving the folder keeps cache keys
+    # before local paths are filled in: moving the folder keeps cache keys
+    config_id = _config_id(dict(config, embed_twice=True) if embed_twice else config)
     text_cfg = dict(config.get("text_cfg", {}))
     if "hf_model_name" not in text_cfg:
+        if embed_twice:
+            raise CalbenchError(f"{name}: embedding prompts twice applies to BERT text towers only")
         return OpenClipBackend.from_config(name, config, device, weights=weights, config_id=config_id)
     hub_name = text_cfg["hf_model_name"]
     text_cfg["hf_model_name"] = _text_config_folder(hub_name, folder)
@@ -278,5 +307,12 @@ def load_open_clip(
     sources = [folder or path.parent, raw["model_cfg"]["text_cfg"].get("hf_tokenizer_name", hub_name)]
     tokenizer = bert_tokenizer(sources)
     return OpenClipBertBackend.from_config(
-        name, config, device, weights=weights, config_id=config_id, tokenizer=tokenizer, context_length=context_length
+        name,
+        config,
+        device,
+        weights=weights,
+        config_id=config_id,
+        tokenizer=tokenizer,
+        context_length=context_length,
+        embed_twice=embed_twice,
     )

@@ -8,7 +8,9 @@ Two kinds of text tower:
   a masked mean): masked padding cannot change any real token's state.
 
 Either way running the tower on ``max(real length)`` tokens instead of the context
-length (77, 256) is exact, and much cheaper.
+length (77, 256) is exact, and much cheaper. The one exception is MedCLIP as the published
+CalibPrompt code runs it: its mean over all positions counts the padding, so its prompts
+keep their full padded length (``cut=False``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def clip_tokens(tokenizer: Any, texts: Sequence[str], device: torch.device) -> t
 
 
 def bert_tokens(
-    tokenizer: Any, texts: Sequence[str], context_length: int, device: torch.device
+    tokenizer: Any, texts: Sequence[str], context_length: int, device: torch.device, cut: bool = True
 ) -> tuple[Tensor, TokenBatch]:
-    """(full ids padded to ``context_length``, TokenBatch cut to the longest prompt).
+    """(full ids padded to ``context_length``, TokenBatch cut to the longest prompt, or not cut).
 
     ``eot`` is the [SEP] index, so a prompt's real tokens are [CLS] .. [SEP] and the
     prompt learner's context sits between them.
@@ -42,8 +44,8 @@ def bert_tokens(
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(dim=1)
-    cut = int(lengths.max())
-    batch = TokenBatch(ids[:, :cut].to(device), (lengths - 1).to(device), mask[:, :cut].to(device))
+    keep = int(lengths.max()) if cut else ids.shape[1]
+    batch = TokenBatch(ids[:, :keep].to(device), (lengths - 1).to(device), mask[:, :keep].to(device))
     return ids, batch
 
 

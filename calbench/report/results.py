@@ -8,31 +8,21 @@ blocks (:mod:`calbench.report.blocks`) into report.md and a self-contained repor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from calbench import published
 from calbench.errors import CalbenchError
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
-from calbench.results import SCORED, Row, mean_std, read_certification, read_results
+from calbench.report.deferral import deferral_blocks, shift_blocks
+from calbench.report.jobs import failed_jobs_blocks
+from calbench.results import SCORED, Row, mean_std, read_certification, read_results, read_settings
+from calbench.shards import merge_shards
 
-#: ECE (%) published for CoOp-CE and CalibPrompt (Basu et al., BMVC 2025; 8 shots, seed 1),
-#: keyed by calbench's (model, dataset) ids; shown next to our numbers where the pair ran.
-PUBLISHED_ECE = {
-    ("plip", "kather"): (5.92, 3.11),
-    ("plip", "pannuke"): (17.82, 2.19),
-    ("plip", "digestpath"): (9.50, 3.08),
-    ("quiltnet", "kather"): (2.49, 3.58),
-    ("quiltnet", "pannuke"): (19.70, 2.47),
-    ("quiltnet", "digestpath"): (11.27, 0.77),
-    ("biomedclip", "covid"): (6.61, 4.69),
-    ("biomedclip", "rsna18"): (7.02, 5.74),
-    ("medclip", "covid"): (27.51, 27.41),
-    ("medclip", "rsna18"): (17.21, 17.14),
-}
 REFERENCE_METHOD = "coop-ce"
 #: statuses of runs with metrics; a ``degenerate`` run (near-uniform predictions) is never the best ECE
 
@@ -72,6 +62,13 @@ def _modality(model: str, dataset: str) -> str:
     return MODELS.get(model).modality if model in MODELS else "other"
 
 
+def _published_model(model: str) -> str:
+    """A model variant (``medclip-masked``) is compared with its model's published numbers."""
+    from calbench.models import MODELS
+
+    return MODELS.get(model).weights_name if model in MODELS else model
+
+
 def _pct(mean: float, std: Optional[float]) -> str:
     if math.isnan(mean):
         return "failed"
@@ -107,6 +104,13 @@ class _Results:
                 collapsed = sum(o["status"] == "degenerate" for o in mine)
                 if collapsed:
                     self.degenerate[key] = (collapsed, len(mine))
+
+    def config_of(self, pair: Pair, method: str) -> Optional[str]:
+        """The config hash of the runs shown for (pair, method)."""
+        return next(
+            (str(r.get("config", "")) for r in self.rows if (r["model"], r["dataset"], r["method"]) == (*pair, method)),
+            None,
+        )
 
     def ece(self, pair: Pair, method: str) -> Optional[float]:
         stats = self.cell.get((*pair, method))
@@ -196,20 +200,78 @@ def _relative_table(res: _Results) -> list[Block]:
     return [Heading(f"Relative ECE change against {REFERENCE_METHOD}"), Table(header, rows)]
 
 
-def _published_table(res: _Results) -> list[Block]:
-    published = [pair for pair in res.pairs if pair in PUBLISHED_ECE]
-    if not published:
-        return []
+def _published_table(res: _Results, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+    """Our CoOp-CE and CalibPrompt ECE next to the published ones, with the CalibPrompt setting each ran."""
     rows = []
-    for pair in published:
-        ce, cp = PUBLISHED_ECE[pair]
+    for pair in res.pairs:
+        row = published.pair(_published_model(pair[0]), res.names[pair[1]])
+        if row is None:
+            continue
         ours = [res.ece(pair, k) for k in ("coop-ce", "calibprompt")]
         here = ["–" if e is None else f"{100 * e:.2f}" for e in ours]
-        rows.append([f"{pair[0]} · {pair[1]}", f"{ce:.2f}", here[0], f"{cp:.2f}", here[1]])
+        ran = settings.get(res.config_of(pair, "calibprompt") or "", {}).get("settings", {})
+        same = all(ran.get(k, [None])[0] == v.value for k, v in row.settings.items())
+        setting = ", ".join(f"{k} {_short(ran[k][0])}" for k in row.settings if k in ran)
+        note = "" if not ran else " (published)" if same else " (differs from the published)"
+        rows.append(
+            [
+                f"{pair[0]} · {pair[1]}",
+                f"{row.published_ece['coop-ce']:.2f}",
+                here[0],
+                f"{row.published_ece['calibprompt']:.2f}",
+                here[1],
+                (setting + note) if ran else "–",
+            ]
+        )
+    if not rows:
+        return []
     return [
         Heading("Next to the published numbers (ECE %)"),
-        Text("Published runs used the test split as validation split and seed 1; ours validate on train-pool shots."),
-        Table(["pair", "CoOp-CE published", "CoOp-CE here", "CalibPrompt published", "CalibPrompt here"], rows),
+        Text(
+            "Published runs used the test split as validation split and seed 1 (CalibPrompt's README, which "
+            "lists these numbers); ours validate on train-pool shots."
+        ),
+        Table(
+            ["pair", "CoOp-CE published", "CoOp-CE here", "CalibPrompt published", "CalibPrompt here", "setting here"],
+            rows,
+        ),
+    ]
+
+
+def _short(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(_short(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _origin(source: str) -> str:
+    """A setting's source in a few words: --params, calbench, or the published file and line."""
+    if source == "--params" or source.startswith("calbench"):
+        return source.split(":")[0]
+    place = source.split(" — ")[0].split(" ", 1)[-1]
+    return place.rsplit("/", 1)[-1]
+
+
+def _settings_table(res: _Results, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+    """What each shown method ran with on each pair: its own settings and what it changed of the
+    trainer's defaults, each with where it comes from (settings.json, written by compare)."""
+    trainer = {k: [s.value, s.source] for k, s in published.section("train").items()}
+    rows = []
+    for pair in res.pairs:
+        for method in res.methods:
+            record = settings.get(res.config_of(pair, method) or "")
+            if record is None:
+                continue
+            shown = {k: v for k, v in record["settings"].items() if trainer.get(k) != list(v)}
+            text = "; ".join(f"{k} {_short(v[0])} ({_origin(str(v[1]))})" for k, v in shown.items())
+            rows.append([f"{pair[0]} · {pair[1]}", method, text or "defaults"])
+    if not rows:
+        return []
+    base = ", ".join(f"{k} {_short(v[0])}" for k, v in trainer.items())
+    return [
+        Heading("Settings each method ran with"),
+        Text(f"Besides these, every prompt-learning method ran with the trainer's defaults: {base}."),
+        Table(["pair", "method", "settings (source)"], rows),
     ]
 
 
@@ -265,15 +327,19 @@ def build_blocks(results_dir: Path) -> list[Block]:
             f"{results_dir / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first"
         )
     res = _Results(logged)
+    settings = read_settings(results_dir)
     blocks = (
         _summary(res)
         + _main_table(res)
         + _modality_table(res)
         + _relative_table(res)
-        + _published_table(res)
+        + _published_table(res, settings)
+        + _settings_table(res, settings)
         + _runs_table(res)
     )
     blocks += _certification(read_certification(results_dir / "certification.csv"))
+    blocks += deferral_blocks(res.rows, results_dir) + shift_blocks(res.rows, res.names, results_dir)
+    blocks += failed_jobs_blocks(results_dir)
     images = sorted((results_dir / "reliability").glob("*.png"))
     captions = {diagram_stem(m, d, method): f"{m} · {d} · {method}" for m, d, method in res.cell}
     if images:
@@ -291,4 +357,5 @@ def write_results_report(results_dir: Path) -> tuple[Path, Path]:
         raise CalbenchError(
             f"results folder {results_dir} does not exist; run `calbench compare --out {results_dir}` first"
         )
+    merge_shards(results_dir)  # rows the jobs of a launched grid left in results shards
     return write_report(build_blocks(results_dir), results_dir, "calbench report")

@@ -23,15 +23,17 @@ class TuneConfig:
     method: str = "calibprompt"
     pairs: list[tuple[str, str]] = field(default_factory=lambda: [("tiny", "synthetic")])
     modality: Optional[str] = None
-    objective: str = "ece"  # "ece", "nll" or "pareto"
+    objective: str = "ece"  # a key of OBJECTIVES
     acc_tolerance: float = 1.0  # accuracy points below CoOp-CE's
-    shots: int = 8
+    shots: int = TrainConfig.shots
     val_shots: Optional[int] = None
-    views: int = 10
+    views: Optional[int] = FewShot.views
     split_seeds: list[int] = field(default_factory=lambda: [1])
     epochs: Optional[int] = None  # None: the method's (the paper's 50)
     pruner: str = "median"
     space: dict[str, Param] = field(default_factory=dict)
+    #: trials a worker asks for at once and trains together (calbench.tune.batch); how, not what, it searches
+    batch_trials: int = 1
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -48,6 +50,8 @@ class TuneConfig:
         FewShot(self.shots, self.val_shots, self.views)  # the same checks and messages as every command
         if self.epochs is not None and self.epochs < 1:
             raise CalbenchError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_trials < 1:
+            raise CalbenchError(f"--batch-trials must be at least 1, got {self.batch_trials}")
         self.space = self.space or dict(base_space(self.method))
 
     @property
@@ -83,7 +87,15 @@ class TuneConfig:
         }
 
 
-OBJECTIVES = {"ece": ["minimize"], "nll": ["minimize"], "pareto": ["minimize", "maximize"]}
+#: validation ECE, NLL, AURC (calbench.deferral.selective) or conformal set size (tune.worker.val_metrics),
+#: each under the accuracy constraint; or the (ECE, accuracy) Pareto front
+OBJECTIVES = {
+    "ece": ["minimize"],
+    "nll": ["minimize"],
+    "aurc": ["minimize"],
+    "conformal-size": ["minimize"],
+    "pareto": ["minimize", "maximize"],
+}
 #: (epochs per run, steps per trial) -> pruner; a step is an epoch, counted on over a trial's (pair, split seed) runs.
 #: The first half of training is never judged: early-epoch ECE says little about the end (warm-up at lr 1e-5).
 PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {

@@ -35,6 +35,8 @@ TEST_COLUMNS = [
     ("adaptive_ece", "AdaECE %", 100.0),
     ("nll", "NLL", 1.0),
     ("brier", "Brier", 1.0),
+    ("aurc", "AURC %", 100.0),
+    ("lac_size", "set size", 1.0),
 ]
 
 
@@ -174,6 +176,8 @@ def _best(result: SearchResult, best: Mapping[str, Any]) -> list[Block]:
             100 * val.get("accuracy", float("nan")),
             100 * val.get("ece", float("nan")),
             val.get("nll", float("nan")),
+            100 * val.get("aurc", float("nan")),
+            val.get("conformal-size", float("nan")),
             "yes" if feasible else "no",
         ]
     ]
@@ -185,12 +189,14 @@ def _best(result: SearchResult, best: Mapping[str, Any]) -> list[Block]:
                 100 * v["accuracy"],
                 100 * v["ece"],
                 v["nll"],
+                100 * v.get("aurc", float("nan")),
+                v.get("conformal-size", float("nan")),
                 "yes" if is_feasible(t) else "no",
             ]
         )
     reference = best.get("reference_accuracy", {})
     if reference:
-        rows.append(["coop-ce (reference)", 100 * float(np.mean(list(reference.values()))), "", "", ""])
+        rows.append(["coop-ce (reference)", 100 * float(np.mean(list(reference.values()))), "", "", "", "", ""])
     return [
         Heading("Best setting"),
         Text(
@@ -200,7 +206,10 @@ def _best(result: SearchResult, best: Mapping[str, Any]) -> list[Block]:
         ),
         _table(["parameter", "value"], list(best["params"].items())),
         Text("Validation (mean over pairs and split seeds):"),
-        _table(["setting", "val Acc %", "val ECE %", "val NLL", "meets accuracy constraint"], rows),
+        _table(
+            ["setting", "val Acc %", "val ECE %", "val NLL", "val AURC %", "val set size", "meets accuracy constraint"],
+            rows,
+        ),
     ]
 
 

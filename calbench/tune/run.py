@@ -69,6 +69,12 @@ def default_study_name(method: str, pairs: Sequence[tuple[str, str]], modality: 
     return f"{method}/modality/{modality}" if modality else f"{method}/{pairs[0][0]}/{pairs[0][1]}"
 
 
+def study_home(config: TuneConfig, study_name: Optional[str], out: Optional[Path]) -> tuple[str, Path]:
+    """The study's name and output folder: as given, else <method>/<model>/<dataset> and results/tune/<name>."""
+    name = study_name or default_study_name(config.method, config.pairs, config.modality)
+    return name, Path(out) if out is not None else Path("results") / "tune" / name.replace("/", "-")
+
+
 def modality_pairs(modality: str, data_root: Optional[Path]) -> list[tuple[str, str]]:
     """Every (model, dataset) of one modality whose weights and data are present."""
     from calbench.data import DATASETS
@@ -76,7 +82,7 @@ def modality_pairs(modality: str, data_root: Optional[Path]) -> list[tuple[str, 
     from calbench.models import MODELS
     from calbench.models import availability as model_available
 
-    models = [m for m in MODELS if MODELS.get(m).modality == modality]
+    models = [m for m in MODELS if MODELS.get(m).modality == modality and not MODELS.get(m).variant_of]
     datasets = [d for d in DATASETS if DATASETS.get(d).modality == modality]
     if not models or not datasets:
         known = sorted({MODELS.get(m).modality for m in MODELS} & {DATASETS.get(d).modality for d in DATASETS})
@@ -101,14 +107,14 @@ def run_tune(
     search_only: bool = False,
     context: RunContext = RunContext(),
     heartbeat: int = 10,
+    sampler_seed: Optional[int] = None,
 ) -> TuneRun:
     """Search on validation only; then (unless ``search_only``) write best_params.json, test the
     best and the hand-set settings once, and write report.md / report.html."""
     check_seeds(final_seeds, "--final-seeds")  # before the search, not after it
-    name = study_name or default_study_name(config.method, config.pairs, config.modality)
-    out = Path(out) if out is not None else Path("results") / "tune" / name.replace("/", "-")
+    name, out = study_home(config, study_name, out)
     out.mkdir(parents=True, exist_ok=True)
-    result = search(config, n_trials, name, storage or default_storage(out), context, heartbeat)
+    result = search(config, n_trials, name, storage or default_storage(out), context, heartbeat, sampler_seed)
     run = TuneRun(result, out)
     if search_only:
         return run

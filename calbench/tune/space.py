@@ -1,8 +1,8 @@
 """Search spaces: what `tune` searches for each method, and the hand-set settings it starts from.
 
 A space maps parameter names to :class:`Param` ranges or choices; ``--space FILE`` narrows
-or extends it. The first trials of a study are the paper's setting for each searched pair
-(CalibPrompt's defaults where the paper has none), so a search never ends worse on
+or extends it. The first trials of a study are the published setting for each searched pair
+(the method's defaults where the papers have none), so a search never ends worse on
 validation than the hand-set values.
 """
 
@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 
+from calbench import published
+from calbench.base import TRAIN_OPTIONS
 from calbench.errors import CalbenchError
-from calbench.methods import METHODS, make_method
-from calbench.train import TrainConfig
+from calbench.methods import METHODS, make_method, pair_defaults
 
 
 def pair_key(pair: Sequence[str]) -> str:
@@ -29,7 +30,7 @@ def pair_key(pair: Sequence[str]) -> str:
 class Param:
     """One searched hyper-parameter: a float or int range (optionally log-scaled) or a list of choices.
 
-    ``default`` is the method's own default, enqueued as the first trial.
+    ``default`` is the method's own default (from the one table), enqueued as the first trial.
     """
 
     kind: str  # "float", "int" or "categorical"
@@ -66,50 +67,46 @@ class Param:
         }
 
 
-def log_range(low: float, high: float, default: float) -> Param:
-    return Param("float", low, high, log=True, default=default)
+def log_range(low: float, high: float) -> Param:
+    return Param("float", low, high, log=True)
 
 
-def one_of(*choices: Any, default: Any) -> Param:
-    return Param("categorical", choices=tuple(choices), default=default)
+def one_of(*choices: Any) -> Param:
+    return Param("categorical", choices=tuple(choices))
 
 
-#: Search spaces per method (the issue's table). Defaults repeat the methods' own defaults
-#: (tests check they build the same method), so the first trial is the untuned method.
+#: Search spaces per method: calbench's ranges (our own choice: about a decade either side of the
+#: published values). A parameter's ``default`` is filled from the one table (:func:`base_space`),
+#: so the first trial is the untuned method.
 SPACES: dict[str, dict[str, Param]] = {
     "calibprompt": {
-        "alpha": log_range(0.005, 0.3, 0.05),  # shared by label smoothing and SMAC
-        "w_as": log_range(1e-3, 3.0, 0.01),
-        "w_smac": log_range(0.1, 10.0, 1.0),
-        "n_ctx": one_of(4, 8, 16, 32, default=TrainConfig.n_ctx),
-        "lr": log_range(5e-4, 1e-2, TrainConfig.lr),
+        "alpha": log_range(0.005, 0.3),  # shared by label smoothing and SMAC
+        "w_as": log_range(1e-3, 3.0),
+        "w_smac": log_range(0.1, 10.0),
+        "n_ctx": one_of(4, 8, 16, 32),
+        "lr": log_range(5e-4, 1e-2),
     },
-    "coop-ls": {"alpha": log_range(0.005, 0.3, 0.05)},
-    "coop-mbls": {"margin": Param("float", 1.0, 20.0, default=10.0), "alpha": log_range(0.01, 1.0, 0.1)},
-    "coop-focal": {"gamma": Param("float", 0.5, 5.0, default=3.0)},
+    "coop-ls": {"alpha": log_range(0.005, 0.3)},
+    "coop-mbls": {"margin": Param("float", 1.0, 20.0), "alpha": log_range(0.01, 1.0)},
+    "coop-focal": {"gamma": Param("float", 0.5, 5.0)},
     "promptsmooth": {
-        "n_ctx": one_of(2, 5, 8, 16, default=5),
-        "train_sigmas": one_of("0.25", "0.25,0.5", "0.25,0.5,1.0", default="0.25,0.5,1.0"),
+        "n_ctx": one_of(2, 5, 8, 16),
+        "train_sigmas": one_of("0.25", "0.25,0.5", "0.25,0.5,1.0"),
     },
 }
 #: parameters searched as text because Optuna's choices must be scalars
 DECODERS: dict[str, Callable[[Any], Any]] = {"train_sigmas": lambda text: [float(s) for s in str(text).split(",")]}
 
-#: CalibPrompt's hand-set values per (model, dataset) (Basu et al., BMVC 2025; 8 shots, n_ctx 16,
-#: w_SMAC 1, alpha shared by LS and SMAC). Enqueued as a first trial wherever the pair is searched.
-PAPER_SETTINGS: dict[tuple[str, str], dict[str, float]] = {
-    ("medclip", "covid"): {"alpha": 0.2, "w_as": 1.0},
-    ("medclip", "rsna18"): {"alpha": 0.2, "w_as": 1.0},
-    ("biomedclip", "covid"): {"alpha": 0.1, "w_as": 3.0},
-    ("biomedclip", "rsna18"): {"alpha": 0.1, "w_as": 3.0},
-    ("plip", "kather"): {"alpha": 0.05, "w_as": 0.01},
-    ("plip", "pannuke"): {"alpha": 0.2, "w_as": 0.1},
-    ("plip", "digestpath"): {"alpha": 0.03, "w_as": 0.001},
-    ("quiltnet", "kather"): {"alpha": 0.01, "w_as": 1.0},
-    ("quiltnet", "pannuke"): {"alpha": 0.1, "w_as": 0.001},
-    ("quiltnet", "digestpath"): {"alpha": 0.05, "w_as": 0.001},
-}
-PAPER_COMMON = {"w_smac": 1.0, "n_ctx": 16}
+
+def table_default(method: str, name: str) -> Any:
+    """``method``'s default of ``name`` as the search space spells it: its own from the one table, else
+    the trainer's (None when neither has it). A list of numbers is searched as text ("0.25,0.5")."""
+    own = published.section(method)
+    entry = own.get(name) or (published.section("train").get(name) if name in TRAIN_OPTIONS else None)
+    if entry is None:
+        return None
+    value = entry.value
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
 
 
 def _parse_one(name: str, spec: Any, old: Optional[Param], source: str) -> Param:
@@ -187,7 +184,7 @@ def base_space(method: str) -> dict[str, Param]:
             f"no search space for {method!r}; tunable: {', '.join(m for m in SPACES if m in METHODS)}, or pass --space FILE"
         )
     METHODS.get(method)  # in the table but not registered (yet): same one-line error
-    return SPACES[method]
+    return {name: replace(p, default=table_default(method, name)) for name, p in SPACES[method].items()}
 
 
 def method_params(params: Mapping[str, Any], epochs: Optional[int]) -> dict[str, Any]:
@@ -199,14 +196,15 @@ def method_params(params: Mapping[str, Any], epochs: Optional[int]) -> dict[str,
 
 
 def reference_params(method: str, pair: tuple[str, str], space: Mapping[str, Param]) -> tuple[str, dict[str, Any]]:
-    """The hand-set setting a search must beat: the paper's for CalibPrompt where it has one, else the defaults."""
+    """The hand-set setting a search must beat: the defaults, with what the published runs set on
+    ``pair`` ("paper": a pair's CalibPrompt alpha / w_as, a model's training options) where they did."""
     defaults = {name: p.default for name, p in space.items() if p.default is not None}
-    if method == "calibprompt" and pair in PAPER_SETTINGS:
-        return "paper", {
-            **defaults,
-            **{k: v for k, v in {**PAPER_COMMON, **PAPER_SETTINGS[pair]}.items() if k in space or k in defaults},
-        }
-    return "default", defaults
+    if not pair[0]:
+        return "default", defaults
+    paper = {k: v for k, v in pair_defaults(method, *pair).items() if k in space or k in defaults}
+    row = published.pair(*pair)
+    published_here = bool(paper) or (row is not None and method in row.methods)
+    return ("paper", {**defaults, **paper}) if published_here else ("default", defaults)
 
 
 def first_trials(

@@ -6,6 +6,10 @@ failed and re-queued with the same parameters (Optuna's heartbeat mechanism and
 :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`). Optuna's RDB storages
 (SQLite, PostgreSQL, MySQL) implement heartbeats; its journal file storage does not, so
 :class:`HeartbeatJournalStorage` adds them, keeping the stamp as a trial system attribute.
+Every storage stays readable by plain Optuna (``optuna.load_study``, ``optuna-dashboard``).
+
+PostgreSQL goes through psycopg 3 (the ``calbench[postgres]`` extra): ``postgresql://`` URLs
+are read as ``postgresql+psycopg://`` when it is installed, so no second driver is needed.
 """
 
 from __future__ import annotations
@@ -79,10 +83,46 @@ def open_storage(url: str, heartbeat: int = 10) -> BaseStorage:
         return _open(url, heartbeat)
 
 
+#: tries at opening a new database that other workers create at the same moment (each try waits 0.5 s)
+CREATE_TRIES = 6
+
+
+def database_url(url: str) -> str:
+    """``postgresql://`` as ``postgresql+psycopg://`` when psycopg 3 is installed (SQLAlchemy's
+    default PostgreSQL driver is psycopg2, which calbench does not install); other URLs unchanged."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: it has no password to hide either
+        return url
+
+
+def _missing_driver(url: str, exc: ImportError) -> CalbenchError:
+    if url.startswith("postgres"):
+        return CalbenchError(
+            f"storage {shown_url(url)} needs the PostgreSQL driver psycopg: pip install 'calbench[postgres]'"
+        )
+    return CalbenchError(
+        f"storage {shown_url(url)} needs a database driver that is not installed ({exc}); pip install it"
+    )
+
+
 def _open(url: str, heartbeat: int) -> BaseStorage:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     grace = 3 * heartbeat
     if "://" in url and not url.startswith("journal:"):
+        url = database_url(url)
         if url.startswith("sqlite:///"):
             database = Path(url[len("sqlite:///") :])
             if database.is_dir():
@@ -92,7 +132,7 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
             database.parent.mkdir(parents=True, exist_ok=True)
         # several workers write the same SQLite file: wait for its lock instead of failing at once
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        for attempt in range(3):
+        for attempt in range(CREATE_TRIES):
             try:
                 return RDBStorage(
                     url,
@@ -101,15 +141,16 @@ def _open(url: str, heartbeat: int) -> BaseStorage:
                     grace_period=grace,
                     heartbeat_stale_trial_callback=retry,
                 )
-            except (ImportError, ModuleNotFoundError) as exc:
-                raise CalbenchError(
-                    f"storage {url!r} needs a database driver that is not installed ({exc}); pip install it"
-                ) from None
+            except ImportError as exc:
+                raise _missing_driver(url, exc) from None
             except Exception as exc:  # bad URL, unreachable server; or two workers creating the same new database
-                if "already exists" in str(exc) and attempt < 2:
+                # a table another worker created first, or its schema row (an IntegrityError: PostgreSQL's
+                # "duplicate key value", SQLite's "UNIQUE constraint failed")
+                racing = "already exists" in str(exc) or type(exc).__name__ == "IntegrityError"
+                if racing and attempt < CREATE_TRIES - 1:
                     time.sleep(0.5)
                     continue
-                raise CalbenchError(f"cannot open storage {url!r}: {str(exc).splitlines()[0]}") from None
+                raise CalbenchError(f"cannot open storage {shown_url(url)}: {str(exc).splitlines()[0]}") from None
     path = Path(url[len("journal:") :] if url.startswith("journal:") else url).expanduser()
     if path.is_dir():
         raise CalbenchError(

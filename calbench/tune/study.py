@@ -6,21 +6,26 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
+from calbench.tune.batch import run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage
 from calbench.tune.worker import Surplus, Worker
+
+#: trial failures that end the trial, not the search: a diverged loss, a surplus trial
+CAUGHT = (TrainingDiverged, Surplus)
 
 
 @dataclass
@@ -40,10 +45,15 @@ class SearchResult:
         return select_best(self.trials, self.config.objective)
 
 
-def open_study(config: TuneConfig, storage: str, name: str, heartbeat: int = 10) -> optuna.Study:
-    """Create the study (and enqueue its first trials) or join it, refusing a different search under the same name."""
+def open_study(
+    config: TuneConfig, storage: str, name: str, heartbeat: int = 10, sampler_seed: Optional[int] = None
+) -> optuna.Study:
+    """Create the study (and enqueue its first trials) or join it, refusing a different search under the same name.
+
+    ``sampler_seed`` seeds TPE: one worker then samples the same trials on any storage; several
+    workers interleave in their own order, which no seed fixes."""
     backend = open_storage(storage, heartbeat)
-    sampler = optuna.samplers.TPESampler()  # reads the constraint each trial sets
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed)  # reads the constraint each trial sets
     pruner = PRUNERS[config.pruner](
         config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
     )
@@ -74,6 +84,38 @@ def open_study(config: TuneConfig, storage: str, name: str, heartbeat: int = 10)
     return study
 
 
+def prepare(
+    config: TuneConfig,
+    n_trials: int,
+    study_name: str,
+    storage: str,
+    heartbeat: int = 10,
+    sampler_seed: Optional[int] = None,
+) -> optuna.Study:
+    """Check the search and create (or join) its study, before any model is loaded: every worker
+    does this first, and a launcher once before its workers start."""
+    if n_trials < 1:
+        raise CalbenchError(f"--trials must be at least 1, got {n_trials}")
+    if sampler_seed is not None:
+        check_seed(sampler_seed, "--sampler-seed")
+    for _, params in first_trials(config.method, config.pairs, config.space):  # a bad name fails here, not in trial 0
+        make_method(config.method, **method_params(params, config.epochs))
+    check_space(config.method, config.space, config.epochs)
+    with _quiet():
+        return open_study(config, storage, study_name, heartbeat, sampler_seed)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna's per-trial log lines off: the report lists failed and pruned trials with reasons."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def search(
     config: TuneConfig,
     n_trials: int,
@@ -81,19 +123,18 @@ def search(
     storage: str,
     context: RunContext = RunContext(),
     heartbeat: int = 10,
+    sampler_seed: Optional[int] = None,
 ) -> SearchResult:
     """Run trials until the study holds ``n_trials`` (complete, pruned or failed for a reason);
-    any number of processes may run this on the same study at once."""
-    if n_trials < 1:
-        raise CalbenchError(f"--trials must be at least 1, got {n_trials}")
-    for _, params in first_trials(config.method, config.pairs, config.space):  # a bad name fails here, not in trial 0
-        make_method(config.method, **method_params(params, config.epochs))
-    check_space(config.method, config.space, config.epochs)
+    any number of processes may run this on the same study at once. ``config.batch_trials`` > 1
+    asks for that many trials at a time and trains them together (:mod:`calbench.tune.batch`).
+
+    A process returns only when no trial is left running elsewhere: another worker's last trial
+    either finishes or, if that worker died, goes stale (no heartbeat for 3 x ``heartbeat`` s) and
+    is retried here, so the study ends with exactly ``n_trials`` whichever worker survives."""
     started = time.perf_counter()
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the report lists failed and pruned trials with reasons
-    try:
-        study = open_study(config, storage, study_name, heartbeat)
+    study = prepare(config, n_trials, study_name, storage, heartbeat, sampler_seed)
+    with _quiet():
         worker = Worker(config, n_trials, context)
         worker.load_reference(study)
         ran = 0
@@ -105,11 +146,15 @@ def search(
                 bar(trials, select_best(trials, config.objective))
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if not waiting and sum(counts_toward_total(t) for t in trials) >= n_trials:
-                    break
-                study.optimize(worker, n_trials=1, catch=(TrainingDiverged, Surplus))
+                    if not any(t.state == TrialState.RUNNING for t in trials):
+                        break
+                    time.sleep(min(heartbeat, 1))  # another worker's trial: finished there, or retried here
+                    continue
+                if config.batch_trials > 1:
+                    ran += run_batch(study, worker, trials_to_ask(trials, n_trials, config.batch_trials), CAUGHT)
+                    continue
+                study.optimize(worker, n_trials=1, catch=CAUGHT)
                 ran += 1
-    finally:
-        optuna.logging.set_verbosity(verbosity)
     return SearchResult(study, config, storage, ran, time.perf_counter() - started)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import optuna
@@ -21,8 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from calbench.base import FitData, Method
+from calbench.batched import fit_together
 from calbench.calibprompt import PromptMethod
-from calbench.methods import make_method
+from calbench.deferral import DeferralSettings
+from calbench.deferral.conformal import halves_set_size
+from calbench.deferral.selective import aurc
+from calbench.methods import make_method, pair_defaults
 from calbench.metrics import accuracy, ece, nll
 from calbench.session import RunContext, Session
 from calbench.train import TrainingDiverged, logits_for
@@ -35,8 +39,11 @@ class Surplus(Exception):
 
 
 def val_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Every metric a trial may be judged on, from validation only. ``conformal-size``: the mean LAC set
+    size at 1 - alpha, calibrated on one half of the validation images and measured on the other, both ways."""
     p, y = probs.double().cpu().numpy(), labels.cpu().numpy()
-    return {"ece": ece(p, y), "accuracy": accuracy(p, y), "nll": nll(p, y)}
+    size = halves_set_size(p, y, DeferralSettings.alpha)
+    return {"ece": ece(p, y), "accuracy": accuracy(p, y), "nll": nll(p, y), "aurc": aurc(p, y), "conformal-size": size}
 
 
 class Worker:
@@ -66,7 +73,7 @@ class Worker:
             accs = []
             for seed in self.config.split_seeds:
                 fit = self.fit_data(pair, seed)
-                coop = make_method("coop-ce", **epochs).fit(fit)
+                coop = make_method("coop-ce", **{**pair_defaults("coop-ce", *pair), **epochs}).fit(fit)
                 with torch.no_grad():
                     accs.append(val_metrics(coop.predict_proba(fit.val_features), fit.val_labels)["accuracy"])
             self.reference[pair_key(pair)] = float(np.mean(accs))
@@ -82,29 +89,66 @@ class Worker:
         return sum(t.number < trial.number and counts_toward_total(t) for t in trials) >= self.n_trials
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        outcome = self.run_trials([trial])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def run_trials(self, trials: Sequence[optuna.Trial]) -> list[Union[float, tuple[float, float], Exception]]:
+        """Each trial's objective value, or the exception that ended it (pruned, diverged, surplus).
+
+        Several trials (``tune --batch-trials``) run together: on each (pair, split seed) every live
+        trial's setting trains in shared text-tower passes (:mod:`calbench.batched`), then each is
+        scored, reported and judged by the pruner exactly as when it runs alone. ``seconds`` is the
+        time the trials took together."""
         c = self.config
-        trial.set_user_attr("worker", self.host)
-        if self._is_surplus(trial):
-            trial.set_user_attr(SURPLUS, True)
-            raise Surplus(f"trial {trial.number} is beyond the {self.n_trials} requested")
         started = time.perf_counter()
-        params = {name: p.suggest(trial, name) for name, p in c.space.items()}
-        per_pair: dict[str, dict[str, float]] = {}
+        outcomes: dict[int, Union[float, tuple[float, float], Exception]] = {}
+        params: dict[int, dict[str, Any]] = {}
+        for i, trial in enumerate(trials):
+            trial.set_user_attr("worker", self.host)
+            if self._is_surplus(trial):
+                trial.set_user_attr(SURPLUS, True)
+                outcomes[i] = Surplus(f"trial {trial.number} is beyond the {self.n_trials} requested")
+            else:
+                params[i] = {name: p.suggest(trial, name) for name, p in c.space.items()}
+        per_pair: dict[int, dict[str, dict[str, float]]] = {i: {} for i in params}
         runs = [(pair, seed) for pair in c.pairs for seed in c.split_seeds]
         for index, (pair, seed) in enumerate(runs):
-            metrics = self._run(trial, params, pair, seed, index)
-            sums = per_pair.setdefault(pair_key(pair), {k: 0.0 for k in metrics})
-            for k, v in metrics.items():
-                sums[k] += v / len(c.split_seeds)
-            if c.objective != "pareto":
-                trial.report(metrics[c.metric], (index + 1) * c.train_epochs)
-                if index + 1 < len(runs) and trial.should_prune():
-                    self._record_prune(trial, f"after split seed {seed} of {pair_key(pair)}", metrics["accuracy"], pair)
-                    raise optuna.TrialPruned()
+            live = [i for i in params if i not in outcomes]
+            for i, result in zip(
+                live, self._run([trials[i] for i in live], [params[i] for i in live], pair, seed, index)
+            ):
+                if isinstance(result, Exception):
+                    outcomes[i] = result
+                    continue
+                sums = per_pair[i].setdefault(pair_key(pair), {k: 0.0 for k in result})
+                for k, v in result.items():
+                    sums[k] += v / len(c.split_seeds)
+                if c.objective != "pareto":
+                    trials[i].report(result[c.metric], (index + 1) * c.train_epochs)
+                    if index + 1 < len(runs) and trials[i].should_prune():
+                        where = f"after split seed {seed} of {pair_key(pair)}"
+                        self._record_prune(trials[i], where, result["accuracy"], pair)
+                        outcomes[i] = optuna.TrialPruned()
+        for i in params:
+            if i not in outcomes:
+                outcomes[i] = self._conclude(trials[i], per_pair[i], started)
+        return [outcomes[i] for i in range(len(trials))]
+
+    def _conclude(
+        self, trial: optuna.Trial, per_pair: dict[str, dict[str, float]], started: float
+    ) -> float | tuple[float, float]:
+        """A finished trial's value from its per-pair means, with the accuracy constraint and its user attributes."""
+        c = self.config
         tolerance = c.acc_tolerance / 100.0
         for key, m in per_pair.items():
             m["constraint"] = self.reference[key] - tolerance - m["accuracy"]
-        mean = {k: float(np.mean([m[k] for m in per_pair.values()])) for k in ("ece", "accuracy", "nll")}
+        mean = {
+            k: float(np.mean([m[k] for m in per_pair.values()]))
+            for k in next(iter(per_pair.values()))
+            if k != "constraint"
+        }
         trial.set_user_attr("pairs", per_pair)
         trial.set_user_attr("val", mean)
         trial.set_constraint(ACCURACY, max(m["constraint"] for m in per_pair.values()))
@@ -112,21 +156,36 @@ class Worker:
         return (mean["ece"], mean["accuracy"]) if c.objective == "pareto" else mean[c.objective]
 
     def _run(
-        self, trial: optuna.Trial, params: dict[str, Any], pair: tuple[str, str], seed: int, index: int
-    ) -> dict[str, float]:
-        """Train the trial's setting on one split of one pair and score it on that split's validation images."""
+        self,
+        trials: Sequence[optuna.Trial],
+        params: Sequence[dict[str, Any]],
+        pair: tuple[str, str],
+        seed: int,
+        index: int,
+    ) -> list[Union[dict[str, float], Exception]]:
+        """Train each trial's setting on one split of one pair, together, and score each on that split's
+        validation images; a trial whose training stopped (diverged, pruned) gets its exception."""
         c = self.config
-        method = make_method(c.method, **method_params(params, c.epochs))
-        fit = self.fit_data(pair, seed, method)
-        if c.objective != "pareto" and isinstance(method, PromptMethod):
-            method.on_epoch = self._checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
-        try:
-            method.fit(fit)
-        except TrainingDiverged as exc:
-            trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {exc}")
-            raise
-        with torch.no_grad():  # smoothed methods are scored on noisy validation copies, as compare scores them on test
-            return val_metrics(method.predict_proba(fit.val_inputs(method)), fit.val_labels)
+        methods, data = [], []
+        for trial, chosen in zip(trials, params):
+            method = make_method(c.method, **{**pair_defaults(c.method, *pair), **method_params(chosen, c.epochs)})
+            fit = self.fit_data(pair, seed, method)
+            if c.objective != "pareto" and isinstance(method, PromptMethod):
+                method.on_epoch = self._checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
+            methods.append(method)
+            data.append(fit)
+        results: list[Union[dict[str, float], Exception]] = []
+        for trial, fit, fitted in zip(trials, data, fit_together(methods, data)):
+            if isinstance(fitted, TrainingDiverged):
+                trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {fitted}")
+            if isinstance(fitted, Exception):
+                results.append(fitted)
+                continue
+            with (
+                torch.no_grad()
+            ):  # smoothed methods are scored on noisy validation copies, as compare scores them on test
+                results.append(val_metrics(fitted.predict_proba(fit.val_inputs(fitted)), fit.val_labels))
+        return results
 
     def _checkpoint(
         self, trial: optuna.Trial, method: PromptMethod, fit: FitData, pair: tuple[str, str], metric: str, step0: int

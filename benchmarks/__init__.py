@@ -1,0 +1,1 @@
+"""calbench's benchmark suite (``python -m benchmarks``): see ``benchmarks/__main__.py``."""

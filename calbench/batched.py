@@ -1,0 +1,150 @@
+"""Many prompt learners, one text-tower pass: the prompt methods of a grid, or parallel trials, fitted together.
+
+Runs on one model and dataset (methods x seeds in `compare`, trials in `tune --batch-trials`)
+learn their own context vectors through the same frozen text tower. Trained together
+(:func:`calbench.train.train_together`), each step runs the tower once over all their prompts
+(R runs x C classes) instead of R times over C, which keeps a GPU busy and saves a little on a
+CPU; each run keeps its own loss, gradient, schedule, batch order and seed, so its result equals
+its own fit up to float rounding. Runs whose prompts differ in length (another ``n_ctx`` or
+initial phrase) go in separate passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+
+from calbench.base import FitData, Method
+from calbench.calibprompt import PromptMethod
+from calbench.methods import parse_method
+from calbench.prompts import share_text_pass
+from calbench.train import TrainRun, train_together
+
+if TYPE_CHECKING:
+    from calbench.session import FewShot, Session
+
+#: at most this many prompts (runs x classes) in one text-tower pass, by device type (calbench's choice): the
+#: activations a pass keeps for its backward take ~11 MiB per 27-token prompt of a ViT-B CLIP text tower in
+#: fp32 (measured; a BERT-base tower ~1.7x that), so 128 prompts hold ~1.4 GiB on a CPU, which gains little
+#: from larger passes (``python -m benchmarks``, text-pass row); a GPU's memory holds 512 (~6 GiB) easily
+MAX_PROMPTS = {"cpu": 128, "cuda": 512}
+
+
+def max_prompts(device: torch.device) -> int:
+    """The largest shared text pass on ``device``: :data:`MAX_PROMPTS` for its type (CPU's for others)."""
+    return MAX_PROMPTS.get(device.type, MAX_PROMPTS["cpu"])
+
+
+def text_groups(runs: Sequence[TrainRun], limit: int) -> list[list[int]]:
+    """Indices of ``runs`` in groups that can share a text pass (same model and prompt length), each
+    holding at most ``limit`` prompts (and at least one run), in the order given."""
+    kinds: list[list[int]] = []
+    for index, run in enumerate(runs):
+        kind = next((k for k in kinds if share_text_pass(runs[k[0]].learner, run.learner)), None)
+        if kind is None:
+            kinds.append([index])
+        else:
+            kind.append(index)
+    groups: list[list[int]] = []
+    for kind in kinds:
+        group: list[int] = []
+        for index in kind:
+            prompts = len(runs[index].learner.classnames)
+            if group and sum(len(runs[i].learner.classnames) for i in group) + prompts > limit:
+                groups.append(group)
+                group = []
+            group.append(index)
+        groups.append(group)
+    return groups
+
+
+def fit_together(
+    methods: Sequence[Method], data: Sequence[FitData], limit: Optional[int] = None
+) -> list[Union[Method, Exception]]:
+    """Fit each method on its data, the prompt methods whose runs can share text passes together; each
+    entry is the fitted method or the exception its fit raised (a diverged loss, a pruned trial's
+    ``on_epoch``). Other methods are fitted alone, and so is a group whose shared pass itself fails
+    (out of memory, say). ``limit``: prompts per pass (default: :func:`max_prompts` of the model's device)."""
+    outcomes: dict[int, Union[Method, Exception]] = {}
+    runs: list[TrainRun] = []
+    prepared: list[int] = []
+    for index, (method, fit) in enumerate(zip(methods, data)):
+        if not isinstance(method, PromptMethod):
+            outcomes[index] = _finish(method, fit, None)
+            continue
+        try:
+            runs.append(method.training_run(fit))
+            prepared.append(index)
+        except Exception as exc:  # noqa: BLE001 - this method's failure, reported as its own fit would
+            outcomes[index] = exc
+    if limit is None and runs:
+        limit = max_prompts(runs[0].learner.vlm.device)
+    for group in text_groups(runs, limit or 1):
+        chosen = [prepared[i] for i in group]
+        try:
+            results = train_together([runs[i] for i in group])
+        except Exception:  # noqa: BLE001 - the shared pass failed: each run alone says what is wrong with it
+            results = None
+        for index, result in zip(chosen, results or [None] * len(chosen)):
+            outcomes[index] = _finish(methods[index], data[index], result)
+    return [outcomes[index] for index in range(len(methods))]
+
+
+def _finish(
+    method: Method, fit: FitData, result: Union[list[dict[str, float]], Exception, None]
+) -> Union[Method, Exception]:
+    """The method fitted from its run's ``result``, or alone when there is none; or the error of its fit."""
+    try:
+        if result is None:
+            return method.fit(fit)
+        assert isinstance(method, PromptMethod)
+        return method.trained(result)
+    except Exception as exc:  # noqa: BLE001 - the run's own error, returned as its outcome
+        return exc
+
+
+def prefit_grid(
+    session: Session,
+    build: Callable[[str], Method],
+    fewshot: FewShot,
+    todos: Mapping[int, Sequence[str]],
+    limit: Optional[int] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[int, dict[str, Method]]:
+    """Read the data of every seed with methods to run (``todos``), then fit the prompt-learning bases of
+    those methods in shared text passes: {seed: {base: fitted method}}.
+
+    A data problem (too few images, an unreadable file) stops the grid here with one line, before any
+    training and not as a failed row per method. Other methods, and any whose fit failed here, are left
+    out, to be fitted alone (which reports their errors in their rows). ``limit``: prompts per shared pass
+    (default: :func:`max_prompts` of the model's device); 0: nothing is fitted here.
+    """
+    keys: list[tuple[int, str]] = []
+    methods: list[Method] = []
+    data: list[FitData] = []
+    for seed, names in todos.items():
+        if not names:
+            continue
+        session.test_features()
+        session.fit_data(seed, fewshot, build(names[0]))  # its views: one per epoch of that method
+        for base in dict.fromkeys(parse_method(name)[0] for name in names) if limit != 0 else ():
+            try:
+                method = build(base)
+                if isinstance(method, PromptMethod):
+                    data.append(session.fit_data(seed, fewshot, method))
+                    methods.append(method)
+                    keys.append((seed, base))
+            except OSError:  # a full or read-only disk under the cache stops the grid, as in compare
+                raise
+            except Exception:  # noqa: BLE001 - fitted alone later, which reports the error in its row
+                continue
+    if len(methods) < 2:
+        return {}
+    log(f"{session.model} · {session.dataset.name}: {len(methods)} prompt runs share text-tower passes")
+    fitted: dict[int, dict[str, Method]] = {}
+    for (seed, base), outcome in zip(keys, fit_together(methods, data, limit)):
+        if not isinstance(outcome, Exception):
+            fitted.setdefault(seed, {})[base] = outcome
+    return fitted

@@ -1,0 +1,92 @@
+"""When should a model defer to a clinician? Metrics of a run beyond its ECE, as pure functions.
+
+- :mod:`.selective`: risk–coverage curve, AURC, E-AURC, accuracy at a coverage, and a confidence
+  threshold chosen on validation for a target error, applied to test;
+- :mod:`.conformal`: split conformal prediction sets (LAC, APS, RAPS) calibrated on validation;
+- :mod:`.smooth`: smooth ECE and the smoothed reliability curve (relplot).
+
+:func:`deferral_metrics` turns one run's validation and test probabilities into the columns
+:data:`DEFERRAL_COLUMNS` of ``results.csv``. Everything fitted (a threshold, a conformal
+quantile) is fitted on the validation split and only applied to test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calbench.deferral.conformal import SCORES, SplitConformal, set_metrics
+from calbench.deferral.selective import (
+    accuracy_at_coverage,
+    aurc,
+    excess_aurc,
+    selective_at,
+    threshold_for_risk,
+)
+from calbench.deferral.smooth import smooth_ece
+from calbench.errors import CalbenchError
+
+#: coverages at which accuracy is reported, as the issue that added them asked (calbench)
+COVERAGES = (0.80, 0.90, 0.95)
+
+
+@dataclass(frozen=True)
+class DeferralSettings:
+    """What the deferral columns are computed at."""
+
+    #: conformal miscoverage: sets should hold the true label 90% of the time (Angelopoulos et al.,
+    #: ICLR 2021, report alpha 0.1 first; repository aangelopoulos/conformal_classification, example.py line 59)
+    alpha: float = 0.1
+    #: error rate the automated cases may have (calbench: 5%, a common clinical tolerance and the issue's default)
+    target_error: float = 0.05
+
+    def check(self) -> None:
+        if not 0.0 < self.alpha < 1.0:  # NaN fails too
+            raise CalbenchError(f"--conformal-alpha is a miscoverage in (0, 1), e.g. 0.1; got {self.alpha}")
+        if not 0.0 <= self.target_error < 1.0:
+            raise CalbenchError(f"--target-error is an error rate in [0, 1), e.g. 0.05; got {self.target_error}")
+
+
+DEFERRAL_COLUMNS = [
+    "smooth_ece",
+    "aurc",
+    "eaurc",
+    *(f"acc_at_{round(100 * c)}" for c in COVERAGES),
+    "sel_target",  # the target error rate of the automated cases
+    "sel_threshold",  # confidence threshold chosen on validation for the target error
+    "sel_coverage",  # share of test cases it automates
+    "sel_error",  # their error rate (the target is met on test when this is <= target_error)
+    "conformal_alpha",  # the miscoverage the sets are calibrated for
+    "conformal_n",  # validation cases the sets are calibrated on
+    "conformal_level",  # k / n: the quantile level with the finite-sample correction
+    *(f"{score}_{what}" for score in SCORES for what in ("coverage", "size", "singleton", "worst_class")),
+]
+
+
+def test_only_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The columns that need no validation split: smooth ECE, AURC, E-AURC and accuracy at each coverage."""
+    row = {"smooth_ece": smooth_ece(probs, labels), "aurc": aurc(probs, labels), "eaurc": excess_aurc(probs, labels)}
+    for coverage in COVERAGES:
+        row[f"acc_at_{round(100 * coverage)}"] = accuracy_at_coverage(probs, labels, coverage)
+    return row
+
+
+def deferral_metrics(
+    val_probs: np.ndarray,
+    val_labels: np.ndarray,
+    test_probs: np.ndarray,
+    test_labels: np.ndarray,
+    settings: DeferralSettings = DeferralSettings(),
+) -> dict[str, float]:
+    """Every column of :data:`DEFERRAL_COLUMNS` for one run: fitted on validation, measured on test."""
+    row = test_only_metrics(test_probs, test_labels)
+    threshold = threshold_for_risk(val_probs, val_labels, settings.target_error)
+    row["sel_target"], row["sel_threshold"] = settings.target_error, threshold
+    row["sel_coverage"], row["sel_error"] = selective_at(test_probs, test_labels, threshold)
+    for score in SCORES:
+        model = SplitConformal(score, settings.alpha).fit(val_probs, val_labels)
+        measured = set_metrics(model.predict(test_probs), test_labels)
+        row.update({f"{score}_{key}": value for key, value in measured.items()})
+        row["conformal_alpha"], row["conformal_n"], row["conformal_level"] = settings.alpha, float(model.n), model.level
+    return row

@@ -1,0 +1,135 @@
+"""`tune --launcher local-processes|slurm --workers N`: N search workers as one job array, sharing
+one study (PostgreSQL, or a journal file on the shared file system), then one job that writes
+best_params.json, runs the final test and writes the report.
+
+The study is created here before any job starts (a bad storage URL or a missing driver fails
+at once, and workers never race to create it). Workers stop only when no trial is left running
+(:func:`~calbench.tune.study.search`), so a worker whose node dies mid-trial costs that trial's
+time, not the study: its trial goes stale and another worker runs it again. If every worker
+failed, the final job runs the missing trials itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from calbench.errors import SEED_MAX, CalbenchError, check_seeds
+from calbench.jobs import JobOutcome, Launcher, run_jobs
+from calbench.session import RunContext
+from calbench.tune.config import TuneConfig
+from calbench.tune.run import TuneRun, run_tune, study_home
+from calbench.tune.storage import default_storage
+from calbench.tune.study import SearchResult, open_study, prepare, search
+
+
+@dataclass
+class LaunchedTune(TuneRun):
+    """A search run as jobs: :class:`TuneRun` plus the jobs that failed as jobs."""
+
+    failed_jobs: list[JobOutcome] = field(default_factory=list)
+
+
+def shared_storage(launcher: Launcher, storage: Optional[str], out: Path) -> str:
+    """The study's storage for ``launcher``: as given, else SQLite in OUT (one machine) or a journal
+    file in OUT (Slurm: SQLite's file locks are unreliable on the network file systems nodes share)."""
+    if launcher.kind != "slurm":
+        return storage or default_storage(out)
+    if storage is None:
+        return f"journal:{out / 'study.log'}"
+    if storage.startswith("sqlite"):
+        raise CalbenchError(
+            "--launcher slurm: SQLite is unsafe on the network file systems nodes share; use --storage "
+            "postgresql+psycopg://... or a journal file (the default: OUT/study.log)"
+        )
+    return storage
+
+
+def search_job(
+    config: TuneConfig,
+    n_trials: int,
+    name: str,
+    storage: str,
+    context: RunContext,
+    heartbeat: int,
+    sampler_seed: Optional[int],
+    threads: Optional[int],
+) -> tuple[int, float]:
+    """One worker job: trials until the study is complete; returns (trials run here, seconds)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = search(config, n_trials, name, storage, context, heartbeat, sampler_seed)
+    return result.ran, result.seconds
+
+
+def final_job(
+    config: TuneConfig,
+    n_trials: int,
+    name: str,
+    storage: str,
+    out: Path,
+    final_seeds: Sequence[int],
+    context: RunContext,
+    heartbeat: int,
+    sampler_seed: Optional[int],
+) -> dict[str, Any]:
+    """The last job: any trials still missing, then best_params.json, the final test and the report."""
+    run = run_tune(config, n_trials, name, storage, out, final_seeds, False, context, heartbeat, sampler_seed)
+    return {"ran": run.search.ran, "best_params": run.best_params, "rows": run.test_rows, "reports": run.reports}
+
+
+def launch_tune(
+    config: TuneConfig,
+    launcher: Launcher,
+    workers: int,
+    n_trials: int = 50,
+    study_name: Optional[str] = None,
+    storage: Optional[str] = None,
+    out: Optional[Path] = None,
+    final_seeds: Sequence[int] = (1, 2, 3),
+    search_only: bool = False,
+    context: RunContext = RunContext(),
+    heartbeat: int = 10,
+    sampler_seed: Optional[int] = None,
+    threads: Optional[int] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> LaunchedTune:
+    """:func:`~calbench.tune.run.run_tune` as ``workers`` jobs of ``launcher`` on one study (worker i
+    samples with ``sampler_seed + i``), then one final job unless ``search_only``."""
+    launcher.check()
+    if not launcher.distributed:
+        raise CalbenchError("--workers runs worker jobs: use --launcher local-processes or slurm")
+    if workers < 1:
+        raise CalbenchError(f"--workers must be at least 1, got {workers}")
+    check_seeds(final_seeds, "--final-seeds")
+    name, out = study_home(config, study_name, out)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = shared_storage(launcher, storage, out)
+    started = time.perf_counter()
+    prepare(config, n_trials, name, storage, heartbeat, sampler_seed)  # checked and created once, here
+    jobs = replace(context, cache_dir=context.cache_root.resolve(), progress=False)
+    if threads is None and launcher.kind == "local-processes":  # one machine: each worker its share of the cores
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    seeds = [None if sampler_seed is None else (sampler_seed + i) % (SEED_MAX + 1) for i in range(workers)]
+    calls = [(config, n_trials, name, storage, jobs, heartbeat, seed, threads) for seed in seeds]
+    outcomes = run_jobs(launcher, out / "jobs", "calbench-tune", search_job, calls, log)
+    ran = sum(o.value[0] for o in outcomes if o.ok)
+    failed = [o for o in outcomes if not o.ok]
+    run = LaunchedTune(SearchResult(open_study(config, storage, name, heartbeat), config, storage, ran, 0.0), out)
+    run.failed_jobs = failed
+    if not search_only:
+        call = (config, n_trials, name, storage, out, list(final_seeds), jobs, heartbeat, sampler_seed)
+        final = run_jobs(launcher, out / "jobs", "calbench-tune-final", final_job, [call], log)[0]
+        if not final.ok:
+            raise CalbenchError(f"the final job {final.job_id} failed: {final.error}; log: {final.log}")
+        run.search.ran += final.value["ran"]
+        run.best_params, run.test_rows, run.reports = (final.value[k] for k in ("best_params", "rows", "reports"))
+    run.search.seconds = time.perf_counter() - started
+    return run

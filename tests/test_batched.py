@@ -1,0 +1,156 @@
+"""Prompt learners trained together in one text-tower pass equal their separate runs (calbench.batched)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calbench.base import FitData
+from calbench.batched import fit_together, max_prompts, text_groups
+from calbench.methods import make_method
+from calbench.prompts import PromptLearner, text_features_together
+
+CLASSES = ["tumor", "stroma", "immune cells", "debris"]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from calbench.models import load_vlm
+
+    return load_vlm("tiny-random", device="cpu")
+
+
+def _data(vlm, seed: int, views: int = 3, n: int = 24) -> FitData:
+    g = torch.Generator().manual_seed(100 + seed)
+    labels = torch.arange(n) % len(CLASSES)
+    # features near their class's direction, so the losses have something to learn
+    centres = F.normalize(torch.randn(len(CLASSES), vlm.embed_dim, generator=g), dim=-1)
+    train = F.normalize(centres[labels] + 0.8 * torch.randn(views, n, vlm.embed_dim, generator=g), dim=-1)
+    val = F.normalize(centres[labels] + 0.8 * torch.randn(n, vlm.embed_dim, generator=g), dim=-1)
+    return FitData(vlm, CLASSES, "a photo of {}.", train, labels, val, labels, seed)
+
+
+def _method(name: str, **params):
+    return make_method(name, **{"epochs": 3, "batch_size": 8, "lr": 0.5, "n_ctx": 4, **params})
+
+
+# CoOp-CE, CalibPrompt (LS + SMAC + AS on the text features) and a zero-shot-anchored loss (text moment
+# matching to the hand prompts), each on its own seed; one with other epochs and one with another
+# context length, which takes its own pass
+RUNS = [
+    ("coop-ce", 1, {}),
+    ("calibprompt", 2, {"w_smac": 1.0, "w_as": 0.5}),
+    ("coop-tmm", 3, {"weight": 5.0}),
+    ("coop-penalty", 1, {"epochs": 5}),
+    ("coop-ce", 2, {"n_ctx": 6}),
+]
+
+
+def test_runs_trained_together_equal_their_separate_runs(vlm):
+    alone = [_method(name, **params).fit(_data(vlm, seed)) for name, seed, params in RUNS]
+    methods = [_method(name, **params) for name, seed, params in RUNS]
+    together = fit_together(methods, [_data(vlm, seed) for _, seed, _ in RUNS])
+    for single, shared in zip(alone, together):
+        assert shared is not single and not isinstance(shared, Exception)
+        assert len(shared.history) == len(single.history) == single.config.epochs
+        torch.testing.assert_close(shared.learner.ctx, single.learner.ctx, rtol=0, atol=2e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                shared.learner.text_features(), single.learner.text_features(), rtol=0, atol=2e-6
+            )
+        for epoch_shared, epoch_single in zip(shared.history, single.history):
+            assert epoch_shared == pytest.approx(epoch_single, abs=1e-5)
+    # training moved every context away from its start, so equality is not that of untouched prompts
+    start = PromptLearner(vlm, CLASSES, n_ctx=4, seed=1).ctx
+    assert (alone[0].learner.ctx - start).abs().max() > 1e-3
+
+
+def test_one_pass_gives_each_learner_its_own_features(vlm):
+    learners = [PromptLearner(vlm, CLASSES, n_ctx=4, seed=seed) for seed in (1, 2, 3)]
+    with torch.no_grad():
+        stacked = text_features_together(learners)
+        for learner, features in zip(learners, stacked):
+            torch.testing.assert_close(features, learner.text_features(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="same model and prompt length"):
+        text_features_together([learners[0], PromptLearner(vlm, CLASSES, n_ctx=6, seed=1)])
+
+
+def test_a_run_stopped_by_its_callback_leaves_the_others_untouched(vlm):
+    stopped = _method("coop-ce")
+
+    def prune(epoch: int, losses: dict[str, float]) -> None:
+        if epoch == 1:
+            raise RuntimeError("pruned at epoch 2")
+
+    stopped.on_epoch = prune
+    other = _method("calibprompt")
+    outcomes = fit_together([stopped, other], [_data(vlm, 1), _data(vlm, 2)])
+    assert isinstance(outcomes[0], RuntimeError) and str(outcomes[0]) == "pruned at epoch 2"
+    alone = _method("calibprompt").fit(_data(vlm, 2))
+    torch.testing.assert_close(outcomes[1].learner.ctx, alone.learner.ctx, rtol=0, atol=2e-6)
+
+
+def test_text_groups_split_by_prompt_length_and_cap(vlm):
+    methods = [_method("coop-ce"), _method("coop-ce", n_ctx=6), _method("coop-ls"), _method("coop-ce")]
+    runs = [m.training_run(_data(vlm, 1)) for m in methods]
+    assert text_groups(runs, 128) == [[0, 2, 3], [1]]
+    assert text_groups(runs, 2 * len(CLASSES)) == [[0, 2], [3], [1]]
+    assert text_groups(runs, 1) == [[0], [2], [3], [1]]  # a run larger than the cap goes alone
+    assert max_prompts(torch.device("cpu")) == 128 and max_prompts(torch.device("cuda")) == 512
+
+
+@pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore::calbench.errors.CalbenchWarning")  # a random-weight model: degenerate runs
+def test_compare_grid_batched_equals_one_by_one(cache_dir, tmp_path):
+    from calbench.compare import Grid, run_compare
+    from calbench.session import FewShot, RunContext
+
+    params = {m: {"epochs": 2, "lr": 0.5} for m in ("coop-ce", "coop-tmm")}
+    methods = ["coop-ce", "coop-ce+ts", "coop-tmm"]
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    grid = Grid(methods, (1, 2), FewShot(shots=4, views=2), bootstrap=0, method_params=params)
+    rows, logs = {}, []
+    for label, limit in (("batched", 512), ("alone", 0)):
+        run = run_compare(
+            "tiny-random",
+            "synthetic",
+            replace(grid, max_prompts=limit),
+            context,
+            tmp_path / label,
+            log=logs.append,
+        )
+        assert run.computed == len(methods) * 2 and not run.failures
+        rows[label] = {(r["method"], r["seed"]): r for r in run.rows}
+    assert sum("4 prompt runs share text-tower passes" in line for line in logs) == 1  # 2 bases x 2 seeds, once
+    assert rows["batched"].keys() == rows["alone"].keys()
+    for key, row in rows["batched"].items():
+        for metric in ("accuracy", "ece", "nll", "brier"):
+            assert row[metric] == pytest.approx(rows["alone"][key][metric], abs=1e-5), (key, metric)
+
+
+@pytest.mark.e2e
+def test_tune_batch_trials_give_each_trial_its_own_result(cache_dir, tmp_path):
+    """`tune --batch-trials 3`: the same trials (enqueued defaults, then seeded random draws) with the
+    same values as one at a time, and the study counts exactly the trials asked for."""
+    from optuna.trial import TrialState
+
+    from calbench.session import RunContext
+    from calbench.tune import TuneConfig, search
+    from calbench.tune.batch import trials_to_ask
+
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    results = {}
+    for batch in (1, 3):
+        config = TuneConfig(pairs=[("tiny-random", "synthetic")], epochs=2, pruner="none", batch_trials=batch)
+        results[batch] = search(config, 4, "batched", f"journal:{tmp_path / f'{batch}.log'}", context, 1, 0)
+    one, three = results[1].trials, results[3].trials
+    assert len(three) == 4 and results[3].ran == 4  # a batch of 3, then only the 1 still missing
+    assert [t.state for t in three] == [TrialState.COMPLETE] * 4
+    for alone, together in zip(one, three):
+        assert together.params == alone.params
+        assert together.value == pytest.approx(alone.value, abs=1e-5)
+        assert together.user_attrs["val"] == pytest.approx(alone.user_attrs["val"], abs=1e-5)
+    assert trials_to_ask(three, 4, 3) == 1 and trials_to_ask([], 10, 3) == 3

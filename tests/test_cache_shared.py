@@ -1,0 +1,96 @@
+"""The feature cache on a file system several nodes share: two processes encoding the same key at
+once neither corrupt the cache nor lose each other's work."""
+
+import multiprocessing
+import shutil
+
+import pytest
+import torch
+
+from calbench.cache import FeatureCache
+from calbench.data import load_dataset
+from calbench.models import load_vlm
+
+MODEL = "tiny-random"  # the fastest encoder: these tests are about files, not features
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_vlm(MODEL, device="cpu")
+
+
+@pytest.fixture()
+def dataset(synthetic, tmp_path):
+    root = tmp_path / "mini"
+    shutil.copytree(synthetic.root, root)
+    return load_dataset(str(root), cache_dir=tmp_path)
+
+
+def _fresh(root, model, dataset, indices):
+    """What a new process reads back, and how many views it had to encode."""
+    cache = FeatureCache(root, model, progress=False)
+    features = cache.features(dataset, "test", indices, kind="eval")
+    return features, cache.stats.encoded
+
+
+def test_a_fold_keeps_rows_another_process_folded_meanwhile(model, dataset, tmp_path):
+    """B reads the key (empty), A encodes and folds 0-4, then B encodes and folds 5-9: without
+    re-reading under the fold marker, B's main file would replace A's and lose images 0-4."""
+    a, b = (FeatureCache(tmp_path / "shared", model, progress=False) for _ in range(2))
+    encode = b._encode
+
+    def a_folds_first(*args, **kwargs):
+        a.features(dataset, "test", range(5), kind="eval")
+        return encode(*args, **kwargs)
+
+    b._encode = a_folds_first
+    b.features(dataset, "test", range(5, 10), kind="eval")
+    assert (a.stats.encoded, b.stats.encoded) == (5, 5)
+    features, encoded = _fresh(tmp_path / "shared", model, dataset, range(10))
+    assert encoded == 0  # nothing lost: all ten in one main file, no chunk left
+    assert [p.name.split(".")[-1] for p in (tmp_path / "shared" / "features").iterdir()] == ["safetensors"]
+    reference, _ = _fresh(tmp_path / "alone", model, dataset, range(10))
+    torch.testing.assert_close(features, reference, atol=0, rtol=0)
+
+
+def test_a_process_that_finds_the_fold_marker_leaves_its_chunks_for_the_next_read(model, dataset, tmp_path):
+    cache = FeatureCache(tmp_path / "shared", model, progress=False)
+    key, _ = cache._key(dataset, "test", "eval", 0, None)
+    key.parent.mkdir(parents=True)
+    marker = key.with_name(key.name + ".folding")
+    marker.touch()  # another process is folding this key
+    cache.features(dataset, "test", range(4), kind="eval")
+    assert not key.exists() and len(list(key.parent.glob("*.part-*"))) == 1
+    marker.unlink()
+    _, encoded = _fresh(tmp_path / "shared", model, dataset, range(4))
+    assert encoded == 0 and key.exists() and not list(key.parent.glob("*.part-*"))
+
+
+def _encode(root, indices, cache_dir, done):
+    torch.set_num_threads(1)
+    from calbench.data import load_dataset as load
+    from calbench.models import load_vlm as vlm
+
+    dataset = load(str(root / "mini"), cache_dir=cache_dir)
+    cache = FeatureCache(root / "shared", vlm(MODEL, device="cpu"), progress=False, chunk_size=3)
+    for start in range(0, len(indices), 3):  # many small folds, to interleave with the other process
+        cache.features(dataset, "test", indices[start : start + 3], kind="eval")
+    done.put(cache.stats.encoded)
+
+
+@pytest.mark.e2e
+def test_two_processes_racing_on_one_key_lose_nothing(model, dataset, tmp_path):
+    context = multiprocessing.get_context("spawn")  # fresh processes, as on two nodes
+    done = context.Queue()
+    shares = [list(range(0, 30)), list(range(15, 45))]  # overlapping: both encode 15-29
+    workers = [context.Process(target=_encode, args=(tmp_path, s, tmp_path, done)) for s in shares]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sum(done.get(timeout=5) for _ in workers) >= 45
+    features, encoded = _fresh(tmp_path / "shared", model, dataset, range(45))
+    assert encoded == 0  # every image either process encoded is in the cache
+    reference, _ = _fresh(tmp_path / "alone", model, dataset, range(45))
+    torch.testing.assert_close(features, reference, atol=0, rtol=0)

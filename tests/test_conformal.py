@@ -1,0 +1,146 @@
+"""Split conformal sets: hand-computed scores and quantiles, parity with MAPIE, and coverage of at least
+1 - alpha on exchangeable data over many random splits."""
+
+import math
+
+import numpy as np
+import pytest
+from mapie.classification import SplitConformalClassifier
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from calbench.deferral.conformal import SplitConformal, halves_set_size, quantile_index, score_matrix, set_metrics
+
+C = 5
+
+
+def sample(rng, n, temperature=2.0):
+    """Exchangeable (probs, labels): labels drawn from the probabilities themselves (calibrated by construction)."""
+    logits = rng.normal(size=(n, C)) * temperature
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = (probs.cumsum(axis=1) < rng.uniform(size=(n, 1))).sum(axis=1)
+    return probs, np.minimum(labels, C - 1)
+
+
+def test_scores_by_hand():
+    p = np.array([[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]])
+    np.testing.assert_allclose(score_matrix(p, "lac"), [[0.5, 0.7, 0.8], [0.6, 0.6, 0.8]])
+    # aps: mass of every label at least as likely (a tie counts both labels)
+    np.testing.assert_allclose(score_matrix(p, "aps"), [[0.5, 0.8, 1.0], [0.8, 0.8, 1.0]])
+    # raps with k_reg 1, lambda 0.2: + 0.2 per label ahead beyond the first
+    np.testing.assert_allclose(score_matrix(p, "raps", k_reg=1, lam=0.2), [[0.5, 1.0, 1.4], [1.0, 1.0, 1.4]])
+    with pytest.raises(ValueError):
+        score_matrix(p, "naive")
+
+
+def test_quantile_with_the_finite_sample_correction():
+    assert quantile_index(40, 0.1) == 37  # ceil(41 * 0.9 = 36.9)
+    assert quantile_index(19, 0.05) == 19  # 20 * 0.95 is 19 up to rounding: not 20
+    assert quantile_index(8, 0.1) == 9  # more than n: no finite threshold
+    scores = np.linspace(0.05, 0.5, 10)  # true-label lac scores 0.05..0.5 of labels 0
+    probs = np.stack([1 - scores, scores], axis=1)
+    model = SplitConformal("lac", alpha=0.2).fit(probs, np.zeros(10, dtype=int))
+    assert (model.n, model.k, model.level) == (10, 9, 0.9)  # ceil(11 * 0.8 = 8.8)
+    assert model.threshold == pytest.approx(scores[8])
+    tiny = SplitConformal("lac", alpha=0.1).fit(probs[:8], np.zeros(8, dtype=int))
+    assert tiny.threshold == math.inf and tiny.predict(probs).all()  # too few cases: every label
+
+
+def test_set_metrics_by_hand():
+    sets = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1]], dtype=bool)
+    measured = set_metrics(sets, np.array([0, 2, 2, 1]))
+    assert measured == {"coverage": 0.75, "size": 1.5, "singleton": 0.5, "worst_class": 0.5}
+
+
+def test_aps_and_raps_sets_always_hold_the_top_label_and_lac_may_be_empty():
+    p = np.array([[0.9, 0.05, 0.05]])
+    for score in ("aps", "raps"):
+        model = SplitConformal(score, 0.5)
+        model.threshold = 0.1  # below the top label's own score
+        assert model.predict(p).tolist() == [[True, False, False]]
+    lac = SplitConformal("lac", 0.5)
+    lac.threshold = 0.05
+    assert not lac.predict(p).any()
+
+
+class Cached(ClassifierMixin, BaseEstimator):
+    """A 'classifier' whose inputs are its probabilities: how MAPIE is given cached predictions."""
+
+    def fit(self, X, y):
+        self.classes_ = np.arange(C)
+        self.n_features_in_ = C
+        return self
+
+    def predict_proba(self, X):
+        return np.asarray(X)
+
+    def predict(self, X):
+        return np.asarray(X).argmax(axis=1)
+
+
+class NoRandomization(np.random.RandomState):
+    """MAPIE randomizes APS calibration scores by u * p_y with u ~ U(0, 1); u = 0 gives the deterministic score."""
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return np.zeros(size)
+
+
+def mapie_sets(score, cal, test, alpha):
+    model = SplitConformalClassifier(
+        Cached().fit(*cal), confidence_level=1 - alpha, conformity_score=score, random_state=NoRandomization(0)
+    ).conformalize(*cal)
+    # include_last_label=False: labels up to the quantile, never an empty set (calbench's aps/raps rule)
+    _, sets = model.predict_set(test, conformity_score_params={"include_last_label": False})
+    return model._mapie_classifier.conformity_score_function_, sets[:, :, 0]
+
+
+@pytest.mark.parametrize("score", ["lac", "aps"])
+def test_quantile_and_sets_match_mapie(score):
+    rng = np.random.default_rng(0)
+    cal, (test, _) = sample(rng, 200), sample(rng, 500)
+    scored, theirs = mapie_sets(score, cal, test, alpha=0.1)
+    ours = SplitConformal(score, 0.1).fit(*cal)
+    assert ours.threshold == pytest.approx(float(scored.quantiles_[0]), abs=1e-12)
+    np.testing.assert_array_equal(ours.predict(test), theirs)
+
+
+def test_raps_matches_mapie_at_its_tuned_parameters():
+    """MAPIE tunes k_reg and lambda on a held-out part of the calibration set; calibrated on the rest with
+    the same k_reg and lambda, calbench's RAPS gives MAPIE's quantile and sets."""
+    rng = np.random.default_rng(1)
+    cal, (test, _) = sample(rng, 400), sample(rng, 500)
+    scored, theirs = mapie_sets("raps", cal, test, alpha=0.1)
+    held = np.isin(cal[0], scored.X_raps).all(axis=1)
+    ours = SplitConformal("raps", 0.1, k_reg=int(scored.k_star[0]), lam=float(scored.lambda_star))
+    ours.fit(cal[0][~held], cal[1][~held])
+    assert ours.threshold == pytest.approx(float(scored.quantiles_[0]), abs=1e-12)
+    np.testing.assert_array_equal(ours.predict(test), theirs)
+
+
+@pytest.mark.parametrize("score", ["lac", "aps", "raps"])
+def test_coverage_is_at_least_one_minus_alpha_over_random_splits(score):
+    """Split conformal's guarantee: E[coverage] >= 1 - alpha (here k / (n + 1) = 37/41 for n = 40). Over T
+    splits the mean coverage has variance Var / T, Var = the Beta(k, n + 1 - k) variance of one split's
+    coverage plus the binomial variance of its m test cases; the test allows 4 standard deviations."""
+    rng = np.random.default_rng(2024)
+    n, m, alpha, trials = 40, 100, 0.1, 300
+    pool_probs, pool_labels = sample(rng, trials * (n + m), temperature=1.0)
+    coverages = []
+    for t in range(trials):
+        part = slice(t * (n + m), (t + 1) * (n + m))
+        probs, labels = pool_probs[part], pool_labels[part]
+        model = SplitConformal(score, alpha).fit(probs[:n], labels[:n])
+        coverages.append(set_metrics(model.predict(probs[n:]), labels[n:])["coverage"])
+    k = quantile_index(n, alpha)
+    variance = k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2)) + alpha * (1 - alpha) / m
+    tolerance = 4 * math.sqrt(variance / trials)
+    assert np.mean(coverages) >= 1 - alpha - tolerance
+    assert np.mean(coverages) <= k / (n + 1) + tolerance + (0.05 if score != "lac" else 0.0)
+
+
+def test_half_split_set_size_uses_validation_only_and_is_seeded():
+    rng = np.random.default_rng(3)
+    probs, labels = sample(rng, 80)
+    size = halves_set_size(probs, labels, 0.1, seed=1)
+    assert size == halves_set_size(probs, labels, 0.1, seed=1) and 1.0 <= size <= C
+    sure = np.eye(C)[np.arange(80) % C]
+    assert halves_set_size(sure, np.arange(80) % C, 0.1) == 1.0  # every label right and certain: singletons

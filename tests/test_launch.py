@@ -1,0 +1,150 @@
+"""Grids and searches as jobs, for real: `--launcher local-processes` runs submitit's local executor,
+the same code path as `--launcher slurm` (pickled calls, one process per job, logs per job id).
+
+A grid's jobs write shards that merge into the results a single process writes (same rows, same
+numbers, same report); a failed job is in the report with its id and log until its pair runs again;
+N tune workers share one study and a final job writes best_params.json and the report.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import fake_slurm
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from calbench.cli.app import app
+from calbench.compare import Grid, run_compare
+from calbench.jobs import Launcher
+from calbench.launch import run_compare_launched
+from calbench.report import write_results_report
+from calbench.results import read_results
+from calbench.session import FewShot, RunContext
+from calbench.shards import read_failed_jobs
+from calbench.tune.config import counts_toward_total
+from calbench.tune.storage import open_storage
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny-random"  # the fastest model: these tests are about jobs and files, not calibration
+GRID = Grid(
+    ["zero-shot", "coop-ce"], [1], FewShot(shots=4, views=2), bootstrap=20, method_params={"coop-ce": {"epochs": 4}}
+)
+
+
+def _report(folder):
+    """report.md without its time stamp and the failed-jobs section (which only the launched run has)."""
+    text = (folder / "report.md").read_text()
+    text = re.sub(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC\.", "", text)
+    return re.sub(r"\n## Failed jobs.*?(?=\n## |\Z)", "", text, flags=re.S)
+
+
+def test_launched_grid_merges_into_what_one_process_writes_and_failed_jobs_are_reported(synthetic, cache_dir, tmp_path):
+    second = tmp_path / "synthetic-b"  # a second dataset: the same images in another folder
+    shutil.copytree(synthetic.root, second)
+    missing = tmp_path / "synthetic-c"  # not there yet: its job fails
+    pairs = [(MODEL, "synthetic"), (MODEL, str(second)), (MODEL, str(missing))]
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    single = tmp_path / "single"
+    for model, data in pairs[:2]:
+        run_compare(model, data, GRID, context, single)
+    write_results_report(single)
+
+    jobs = tmp_path / "jobs"
+    result = run_compare_launched(Launcher("local-processes"), grid=GRID, context=context, out=jobs, pairs=pairs)
+    assert result.computed == 4 and len(result.rows) == 4
+    for name in ("results.csv", "settings.json"):  # same rows, same numbers, same settings
+        assert (jobs / name).read_bytes() == (single / name).read_bytes()
+    for npy in (single / "predictions").iterdir():
+        assert (jobs / "predictions" / npy.name).read_bytes() == npy.read_bytes()
+    assert sorted(p.name for p in (jobs / "reliability").iterdir()) == sorted(
+        p.name for p in (single / "reliability").iterdir()
+    )
+    assert not list((jobs / "shards").iterdir())  # every shard merged and removed
+    [failed] = result.failed_jobs
+    assert failed["dataset"] == str(missing) and str(missing) in failed["error"]
+    assert failed["job_id"] in failed["log"] and str(missing) in open(failed["log"]).read()  # its own log says why
+    write_results_report(jobs)
+    assert _report(jobs) == _report(single)
+    page = (jobs / "report.html").read_text()
+    assert "Failed jobs" in page and failed["job_id"] in page and failed["log"] in page
+
+    # resume from "another node": the missing dataset arrives; only its pair is computed, through the CLI
+    shutil.copytree(synthetic.root, missing)
+    args = ["compare", "--model", MODEL, "--data", str(missing), "--methods", "zero-shot,coop-ce", "--seeds", "1"]
+    args += ["--shots", "4", "--views", "2", "--bootstrap", "20", "--params", str(_params(tmp_path))]
+    args += ["--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(jobs), "--launcher", "local-processes"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "2 run(s) computed" in run.output
+    assert read_failed_jobs(jobs) == [] and "Failed jobs" not in (jobs / "report.md").read_text()
+    assert len(read_results(jobs / "results.csv")) == 6
+
+
+def _params(folder):
+    path = folder / "params.json"
+    path.write_text(json.dumps({"coop-ce": {"epochs": 4}}))
+    return path
+
+
+def test_tune_workers_share_one_study_and_a_final_job_writes_the_results(synthetic, cache_dir, tmp_path):
+    storage = f"journal:{tmp_path / 'study.log'}"
+    args = ["tune", "--model", MODEL, "--trials", "4", "--epochs", "4", "--shots", "4", "--views", "2"]
+    args += ["--storage", storage, "--study", "shared", "--final-seeds", "1", "--heartbeat", "1"]
+    args += ["--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "out")]
+    args += ["--launcher", "local-processes", "--workers", "2"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    trials = optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials()
+    assert sum(counts_toward_total(t) for t in trials) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    best = json.loads((tmp_path / "out" / "best_params.json").read_text())
+    assert best["study"] == "shared" and best["trial"] in [t.number for t in trials]
+    assert (tmp_path / "out" / "report.md").is_file()
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert {r["method"] for r in rows} >= {"coop-ce", "calibprompt:tuned"}
+    assert "study 'shared': 4 trials in the study" in run.output
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """A stand-in Slurm (tests/fake_slurm.py) first on PATH: sbatch, srun and sacct on this machine."""
+    fake_slurm.install(tmp_path / "slurm-bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'slurm-bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path / "slurm-state"))
+    return tmp_path / "slurm-state"
+
+
+def test_a_grid_on_slurm_is_one_job_array_with_the_options_given(slurm, synthetic, cache_dir, tmp_path):
+    missing = tmp_path / "absent"
+    pairs = [(MODEL, "synthetic"), (MODEL, str(missing))]
+    launcher = Launcher("slurm", partition="debug", gpus=0, time=30, array_parallelism=1, cpus=2)
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    out = tmp_path / "results"
+    result = run_compare_launched(launcher, grid=GRID, context=context, out=out, pairs=pairs)
+    [submitted] = [json.loads(p.read_text()) for p in slurm.glob("*.sbatch.json")]  # one sbatch: one array
+    assert {k: submitted[k] for k in ("partition", "time", "array", "cpus-per-task", "job-name")} == {
+        "partition": "debug",
+        "time": "30",
+        "array": "0-1%1",
+        "cpus-per-task": "2",
+        "job-name": "calbench-compare",
+    }
+    assert result.computed == 2 and {r["dataset"] for r in result.rows} == {"synthetic"}
+    [failed] = read_failed_jobs(out)
+    assert failed["job_id"] == "1000_1" and failed["log"] == str(out / "jobs" / "1000_1_0_log.err")
+    assert str(missing) in failed["error"] and str(missing) in open(failed["log"]).read()
+    assert "1000_1" in (write_results_report(out)[1]).read_text()
+
+
+def test_workers_need_a_launcher_and_slurm_refuses_sqlite(tmp_path):
+    runner = CliRunner()
+    local = runner.invoke(app, ["tune", "--workers", "2", "--out", str(tmp_path)])
+    assert local.exit_code == 2
+    assert "--workers runs worker jobs: add --launcher local-processes or --launcher slurm" in local.output
+    sqlite = f"sqlite:///{tmp_path / 'study.db'}"
+    shared = runner.invoke(app, ["tune", "--launcher", "slurm", "--storage", sqlite, "--out", str(tmp_path)])
+    assert shared.exit_code == 2 and "SQLite is unsafe on the network file systems nodes share" in shared.output

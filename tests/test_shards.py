@@ -1,0 +1,202 @@
+"""Results shards (one per job, no lock) merged into results.csv by run key, failed jobs in the
+report, and the launcher options: the parts of a cluster grid that need no cluster."""
+
+import builtins
+import json
+import math
+import os
+
+import pytest
+
+from calbench.errors import CalbenchError
+from calbench.jobs import Launcher, executor, failure_reason
+from calbench.report import write_results_report
+from calbench.results import RESULT_COLUMNS, ResultsStore, read_results
+from calbench.shards import ShardStore, merge_shards, read_failed_jobs, record_jobs, shard_name, shard_path
+
+
+def _row(model="m", dataset="d", method="coop-ce", seed=1, config="c1", ece=0.1, status="ok"):
+    row = {column: 0.5 for column in RESULT_COLUMNS}
+    row.update(model=model, dataset=dataset, method=method, seed=seed, config=config, ece=ece, status=status)
+    row.update(error="", dataset_id="abc123", ece_ci_low=math.nan, ece_ci_high=math.nan)
+    return row
+
+
+def test_a_job_reads_every_row_and_writes_only_its_own_shard(tmp_path):
+    ResultsStore(tmp_path).put_rows([_row(seed=1), _row(dataset="other", seed=1)])
+    main = (tmp_path / "results.csv").read_bytes()
+    ShardStore(tmp_path, "m", "x").put_rows([_row(dataset="x", seed=1)])  # another job's shard
+    store = ShardStore(tmp_path, "m", "d")
+    assert {(r["dataset"], r["seed"]) for r in store.rows} == {("d", 1), ("other", 1), ("x", 1)}
+    store.put_rows([_row(seed=2)])
+    store.put_rows([_row(seed=2, ece=0.3), _row(seed=1, ece=0.2)])  # a rerun replaces by run key
+    assert (tmp_path / "results.csv").read_bytes() == main  # never written by a job
+    assert [(r["seed"], r["ece"]) for r in read_results(shard_path(tmp_path, "m", "d"))] == [(2, 0.3), (1, 0.2)]
+    assert store.find(model="m", dataset="d", method="coop-ce", seed=1, config="c1")["ece"] == 0.2
+    store.put_settings({"c1": {"method": "coop-ce", "settings": {"alpha": [0.1, "calbench"]}}})
+    assert json.loads((tmp_path / "shards" / "m__d.settings.json").read_text())["c1"]["method"] == "coop-ce"
+
+
+def test_shard_store_overrides_every_writer_that_would_lock_results_csv(tmp_path):
+    """A writer added to ResultsStore must get a shard version too, or jobs would lock the shared folder."""
+    writers = [
+        name for name in vars(ResultsStore) if name.startswith("put") and name not in ("put", "put_certification")
+    ]
+    assert writers and all(getattr(ShardStore, name) is not getattr(ResultsStore, name) for name in writers)
+    assert set(vars(ResultsStore(tmp_path / "a"))) <= set(vars(ShardStore(tmp_path / "b", "m", "d")))
+
+
+def test_merge_folds_shards_by_run_key_in_the_grid_order_and_removes_them(tmp_path):
+    ResultsStore(tmp_path).put_rows([_row(dataset="b", ece=0.9, status="failed"), _row(dataset="z")])
+    for dataset in ("b", "a"):  # shard b written first
+        ShardStore(tmp_path, "m", dataset).put_rows([_row(dataset=dataset, ece=0.25)])
+    ShardStore(tmp_path, "m", "a").put_settings({"ca": {"method": "coop-ce"}})
+    order = [shard_path(tmp_path, "m", "a"), shard_path(tmp_path, "m", "b")]
+    assert merge_shards(tmp_path, order) == 2
+    rows = read_results(tmp_path / "results.csv")
+    assert [(r["dataset"], r["ece"], r["status"]) for r in rows] == [
+        ("z", 0.1, "ok"),
+        ("a", 0.25, "ok"),
+        ("b", 0.25, "ok"),
+    ]
+    assert list((tmp_path / "shards").iterdir()) == []
+    assert json.loads((tmp_path / "settings.json").read_text())["ca"] == {"method": "coop-ce"}
+    assert merge_shards(tmp_path) == 0  # nothing left to merge; results.csv as it was
+    assert repr(read_results(tmp_path / "results.csv")) == repr(rows)  # (NaN cells: compared as text)
+
+
+def test_rows_a_job_writes_during_a_merge_are_kept_for_the_next_one(tmp_path):
+    from calbench.shards import _claim
+
+    job = ShardStore(tmp_path, "m", "d")
+    job.put_rows([_row(seed=1)])
+    claimed = _claim(shard_path(tmp_path, "m", "d"))  # a merge took the shard ...
+    job.put_rows([_row(seed=2)])  # ... while the job wrote on: a new shard
+    assert shard_path(tmp_path, "m", "d").is_file()
+    assert merge_shards(tmp_path) == 2  # the new shard, and the claimed one its merge never finished
+    assert sorted(r["seed"] for r in read_results(tmp_path / "results.csv")) == [1, 2]
+    assert not claimed.exists()
+
+
+def test_report_merges_shards_and_lists_failed_jobs_until_their_pair_runs(tmp_path):
+    ShardStore(tmp_path, "m", "d").put_rows([_row()])
+    failure = {"model": "m", "dataset": "e", "job_id": "4242_1", "state": "NODE_FAIL", "log": "/logs/4242_1_0_log.err"}
+    record_jobs(tmp_path, [("m", "d"), ("m", "e")], [{**failure, "error": "node died"}])
+    _, page = write_results_report(tmp_path)
+    text = page.read_text()
+    assert "Failed jobs" in text and "4242_1" in text and "/logs/4242_1_0_log.err" in text and "node died" in text
+    assert [r["dataset"] for r in read_results(tmp_path / "results.csv")] == ["d"]
+    record_jobs(tmp_path, [("m", "e")], [])  # the pair ran again, and finished
+    assert read_failed_jobs(tmp_path) == []
+    assert "Failed jobs" not in write_results_report(tmp_path)[0].read_text()
+
+
+def test_shard_names_are_safe_and_keep_folders_apart():
+    assert shard_name("tiny", "synthetic") == "tiny__synthetic"
+    a, b = shard_name("tiny", "/data/a/kather"), shard_name("tiny", "/data/b/kather")
+    assert a != b and "/" not in a and a.startswith("tiny___data_a_kather-")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "message"),
+    [
+        (Launcher("pbs"), "--launcher 'pbs': choose one of local, local-processes, slurm"),
+        (Launcher("local", gpus=1), "--slurm-gpus only apply with --launcher slurm; got --launcher local"),
+        (
+            Launcher("local-processes", partition="gpu", array_parallelism=2),
+            "--slurm-partition, --array-parallelism only apply with --launcher slurm; got --launcher local-processes",
+        ),
+        (Launcher("slurm", time=0), "--slurm-time must be at least 1, got 0"),
+        (Launcher("slurm", array_parallelism=-1), "--array-parallelism must be at least 1, got -1"),
+    ],
+)
+def test_launcher_options_are_checked_with_one_line(launcher, message):
+    with pytest.raises(CalbenchError) as caught:
+        launcher.check()
+    assert str(caught.value) == message
+
+
+def test_slurm_jobs_get_the_partition_gpus_time_and_array_parallelism(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")  # submitit looks for Slurm's srun
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    chosen = executor(Launcher("slurm", "gpu", 1, 60, 4, 8), tmp_path, "calbench-compare")
+    assert {k: chosen._executor.parameters[k] for k in ("partition", "gpus_per_node", "time", "array_parallelism")} == {
+        "partition": "gpu",
+        "gpus_per_node": 1,
+        "time": 60,
+        "array_parallelism": 4,
+    }
+    script = chosen._executor._make_submission_file_text("python -m x", "uid")
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=60",
+        "#SBATCH --cpus-per-task=8",
+    ):
+        assert line in script
+    local = executor(Launcher("local-processes"), tmp_path, "x")._executor.parameters
+    assert local["timeout_min"] == 7 * 24 * 60  # not submitit's 2-minute default
+
+
+def test_slurm_without_slurm_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CalbenchError) as caught:
+        executor(Launcher("slurm"), tmp_path, "x")
+    assert str(caught.value) == (
+        "--launcher slurm needs Slurm (srun and sbatch on PATH): run on a Slurm login node, "
+        "or use --launcher local-processes on this machine"
+    )
+
+
+def test_a_missing_submitit_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name.split(".")[0] == "submitit":
+            raise ModuleNotFoundError("No module named 'submitit'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    with pytest.raises(CalbenchError) as caught:
+        executor(Launcher("slurm"), tmp_path, "x")
+    assert str(caught.value) == "--launcher slurm needs submitit: pip install 'calbench[slurm]'"
+
+
+def test_a_failed_job_is_told_by_the_exception_it_died_of():
+    text = (
+        "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\ncalbench.errors.CalbenchError: no dataset at /data/x\n\n'
+        "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /l/1_0_log.err"
+    )
+    assert failure_reason(RuntimeError(text)) == "calbench.errors.CalbenchError: no dataset at /data/x"
+    node = "Job 77_3 (task: 0) with path /l/77_3_0_result.pkl\nhas not produced any output (state: NODE_FAIL)"
+    assert failure_reason(RuntimeError(node)) == "ended without a result (state: NODE_FAIL)"
+    oom = (
+        node.replace("NODE_FAIL", "OUT_OF_MEMORY")
+        + "\nError stream produced:\n"
+        + "-" * 40
+        + "\nslurmstepd: oom_kill\n"
+    )
+    assert failure_reason(RuntimeError(oom)) == "ended without a result (state: OUT_OF_MEMORY): slurmstepd: oom_kill"
+
+
+def _shift(seed=1, corruption="gaussian_noise", severity=1, ece=0.2):
+    key = {"model": "m", "dataset": "d", "method": "coop-ce", "seed": seed, "config": "c1"}
+    return {**key, "corruption": corruption, "severity": severity, "accuracy": 0.5, "ece": ece}
+
+
+def test_a_jobs_shift_rows_go_to_its_own_shard_and_merge_into_shift_csv(tmp_path):
+    from calbench.results import SHIFT_COLUMNS, read_shift
+
+    full = {c: 0.1 for c in SHIFT_COLUMNS}
+    ResultsStore(tmp_path).put_shift([{**full, **_shift(seed=1)}])
+    store = ShardStore(tmp_path, "m", "d")
+    store.put_shift([{**full, **_shift(seed=2)}, {**full, **_shift(seed=1, ece=0.3)}])
+    assert [r["ece"] for r in read_shift(tmp_path)] == [0.2]  # shift.csv is never written by a job
+    assert (tmp_path / "shards" / "shift" / "m__d.csv").is_file()
+    assert sorted((r["seed"], r["ece"]) for r in store.shift_rows()) == [(1, 0.3), (2, 0.2)]
+    merge_shards(tmp_path)
+    assert sorted((r["seed"], r["ece"]) for r in read_shift(tmp_path)) == [(1, 0.3), (2, 0.2)]
+    assert not list((tmp_path / "shards" / "shift").glob("*.csv"))
