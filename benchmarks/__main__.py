@@ -26,7 +26,7 @@ import torch
 from benchmarks import rows
 from benchmarks.common import CLASSES, SIZES, Models, Sizes, workspace, write_dataset
 
-ROWS = ("cache", "run", "cut", "pass", "grid", "tune", "bf16", "compile")
+ROWS = ("cache", "run", "cut", "shared", "pass", "grid", "tune", "bf16", "compile")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +82,7 @@ def plan(models: Models, sizes: Sizes, data: Path, tmp: Path, wanted: set[str]) 
         ("run", lambda: rows.one_run(models, "bert", data, sizes, tmp, rate.get("bert"))),
         ("cut", lambda: rows.text_cut(models, "b32", sizes)),
         ("cut", lambda: rows.text_cut(models, "bert", sizes)),
+        ("shared", lambda: rows.text_shared(models, "b32", sizes)),
         ("pass", lambda: rows.text_pass(models, "b32", sizes)),
         ("pass", lambda: rows.text_pass(models, "bert", sizes)),
         ("grid", lambda: rows.grid(models, data, sizes, tmp, rate.get("b32"))),

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from calbench.atomic import save_safetensors_atomic
 from calbench.errors import CalbenchError
-from calbench.models.base import TokenBatch, VLMBackend
+from calbench.models.base import TokenBatch, VLMBackend, can_share_prefix
 from calbench.published import default
 
 PLACEHOLDER = "X"
@@ -76,6 +76,18 @@ class PromptLearner(nn.Module):
         # frozen pieces around the context: [prefix] and "<class name> . [EOT] ..."
         self.register_buffer("token_prefix", embeddings[:, :start].clone(), persistent=False)
         self.register_buffer("token_suffix", embeddings[:, start + n_ctx :].clone(), persistent=False)
+        self.shared_len = self._shared_length()
+
+    def _shared_length(self) -> Optional[int]:
+        """How many leading positions all C prompts share (start tokens, the unified context and any frozen
+        tokens common to every class) when the tower can run them once per pass; None otherwise (class-specific
+        context, one class, a tower that is not causal)."""
+        if self.class_specific or len(self.classnames) < 2 or not can_share_prefix(self.vlm):
+            return None
+        ids = self.tokens.ids
+        common = int((ids == ids[:1]).all(dim=0).long().cumprod(dim=0).sum())
+        length = min(common, int(self.tokens.eot.min()))  # every prompt keeps its EOT in its own part
+        return length if length >= self.vlm.prompt_prefix_len + self.n_ctx else None
 
     def embeddings(self) -> Tensor:
         """(C, L, W) input embeddings of the C prompts: frozen prefix, learned context, frozen suffix."""
@@ -84,7 +96,7 @@ class PromptLearner(nn.Module):
 
     def text_features(self) -> Tensor:
         """(C, D) L2-normalised class text features through the frozen text tower."""
-        return F.normalize(self.vlm.encode_embeddings(self.embeddings(), self.tokens).float(), dim=-1)
+        return _encode([self], self.tokens)
 
 
 def share_text_pass(a: PromptLearner, b: PromptLearner) -> bool:
@@ -110,9 +122,26 @@ def text_features_together(learners: Sequence[PromptLearner]) -> list[Tensor]:
         torch.cat([learner.tokens.eot for learner in learners]),
         None if masks[0] is None else torch.cat(masks),
     )
-    embeddings = torch.cat([learner.embeddings() for learner in learners])
-    features = F.normalize(first.vlm.encode_embeddings(embeddings, tokens).float(), dim=-1)
-    return list(features.split([len(learner.classnames) for learner in learners]))
+    return list(_encode(learners, tokens).split([len(learner.classnames) for learner in learners]))
+
+
+def _encode(learners: Sequence[PromptLearner], tokens: TokenBatch) -> Tensor:
+    """The stacked prompts' L2-normalised features in one pass. When every learner's prompts share a start
+    (:attr:`PromptLearner.shared_len`), that start runs once per learner and the rest of each prompt
+    attends to its own learner's (:mod:`calbench.models.shared_prefix`); otherwise the whole prompts run."""
+    first = learners[0]
+    shared = [learner.shared_len for learner in learners]
+    if None in shared:
+        embeddings = torch.cat([learner.embeddings() for learner in learners])
+        return F.normalize(first.vlm.encode_embeddings(embeddings, tokens).float(), dim=-1)
+    length = min(length for length in shared if length is not None)
+    parts = [learner.embeddings() for learner in learners]
+    prefix = torch.cat([part[:1, :length] for part in parts])
+    suffix = torch.cat([part[:, length:] for part in parts])
+    sizes = torch.tensor([len(learner.classnames) for learner in learners], device=prefix.device)
+    owner = torch.repeat_interleave(torch.arange(len(learners), device=prefix.device), sizes)
+    features = first.vlm.encode_shared_prefix(prefix, suffix, owner, tokens)  # type: ignore[attr-defined]
+    return F.normalize(features.float(), dim=-1)
 
 
 def save_prompt(

@@ -61,13 +61,13 @@ def test_session_hands_out_train_pool_data_only(cache_dir):
     fewshot = calbench.FewShot(shots=4, views=2)
     fit = session.fit_data(1, fewshot)
     train_idx, val_idx = session.split(1, fewshot)
-    assert fit.train_features.shape == (2, 20, 64) and fit.val_features.shape == (20, 64)
+    assert fit.train_features.shape == (2, 24, 128) and fit.val_features.shape == (24, 128)
     assert not set(train_idx) & set(val_idx)
     assert session.fit_data(1, fewshot) is fit  # fetched once per split
-    assert session.test_features().shape == (len(session.test_labels), 64)
+    assert session.test_features().shape == (len(session.test_labels), 128)
     smoothed = calbench.make_method("promptsmooth", n_samples=3)
     with_copies = session.fit_data(1, fewshot, smoothed, score_val=True)
     assert set(with_copies.extra) == {*smoothed.capabilities.fit_features, "val-as-test"}
-    assert session.test_features(smoothed).shape == (3, len(session.test_labels), 64)
+    assert session.test_features(smoothed).shape == (3, len(session.test_labels), 128)
     with pytest.raises(CalbenchError, match="--shots must be at least 1"):
         calbench.FewShot(shots=0)

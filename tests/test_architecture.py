@@ -19,6 +19,7 @@ LAYERS = {
     "calbench.registry": 1,
     "calbench.metrics": 1,
     "calbench.smoothing": 1,
+    "calbench.tissue": 1,
     "calbench.deferral": 1,
     "calbench.published": 1,
     "calbench.models": 2,

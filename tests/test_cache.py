@@ -19,7 +19,7 @@ def own_dataset(synthetic, tmp_path):
 def test_second_request_encodes_nothing_and_returns_the_same(tiny, own_dataset, tmp_path):
     cache = FeatureCache(tmp_path / "c", tiny, progress=False)
     first = cache.features(own_dataset, "test", [0, 5, 9], kind="eval")
-    assert first.shape == (1, 3, 64) and cache.stats.encoded == 3
+    assert first.shape == (1, 3, 128) and cache.stats.encoded == 3
     again = FeatureCache(tmp_path / "c", tiny, progress=False)
     second = again.features(own_dataset, "test", [0, 5, 9], kind="eval")
     assert again.stats.encoded == 0 and again.stats.loaded == 3
@@ -44,7 +44,7 @@ def test_only_missing_images_are_encoded(tiny, own_dataset, tmp_path):
 def test_augmented_views_are_seeded_and_distinct(tiny, own_dataset, tmp_path):
     cache = FeatureCache(tmp_path / "c", tiny, progress=False)
     views = cache.features(own_dataset, "train", [0, 1], kind="train", views=range(3), seed=1)
-    assert views.shape == (3, 2, 64)
+    assert views.shape == (3, 2, 128)
     assert not torch.allclose(views[0], views[1])
     # a fresh cache folder re-draws the same augmentations: views depend on (run seed, view, image) only
     fresh = FeatureCache(tmp_path / "other", tiny, progress=False).features(

@@ -50,7 +50,7 @@ def test_each_run_carries_a_bootstrap_interval(tmp_path, cache_dir):
     (row,) = result.rows
     assert row["ece_ci_low"] < row["ece"] < row["ece_ci_high"]
     probs = np.load(tmp_path / "predictions" / f"tiny__synthetic__coop-ce__1__{row['config']}.npy")
-    assert probs.shape == (300, 5)
+    assert probs.shape == (900, 6)  # the synthetic test split: 6 classes of 150 tiles
 
 
 class _Exploding(LogitMethod):

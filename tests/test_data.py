@@ -10,12 +10,13 @@ from calbench.errors import CalbenchError
 
 def test_synthetic_is_written_in_the_standard_layout(synthetic):
     root = synthetic.root
-    assert (root / "classnames.txt").read_text().splitlines()[0] == "crim crimson striped tissue"
+    assert (root / "classnames.txt").read_text().splitlines()[0] == "adi nuclei with empty fat spaces"
+    assert (root / "template.txt").read_text().strip() == synthetic.template == "an H&E image of {}."
     assert synthetic.class_folders == sorted(f for f, *_ in CLASSES)
     assert len(synthetic.files("train")) == PER_CLASS["train"] * len(CLASSES)
     assert len(synthetic.files("test")) == PER_CLASS["test"] * len(CLASSES)
     image = synthetic.load_image("train", 0)
-    assert image.mode == "RGB" and image.size == (48, 48)
+    assert image.mode == "RGB" and image.size == (64, 64)
     assert "synthetic" in list_datasets()
 
 
@@ -23,8 +24,8 @@ def test_synthetic_is_deterministic(synthetic, tmp_path):
     from calbench.data.synthetic import write_synthetic
 
     other = write_synthetic(tmp_path / "synthetic")
-    a = np.asarray(Image.open(synthetic.root / "images" / "test" / "jade" / "jade_007.png"))
-    b = np.asarray(Image.open(other / "images" / "test" / "jade" / "jade_007.png"))
+    a = np.asarray(Image.open(synthetic.root / "images" / "test" / "tum" / "tum_007.png"))
+    b = np.asarray(Image.open(other / "images" / "test" / "tum" / "tum_007.png"))
     assert np.array_equal(a, b)
 
 

@@ -17,17 +17,17 @@ def fit_data(session) -> FitData:
 
 def test_fit_data_has_no_test_split(fit_data):
     assert not any("test" in name for name in vars(fit_data))
-    assert fit_data.train_features.shape == (2, 20, 64)
-    assert fit_data.val_features.shape == (20, 64)
+    assert fit_data.train_features.shape == (2, 24, 128)
+    assert fit_data.val_features.shape == (24, 128)
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
 def test_every_method_gives_probabilities(fit_data, name):
     method = make_method(name, epochs=3) if "zero-shot" not in name else make_method(name)
     probs = method.fit(fit_data).predict_proba(fit_data.val_features)
-    assert probs.shape == (20, 5)
+    assert probs.shape == (24, 6)
     assert torch.all(probs >= 0)
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones(20, dtype=probs.dtype))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(24, dtype=probs.dtype))
 
 
 def test_calibprompt_defaults_are_the_papers():
@@ -67,7 +67,7 @@ def test_every_loss_method_trains_and_gives_probabilities(fit_data, name):
     method = make_method(name, epochs=2)
     probs = method.fit(fit_data).predict_proba(fit_data.val_features)
     assert torch.isfinite(probs).all() and torch.all(probs >= 0)
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones(20, dtype=probs.dtype))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(24, dtype=probs.dtype))
 
 
 def test_loss_method_parameters_set_their_terms():
@@ -132,7 +132,7 @@ def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(se
     assert method.capabilities.smoothed and not make_method("coop-ce").capabilities.smoothed
     method.fit(session.fit_data(1, FewShot(shots=4, views=2), method))
     features = session.test_features()[:5]
-    assert method.base_logits(features).shape == (5, 5)  # the base classifier on one view
+    assert method.base_logits(features).shape == (5, 6)  # the base classifier on one view: 5 images, 6 classes
     with pytest.raises(ValueError, match=r"predicts from \(S, N, D\) noisy copies"):
         method.predict_proba(features)  # the smoothed classifier takes copies only
     copies = session.test_views(method.capabilities.test_copies.kind, range(3), np.arange(5))

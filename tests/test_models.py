@@ -9,17 +9,23 @@ from calbench.models import list_models, load_vlm
 def test_tiny_is_the_same_model_on_every_load(tiny):
     again = load_vlm("tiny")
     assert again.fingerprint == tiny.fingerprint
-    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again.encode_images(pixels), tiny.encode_images(pixels), atol=0, rtol=0)
 
 
 def test_features_are_normalised(tiny):
-    image = tiny.encode_images(torch.randn(5, 3, 32, 32))
-    text = tiny.encode_texts(["a photo of a cat.", "a photo of a dog."])
-    assert image.shape == (5, 64) and text.shape == (2, 64)
+    image = tiny.encode_images(torch.randn(5, 3, 64, 64))
+    text = tiny.encode_texts(["an H&E image of pale round nuclei.", "an H&E image of dark oval nuclei."])
+    assert image.shape == (5, 128) and text.shape == (2, 128)
     torch.testing.assert_close(image.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(text.norm(dim=1), torch.ones(2))
-    assert tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+def test_tiny_random_has_random_weights_from_seed_0_and_clips_initial_scale():
+    random = load_vlm("tiny-random")
+    assert random.fingerprint == load_vlm("tiny-random").fingerprint != load_vlm("tiny").fingerprint
+    assert random.logit_scale == pytest.approx(1 / 0.07, rel=1e-6)  # open_clip's initial value (CLIP's 0.07)
+    assert random.encode_images(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
 def test_weights_file_round_trip_and_fingerprint(tiny, tmp_path):

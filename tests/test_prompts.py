@@ -17,7 +17,7 @@ def test_ctx_init_reproduces_the_hand_prompt(tiny, class_specific):
 def test_random_context_is_seeded_and_trainable(tiny):
     a = PromptLearner(tiny, CLASSNAMES, n_ctx=16, seed=3)
     b = PromptLearner(tiny, CLASSNAMES, n_ctx=16, seed=3)
-    assert a.ctx.shape == (16, 64)
+    assert a.ctx.shape == (16, tiny.embed_dim)
     torch.testing.assert_close(a.ctx, b.ctx, atol=0, rtol=0)
     assert 0.01 < float(a.ctx.detach().std()) < 0.03  # CoOp's N(0, 0.02^2)
     a.text_features().sum().backward()
@@ -27,8 +27,8 @@ def test_random_context_is_seeded_and_trainable(tiny):
 
 def test_class_specific_context_has_one_set_per_class(tiny):
     learner = PromptLearner(tiny, CLASSNAMES, n_ctx=8, class_specific=True, seed=0)
-    assert learner.ctx.shape == (len(CLASSNAMES), 8, 64)
-    assert learner.text_features().shape == (len(CLASSNAMES), 64)
+    assert learner.ctx.shape == (len(CLASSNAMES), 8, tiny.embed_dim)
+    assert learner.text_features().shape == (len(CLASSNAMES), tiny.embed_dim)
 
 
 def test_cutting_tokens_after_eot_leaves_features_unchanged(tiny):

@@ -23,7 +23,7 @@ from calbench.results import CERTIFY_COLUMNS
 from calbench.session import FewShot, RunContext
 from calbench.smoothing import certified_accuracy, smoothed_proba
 
-TEST_IMAGES = np.arange(0, 300, 30)  # 10 test images, 2 per class
+TEST_IMAGES = np.arange(0, 900, 75)  # 12 test images, 2 per class
 SMALL = {"epochs": 2, "n_samples": 4}
 ZS_SMALL = {"n_samples": 4, "adapt_samples": 3}
 

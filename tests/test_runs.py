@@ -96,7 +96,7 @@ def test_evaluate_and_methods_commands(tmp_path, cache_dir):
         ["evaluate", "--prompt", str(prompt), "--data", "synthetic", "--cache-dir", str(cache_dir), "--device", "cpu"],
     )
     assert shown.exit_code == 0, shown.output
-    assert "coop-ls · tiny · synthetic · test split, 300 images" in shown.output and "ECE %" in shown.output
+    assert "coop-ls · tiny · synthetic · test split, 900 images" in shown.output and "ECE %" in shown.output
     for junk in (b"hello", b"model,dataset\n"):  # not safetensors at all
         bogus = tmp_path / "bogus.safetensors"
         bogus.write_bytes(junk)

@@ -12,7 +12,7 @@ from calbench.train import TrainConfig, TrainingDiverged, learning_rate, train_p
 NAMES = ["red", "green", "blue"]
 
 
-def _features(seed=0, views=2, n=12, dim=64):
+def _features(seed=0, views=2, n=12, dim=128):  # the width of `tiny`
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3
     centres = torch.nn.functional.normalize(torch.randn(3, dim, generator=g), dim=1)

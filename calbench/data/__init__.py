@@ -38,17 +38,17 @@ def _locate_synthetic(data_root: Optional[Path], cache_dir: Path) -> Path:
 
 
 def _register_synthetic() -> None:
-    from calbench.data.synthetic import CLASSES
+    from calbench.data.synthetic import CLASSNAMES, DESCRIPTION, TEMPLATE
 
     DATASETS.add(
         "synthetic",
         DatasetSpec(
             name="synthetic",
             modality="demo",
-            template=DEFAULT_TEMPLATE,
-            description="5 classes of 48x48 colour/texture images (80 train, 60 test each), generated on first use",
+            template=TEMPLATE,
+            description=DESCRIPTION,
             locate=_locate_synthetic,
-            classes=tuple(name for _, name, _, _ in sorted(CLASSES)),
+            classes=CLASSNAMES,
         ),
     )
 

@@ -1,18 +1,23 @@
-"""The built-in ``synthetic`` dataset: small images told apart by colour and texture.
+"""The built-in ``synthetic`` dataset: H&E-like tissue tiles from two hospitals (:mod:`calbench.tissue`).
 
-Written on first use in the standard folder layout, so the demo goes through the
-same loader as real data. Class colours and stripe orientations overlap on
-purpose: accuracy stays well below 100% and miscalibration is visible.
+Six tissue classes, each a spread of the seven tile attributes around its own centre, named in
+the words the ``tiny`` model's pre-training captions use, so that its zero-shot prompts work, but
+only partly: each name says two or three of the attributes and leaves out others that tell classes
+apart ("pale nuclei" does not say that they are round, in pink cytoplasm), and neighbouring classes
+overlap (lymphocytes and tumour differ mainly in nucleus size, stroma and smooth muscle in the
+pink of their fibres). The train pool is stained and scanned in hospital A, the test split in
+hospital B (bluer hematoxylin, weaker eosin, a softer focus), a mild shift of the kind that
+separates two labs. The tiles are drawn from seeds the pre-training corpus never uses.
 
-It is built in a ``.synthetic-XXXX`` temp folder and renamed into place. A run
-killed while building leaves that folder behind; every later call removes such
-folders once none of their folders has changed for :data:`STALE_AFTER_S` seconds,
-so a generator still at work in another process is never raced (no lock needed).
+Written on first use in the standard folder layout, so the demo goes through the same loader as
+real data. It is built in a ``.synthetic-XXXX`` temp folder and renamed into place. A run
+killed while building leaves that folder behind; every later call removes such folders once none
+of their folders has changed for :data:`STALE_AFTER_S` seconds, so a generator still at work in
+another process is never raced (no lock needed).
 """
 
 from __future__ import annotations
 
-import colorsys
 import shutil
 import tempfile
 import time
@@ -22,33 +27,53 @@ import numpy as np
 from PIL import Image
 
 from calbench.data.classnames import format_line
+from calbench.tissue import Stain, render
 
-VERSION = "1"
-SIZE = 48
-#: (folder, class name, hue, stripe angle in degrees)
+VERSION = "3"  # 3: H&E-like tissue tiles from two hospitals (1: striped colours; 2: a draft of 3)
+#: tile side in pixels, the ``tiny`` model's input size
+SIZE = 64
+#: prompts read as the pre-training captions do
+TEMPLATE = "an H&E image of {}."
+#: (folder, class name, attribute centre, attribute spread), attributes in calbench.tissue.ATTRIBUTES order:
+#: density, size, darkness, elongation, fibres, pink, fat
 CLASSES = [
-    ("crim", "crimson striped tissue", 0.00, 0.0),
-    ("ambr", "amber striped tissue", 0.06, 36.0),
-    ("gold", "golden striped tissue", 0.12, 72.0),
-    ("lime", "lime striped tissue", 0.18, 108.0),
-    ("jade", "jade striped tissue", 0.24, 144.0),
+    ("adi", "nuclei with empty fat spaces", (0.15, 0.5, 0.5, 0.5, 0.15, 0.5, 0.75), 0.10),
+    ("lym", "small dark nuclei", (0.85, 0.15, 0.85, 0.15, 0.15, 0.3, 0.0), 0.10),
+    ("mus", "deep pink fibrous stroma", (0.5, 0.5, 0.5, 0.85, 0.85, 0.85, 0.0), 0.10),
+    ("nor", "pale nuclei", (0.5, 0.5, 0.2, 0.2, 0.15, 0.5, 0.0), 0.10),
+    ("str", "pale pink fibrous stroma", (0.2, 0.5, 0.5, 0.8, 0.8, 0.2, 0.0), 0.10),
+    ("tum", "large dark nuclei", (0.8, 0.8, 0.75, 0.5, 0.2, 0.5, 0.0), 0.10),
 ]
-PER_CLASS = {"train": 80, "test": 60}
-#: a temp folder untouched this long was left by a killed run: building the set takes about a
-#: second and touches a class folder with every image (calbench's choice, with a wide margin)
+#: class names in class-index (sorted folder) order
+CLASSNAMES = tuple(name for _, name, _, _ in sorted(CLASSES))
+PER_CLASS = {"train": 80, "test": 150}
+#: where each split was stained and scanned: the train pool in hospital A, the test split in hospital B
+HOSPITALS = {
+    "train": Stain(),
+    "test": Stain(hematoxylin=(0.60, 0.71, 0.37), eosin=(0.09, 0.985, 0.13), e_strength=0.9, gain=0.98, blur=0.3),
+}
+#: per-tile staining variation within one hospital (calbench's choice: a few percent, as within one lab)
+STAIN_JITTER = 0.06
+#: the generator's seed
+SEED = 20250
+#: a temp folder untouched this long was left by a killed run: building the set takes a few seconds
+#: and touches a class folder with every image (calbench's choice, with a wide margin)
 STALE_AFTER_S = 600.0
+DESCRIPTION = (
+    f"{len(CLASSES)} H&E-like tissue classes, {SIZE}x{SIZE} tiles ({PER_CLASS['train']} train, "
+    f"{PER_CLASS['test']} test each; test from another hospital's stain and scanner), generated on first use"
+)
 
 
-def _image(rng: np.random.Generator, hue: float, angle: float) -> np.ndarray:
-    h = (hue + rng.normal(0.0, 0.035)) % 1.0
-    base = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.45, 0.9), rng.uniform(0.55, 1.0)))
-    theta = np.deg2rad(angle + rng.normal(0.0, 22.0))
-    freq = rng.uniform(2.0, 5.0)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    wave = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.uniform(0, 2 * np.pi))
-    shade = 1.0 + rng.uniform(0.15, 0.4) * wave
-    pixels = base[None, None, :] * shade[..., None] + rng.normal(0.0, 0.06, (SIZE, SIZE, 3))
-    return (np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+def tile(split: str, class_index: int, i: int, seed: int = 0) -> np.ndarray:
+    """Tile ``i`` of class ``class_index`` (sorted-folder order) in ``split``: its own seeded generator
+    (``seed`` > 0: another draw of the same classes)."""
+    folder, _, centre, spread = sorted(CLASSES)[class_index]
+    rng = np.random.default_rng([SEED + seed, list(PER_CLASS).index(split), class_index, i])
+    attributes = np.clip(np.asarray(centre) + rng.normal(0.0, spread, len(centre)), 0.0, 1.0)
+    if centre[-1] == 0.0:
+        attributes[-1] = 0.0  # no class but adipose has fat
+    return render(attributes, HOSPITALS[split].jittered(rng, STAIN_JITTER), SIZE, rng)
 
 
 def _last_change(folder: Path) -> float:
@@ -73,21 +98,21 @@ def remove_stale_temps(target: Path, now: float | None = None) -> list[Path]:
 
 
 def write_synthetic(target: Path, seed: int = 0) -> Path:
-    """Create the dataset at ``target`` (atomically: temp folder, then rename)."""
+    """Create the dataset at ``target`` (atomically: temp folder, then rename); ``seed`` as in :func:`tile`."""
     remove_stale_temps(target)
     if (target / "VERSION").is_file() and (target / "VERSION").read_text().strip() == VERSION:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        rng = np.random.default_rng(seed)
         for split, count in PER_CLASS.items():
-            for folder, _, hue, angle in CLASSES:
+            for c, (folder, _, _, _) in enumerate(sorted(CLASSES)):
                 out = tmp / "images" / split / folder
                 out.mkdir(parents=True)
                 for i in range(count):
-                    Image.fromarray(_image(rng, hue, angle)).save(out / f"{folder}_{i:03d}.png")
+                    Image.fromarray(tile(split, c, i, seed)).save(out / f"{folder}_{i:03d}.png")
         (tmp / "classnames.txt").write_text("".join(format_line(f, n) for f, n, _, _ in CLASSES), encoding="utf-8")
+        (tmp / "template.txt").write_text(TEMPLATE + "\n", encoding="utf-8")
         (tmp / "VERSION").write_text(VERSION + "\n")
         if target.exists():  # an older version or a half-made folder from another tool
             shutil.rmtree(target)

@@ -148,15 +148,15 @@ def fetch(name: str) -> Path:
 
 
 def _build_tiny(path: Optional[Path], device: torch.device) -> VLMBackend:
-    from calbench.models.open_clip_backend import OpenClipBackend, shipped_config
+    from calbench.models.tiny import build_tiny
 
-    return OpenClipBackend.from_config("tiny", shipped_config("tiny"), device, seed=0, weights=path)
+    return build_tiny(path, device)
 
 
 def _build_tiny_random(path: Optional[Path], device: torch.device) -> VLMBackend:
-    from calbench.models.open_clip_backend import OpenClipBackend, shipped_config
+    from calbench.models.tiny import build_tiny_random
 
-    return OpenClipBackend.from_config("tiny-random", shipped_config("tiny-random"), device, seed=0, weights=path)
+    return build_tiny_random(path, device)
 
 
 def _open_clip_builder(
@@ -208,11 +208,14 @@ MODELS.add(
     ModelSpec(
         name="tiny",
         modality="demo",
-        source="built in (random weights from seed 0)",
+        source="built in (pre-trained on synthetic H&E-like tiles, shipped with calbench)",
         license="MIT (calbench)",
         template_family="general",
-        resolution=32,
-        description="A 2-layer open_clip ViT/text transformer for demos and tests; not a medical model.",
+        resolution=64,
+        description=(
+            "A small open_clip ViT/text transformer pre-trained contrastively on synthetic H&E-like tiles and "
+            "their captions (python -m calbench.models.train_tiny); a demo model, not a medical one."
+        ),
         build=_build_tiny,
     ),
 )

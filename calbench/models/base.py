@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: listing models needs no torch
     import torch
@@ -90,3 +90,24 @@ class VLMBackend(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """Reference text features through the library's own forward; (C, D), L2-normalised."""
         ...
+
+
+@runtime_checkable
+class SharedPrefixTower(Protocol):
+    """A backend whose causal text tower can run prompts that start alike once per shared start
+    (:mod:`calbench.models.shared_prefix`). Optional: BERT-style and other bidirectional towers,
+    where every token sees the class name, leave it out or report ``shares_prefix`` False."""
+
+    @property
+    def shares_prefix(self) -> bool: ...
+
+    def encode_shared_prefix(self, prefix: Tensor, suffix: Tensor, owner: Tensor, tokens: TokenBatch) -> Tensor:
+        """:meth:`VLMBackend.encode_embeddings` of N prompts, each prompt ``n`` being the input embeddings
+        ``prefix[owner[n]]`` (R, P, W) followed by ``suffix[n]`` (N, L - P, W); ``tokens`` as for the
+        whole prompts (EOT indices count from the prompt's start). (N, D) projected, unnormalised."""
+        ...
+
+
+def can_share_prefix(vlm: Any) -> bool:
+    """Whether ``vlm`` implements :class:`SharedPrefixTower` and its text tower allows it."""
+    return isinstance(vlm, SharedPrefixTower) and bool(vlm.shares_prefix)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch
+from calbench.models.shared_prefix import Block, hf_clip_blocks, run_blocks
 from calbench.models.text import clip_tokens
 from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
 
@@ -132,6 +133,29 @@ class HFClipBackend:
             return _features(self.model.get_text_features(input_ids=tokens.ids.to(self.device)))
         finally:
             handle.remove()
+
+    @property
+    def shares_prefix(self) -> bool:
+        """CLIPTextModel is causal (it builds a causal mask); its layers must be the plain CLIPEncoderLayer."""
+        return self._prefix_blocks() is not None
+
+    def _prefix_blocks(self) -> Optional[list[Block]]:
+        """The tower's layers as :class:`Block`, built afresh (they refer to the current modules), or None."""
+        return hf_clip_blocks(self.model.text_model.encoder.layers)
+
+    def encode_shared_prefix(self, prefix: Tensor, suffix: Tensor, owner: Tensor, tokens: TokenBatch) -> Tensor:
+        """:meth:`encode_embeddings` with each shared prefix run once (:mod:`calbench.models.shared_prefix`)."""
+        blocks = self._prefix_blocks()
+        if blocks is None:
+            raise ValueError(f"{self.name}: this text tower cannot share a prompt prefix")
+        text = self.model.text_model
+        start, length = prefix.shape[1], prefix.shape[1] + suffix.shape[1]
+        positions = text.embeddings.position_embedding.weight[:length]
+        dtype = positions.dtype
+        x = run_blocks(blocks, prefix.to(dtype) + positions[:start], suffix.to(dtype) + positions[start:], owner)
+        x = text.final_layer_norm(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.eot - start]
+        return self.model.text_projection(x)
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         ids = self._tokenizer(list(texts)).to(self.device)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch
+from calbench.models.shared_prefix import Block, open_clip_blocks, run_blocks
 from calbench.models.text import bert_tokenizer, bert_tokens, clip_tokens
 from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
 
@@ -178,10 +179,36 @@ class OpenClipBackend:
         cast = m.transformer.get_cast_dtype()
         x = embeddings.to(cast) + m.positional_embedding[:length].to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.eot]
-        proj = m.text_projection
+        return self._pool(m.ln_final(x), tokens.eot)
+
+    def _pool(self, x: Tensor, index: Tensor) -> Tensor:
+        """Each row's state at ``index`` (its EOT), projected."""
+        x = x[torch.arange(x.shape[0], device=x.device), index]
+        proj = self.model.text_projection
         return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+    @property
+    def shares_prefix(self) -> bool:
+        """A causal mask and open_clip's plain residual blocks: prompts that start alike can share that start."""
+        return self._prefix_blocks() is not None
+
+    def _prefix_blocks(self) -> Optional[list[Block]]:
+        """The tower's blocks as :class:`Block`, built afresh (they refer to the current modules), or None."""
+        mask = getattr(self.model, "attn_mask", None)
+        causal = mask is not None and torch.equal(torch.isinf(mask), torch.isinf(mask).new_ones(mask.shape).triu(1))
+        return open_clip_blocks(self.model.transformer.resblocks) if causal else None
+
+    def encode_shared_prefix(self, prefix: Tensor, suffix: Tensor, owner: Tensor, tokens: TokenBatch) -> Tensor:
+        """:meth:`encode_embeddings` with each shared prefix run once (:mod:`calbench.models.shared_prefix`)."""
+        blocks = self._prefix_blocks()
+        if blocks is None:
+            raise ValueError(f"{self.name}: this text tower cannot share a prompt prefix")
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        start, length = prefix.shape[1], prefix.shape[1] + suffix.shape[1]
+        positions = m.positional_embedding[:length].to(cast)
+        x = run_blocks(blocks, prefix.to(cast) + positions[:start], suffix.to(cast) + positions[start:], owner)
+        return self._pool(m.ln_final(x), tokens.eot - start)
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         ids = self._tokenizer(list(texts)).to(self.device)
@@ -233,6 +260,11 @@ class OpenClipBertBackend(OpenClipBackend):
     @property
     def embed_dim(self) -> int:
         return int(self.model.text.output_dim)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Never: BERT attends both ways, so every token's state depends on the class name."""
+        return False
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """[CLS] .. [SEP] ids cut to the longest prompt, with the attention mask (exact: padding is masked)."""

@@ -1,0 +1,73 @@
+"""The demo shows the paper's effect (Basu et al., BMVC 2025): on the pre-trained ``tiny`` model and the
+``synthetic`` dataset, over seeds 1, 2, 3 and with every method at its defaults, CoOp-CE beats zero-shot
+but is overconfident; CalibPrompt keeps CoOp-CE's accuracy with a clearly lower ECE; temperature
+scaling lowers CoOp-CE's ECE on average. This is the one test that the whole pipeline can make calibration better,
+so it is also run with CalibPrompt reduced to plain cross-entropy, where it must fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calbench.compare import Grid, run_compare
+from calbench.results import ResultsStore
+from calbench.session import RunContext
+
+METHODS = ["zero-shot", "coop-ce", "coop-ce+ts", "calibprompt"]
+SEEDS = [1, 2, 3]
+CHANCE = 1 / 6
+#: CalibPrompt without its label smoothing, SMAC and AS: CoOp's cross-entropy
+PLAIN_CE = {"calibprompt": {"alpha": 0.0, "w_smac": 0.0, "w_as": 0.0}}
+
+
+def demo_numbers(out: Path, context: RunContext, params: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per method: accuracy, ECE and mean top-label confidence of each seed, from `compare`'s rows and predictions."""
+    result = run_compare(
+        grid=Grid(METHODS, SEEDS, bootstrap=0, method_params=params), context=context, out=out, data="synthetic"
+    )
+    store = ResultsStore(out)
+    numbers: dict[str, dict[str, list[float]]] = {}
+    for row in result.rows:
+        assert row["status"] == "ok", row
+        entry = numbers.setdefault(row["method"], {"accuracy": [], "ece": [], "confidence": []})
+        entry["accuracy"].append(row["accuracy"])
+        entry["ece"].append(row["ece"])
+        entry["confidence"].append(float(store.predictions(row).max(axis=1).mean()))
+    return {m: {k: np.asarray(v) for k, v in entry.items()} for m, entry in numbers.items()}
+
+
+def effect_failures(n: dict[str, dict[str, np.ndarray]]) -> list[str]:
+    """What the demo must show, with margins that hold on seeds 1-3 (empty: it shows all of it).
+
+    On seeds 1-9 (README) CalibPrompt's ECE is below CoOp-CE's on 8 of 9 and about 40% of it on
+    average; temperature scaling, fitted on 8 validation images per class from the other hospital,
+    helps CoOp-CE on average over seeds 1-3 but overshoots on several later seeds, so it is
+    checked on the mean.
+    """
+    zs, ce, ts, cp = (n[m] for m in METHODS)
+    checks = {
+        "zero-shot is clearly above chance": zs["accuracy"].mean() > CHANCE + 0.25,
+        "coop-ce is more accurate than zero-shot on every seed": (ce["accuracy"] > zs["accuracy"] + 0.03).all(),
+        "coop-ce is overconfident on every seed": (ce["confidence"] - ce["accuracy"] > 0.03).all(),
+        "coop-ce's ECE is well above coop-ce+ts's": ce["ece"].mean() > ts["ece"].mean() + 0.03,
+        "calibprompt is about as accurate as coop-ce": abs(cp["accuracy"].mean() - ce["accuracy"].mean()) < 0.04,
+        "calibprompt's ECE is below coop-ce's on every seed": (cp["ece"] < ce["ece"] - 0.005).all(),
+        "calibprompt's ECE is at most half coop-ce's": cp["ece"].mean() < 0.5 * ce["ece"].mean(),
+    }
+    return [name for name, holds in checks.items() if not holds]
+
+
+@pytest.mark.e2e
+def test_the_demo_shows_the_papers_effect_and_would_show_its_absence(tmp_path, cache_dir):
+    context = RunContext(device="cpu", cache_dir=cache_dir)
+    numbers = demo_numbers(tmp_path, context, {})
+    assert effect_failures(numbers) == []
+    # the same grid with CalibPrompt as plain cross-entropy: only calibprompt is run again, and it is CoOp-CE
+    plain = demo_numbers(tmp_path, context, PLAIN_CE)
+    np.testing.assert_allclose(plain["calibprompt"]["ece"], plain["coop-ce"]["ece"], atol=1e-6)
+    assert {"calibprompt's ECE is below coop-ce's on every seed", "calibprompt's ECE is at most half coop-ce's"} <= set(
+        effect_failures(plain)
+    )
