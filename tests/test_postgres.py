@@ -134,7 +134,8 @@ def test_workers_finish_the_study_exactly_when_one_is_killed_mid_trial(kind, mak
     assert {t.state for t in done} <= {TrialState.COMPLETE, TrialState.FAIL}  # nothing left running or waiting
     assert len({t.user_attrs["worker"] for t in complete}) == 2
     seen = _read_elsewhere(storage)  # as optuna-dashboard would: the retry and every attribute, as JSON
-    assert [t["system"].get("failed_trial") for t in seen["trials"]].count(0) == 1
+    retries = [t for t in seen["trials"] if t["system"].get("failed_trial") == 0 and not t["user"].get(SURPLUS)]
+    assert len(retries) == 1  # a second retry (two workers failing the trial at once on SQLite) steps back
     assert [t["user"] for t in seen["trials"]] == [json.loads(json.dumps(t.user_attrs)) for t in done]
 
 

@@ -361,3 +361,33 @@ def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path)
     )
     with pytest.raises(CalbenchError, match="has no completed trial yet"):
         best_params_document(result)
+
+
+def test_a_trial_finished_by_another_worker_is_not_told_twice():
+    """On SQLite two workers can take the same waiting trial; the second outcome is dropped, other errors raise."""
+    from calbench.tune.batch import tell
+
+    study = optuna.create_study()
+    trial = study.ask()
+    tell(study, trial, 1.0)
+    tell(study, trial, 2.0)  # already complete: Optuna refuses, and nothing else happens
+    assert [t.value for t in study.trials] == [1.0]
+    with pytest.raises(ValueError, match="Cannot tell with state"):
+        tell(study, study.ask(), state=optuna.trial.TrialState.RUNNING)  # a caller's mistake still raises
+
+
+def test_a_second_retry_of_one_failed_trial_is_surplus():
+    """Two workers failing one stale trial at once (SQLite) queue two retries; only the first runs."""
+    from types import SimpleNamespace
+
+    from optuna.storages import RetryFailedTrialCallback
+
+    from calbench.tune.worker import Worker
+
+    study = optuna.create_study()
+    study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), state=TrialState.FAIL)
+    for _ in range(2):
+        RetryFailedTrialCallback()(study, study.trials[0])
+    first, second = study.ask(), study.ask()
+    worker = SimpleNamespace(n_trials=5)
+    assert (Worker._is_surplus(worker, first), Worker._is_surplus(worker, second)) == (False, True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -28,6 +29,23 @@ def trials_to_ask(trials: Sequence[FrozenTrial], n_trials: int, batch: int) -> i
     return max(1, min(batch, waiting + missing))
 
 
+def finished_elsewhere(error: ValueError) -> bool:
+    """Whether Optuna refused to record a trial's outcome because the trial is already finished. On
+    SQLite two workers can take the same waiting trial: Optuna pops it with SELECT ... FOR UPDATE
+    (``RDBStorage.set_trial_state_values``), which SQLite ignores. The first to finish records it; the
+    other's outcome of the same setting is dropped, and nothing is lost."""
+    return str(error).startswith("Cannot tell a ")
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
+    """``study.tell``, except for a trial that another worker has finished (:func:`finished_elsewhere`)."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except ValueError as error:
+        if not finished_elsewhere(error):
+            raise
+
+
 def run_batch(study: optuna.Study, worker: Worker, count: int, catch: tuple[type[Exception], ...]) -> int:
     """Ask ``count`` trials, run them together, tell each its outcome; returns how many ran.
 
@@ -43,18 +61,18 @@ def run_batch(study: optuna.Study, worker: Worker, count: int, catch: tuple[type
             outcomes = worker.run_trials(trials)
         except BaseException:
             for trial in trials:
-                study.tell(trial, state=TrialState.FAIL)
+                tell(study, trial, state=TrialState.FAIL)
             raise
     escaped = None
     for trial, outcome in zip(trials, outcomes):
         if isinstance(outcome, optuna.TrialPruned):
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(study, trial, state=TrialState.PRUNED)
         elif isinstance(outcome, Exception):
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             if not isinstance(outcome, catch) and escaped is None:
                 escaped = outcome
         else:
-            study.tell(trial, outcome)
+            tell(study, trial, outcome)
     if escaped is not None:
         raise escaped
     return len(trials)

@@ -18,7 +18,7 @@ from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
-from calbench.tune.batch import run_batch, trials_to_ask
+from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage
@@ -153,8 +153,12 @@ def search(
                 if config.batch_trials > 1:
                     ran += run_batch(study, worker, trials_to_ask(trials, n_trials, config.batch_trials), CAUGHT)
                     continue
-                study.optimize(worker, n_trials=1, catch=CAUGHT)
-                ran += 1
+                try:
+                    study.optimize(worker, n_trials=1, catch=CAUGHT)
+                    ran += 1
+                except ValueError as error:  # its trial was also taken, and finished, by another worker
+                    if not finished_elsewhere(error):
+                        raise
     return SearchResult(study, config, storage, ran, time.perf_counter() - started)
 
 

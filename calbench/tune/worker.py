@@ -81,10 +81,15 @@ class Worker:
         return self.reference
 
     def _is_surplus(self, trial: optuna.Trial) -> bool:
-        """A freshly sampled trial numbered beyond the total; queued ones (defaults, retries) were counted already."""
+        """A freshly sampled trial numbered beyond the total, or a second retry of one failed trial; queued ones
+        (defaults, a first retry) were counted already. Two retries of one trial come from two workers failing
+        it as stale at once, which SQLite, without row locks, does not prevent."""
         trials = trial.study.get_trials(deepcopy=False)
         own = next(t for t in trials if t.number == trial.number).system_attrs
-        if "fixed_params" in own or "failed_trial" in own:
+        if "failed_trial" in own:
+            source = own["failed_trial"]
+            return any(t.number < trial.number and t.system_attrs.get("failed_trial") == source for t in trials)
+        if "fixed_params" in own:
             return False
         return sum(t.number < trial.number and counts_toward_total(t) for t in trials) >= self.n_trials
 
