@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 
 from calbench.atomic import save_safetensors_atomic
 from calbench.models.open_clip_backend import shipped_config
-from calbench.models.tiny import pack, shipped_weights
+from calbench.models.tiny import EMBEDDING, ROW_IDS, ROWS, pack, shipped_weights, unpack
 from calbench.tissue import ATTRIBUTES, FAT, FRAMES, LEVELS, Stain, caption, mentions, render
 
 #: first entry of every corpus tile's seed, so corpus and demo dataset never share a generator
@@ -224,11 +224,8 @@ def train(
 def _full_state(model: open_clip.CLIP, vocab: Tensor, vocab_size: int) -> dict[str, Tensor]:
     """The state dict of the full-vocabulary model: corpus tokens' rows trained, every other row zero."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = state.pop("token_embedding.weight")
-    table = torch.zeros(vocab_size, rows.shape[1])
-    table[vocab] = rows
-    state["token_embedding.weight"] = table
-    return state
+    rows = state.pop(EMBEDDING)  # one row per corpus token, in ``vocab`` order
+    return unpack({**state, ROW_IDS: vocab, ROWS: rows}, vocab_size)
 
 
 def shipped(state: dict[str, Tensor], cfg: PretrainConfig) -> dict[str, Tensor]:
