@@ -15,8 +15,8 @@ from calbench.tissue import FRAMES
 #: a few steps on a few tiles: enough to check determinism, not a re-run
 SMOKE = replace(PretrainConfig(), images=48, steps=3, batch_size=16, warmup_steps=1)
 #: zero-shot on the demo's test split with the shipped weights (900 tiles; measured with torch 2.14.1 on CPU)
-ZERO_SHOT_ACCURACY = 0.7100
-ZERO_SHOT_ECE = 0.2654
+ZERO_SHOT_ACCURACY = 0.6722
+ZERO_SHOT_ECE = 0.2975
 
 
 @pytest.fixture(scope="module")
