@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from calbench.base import FitData, LogitMethod, register_method
@@ -12,8 +11,7 @@ from calbench.train import logits_for
 @register_method("zero-shot", "hand prompt, no training")
 class ZeroShot(LogitMethod):
     def fit(self, data: FitData) -> ZeroShot:
-        with torch.no_grad():
-            self._text = data.vlm.encode_texts(data.hand_prompts())
+        self._text = data.hand_features()
         self._scale = data.vlm.logit_scale
         return self
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Protocol, Union
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,10 @@ def split_copies(caps: Capabilities, inputs: Tensor) -> tuple[Optional[Tensor], 
     return inputs[:count], inputs[count:]
 
 
+#: :meth:`FitData.hand_features` of each loaded model, by prompt list (dropped with the model)
+_HAND_FEATURES: WeakKeyDictionary[Any, dict[tuple[str, ...], Tensor]] = WeakKeyDictionary()
+
+
 @dataclass
 class FitData:
     """What a method may learn from: few-shot train views and the validation split."""
@@ -106,6 +111,16 @@ class FitData:
 
     def hand_prompts(self) -> list[str]:
         return [self.template.format(name) for name in self.classnames]
+
+    def hand_features(self) -> Tensor:
+        """The hand prompts' (C, D) text features, encoded once per model and prompt list (the tower is
+        frozen): zero-shot and the zero-shot-anchored losses share one encoding over every seed and method."""
+        texts = tuple(self.hand_prompts())
+        memo = _HAND_FEATURES.setdefault(self.vlm, {})
+        if texts not in memo:
+            with torch.no_grad():
+                memo[texts] = self.vlm.encode_texts(list(texts))
+        return memo[texts]
 
     def val_inputs(self, method: Method) -> Tensor:
         """The validation images in the form ``method`` predicts from: noisy copies for a smoothed one."""

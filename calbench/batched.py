@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+from torch import Tensor
 
 from calbench.base import FitData, Method
 from calbench.calibprompt import PromptMethod
 from calbench.methods import parse_method
-from calbench.prompts import share_text_pass
+from calbench.prompts import PromptLearner, share_text_pass, text_features_together
 from calbench.train import TrainRun, train_together
 
 if TYPE_CHECKING:
@@ -87,20 +88,35 @@ def fit_together(
             results = train_together([runs[i] for i in group])
         except Exception:  # noqa: BLE001 - the shared pass failed: each run alone says what is wrong with it
             results = None
-        for index, result in zip(chosen, results or [None] * len(chosen)):
-            outcomes[index] = _finish(methods[index], data[index], result)
+        texts = _trained_features([runs[i].learner for i in group]) if results else [None] * len(chosen)
+        for index, result, text in zip(chosen, results or [None] * len(chosen), texts):
+            outcomes[index] = _finish(methods[index], data[index], result, text)
     return [outcomes[index] for index in range(len(methods))]
 
 
+def _trained_features(learners: Sequence[PromptLearner]) -> list[Optional[Tensor]]:
+    """The trained prompts' class features from one shared pass, as training computed them; None for each
+    when that pass fails (out of memory, say): each method then computes its own."""
+    try:
+        with torch.no_grad():
+            return list(text_features_together(learners))
+    except Exception:  # noqa: BLE001 - a fallback, not an error: the features are computed again per run
+        return [None] * len(learners)
+
+
 def _finish(
-    method: Method, fit: FitData, result: Union[list[dict[str, float]], Exception, None]
+    method: Method,
+    fit: FitData,
+    result: Union[list[dict[str, float]], Exception, None],
+    text: Optional[Tensor] = None,
 ) -> Union[Method, Exception]:
-    """The method fitted from its run's ``result``, or alone when there is none; or the error of its fit."""
+    """The method fitted from its run's ``result`` (and trained features ``text``), or alone when there is
+    no result; or the error of its fit."""
     try:
         if result is None:
             return method.fit(fit)
         assert isinstance(method, PromptMethod)
-        return method.trained(result)
+        return method.trained(result, text)
     except Exception as exc:  # noqa: BLE001 - the run's own error, returned as its outcome
         return exc
 

@@ -67,25 +67,28 @@ class PromptMethod(LogitMethod):
         self.learner = learner  # on_epoch callbacks (tune's checkpoints) read the prompt as it trains
         zs = None
         if self.objective.inputs & {"zs_logits", "zs_text_features"}:
-            with torch.no_grad():
-                zs = data.vlm.encode_texts(data.hand_prompts())
+            zs = data.hand_features()
         return TrainRun(
             learner, self.objective, data.train_features, data.train_labels, cfg, data.seed, zs, self.on_epoch
         )
 
-    def trained(self, outcome: Union[list[dict[str, float]], Exception]) -> PromptMethod:
-        """Finish a fit from its run's outcome: the per-epoch losses, or the error that stopped it (raised)."""
+    def trained(self, outcome: Union[list[dict[str, float]], Exception], text: Optional[Tensor] = None) -> PromptMethod:
+        """Finish a fit from its run's outcome: the per-epoch losses, or the error that stopped it (raised).
+        ``text``: the trained prompts' features, when a shared pass has computed them already."""
         if isinstance(outcome, Exception):
             raise outcome
         assert self.learner is not None, "call training_run() first"
         self.history = outcome
-        return self.use_prompt(self.learner)
+        return self.use_prompt(self.learner, text)
 
-    def use_prompt(self, learner: PromptLearner) -> PromptMethod:
-        """Predict with ``learner``'s context (a trained one, or one loaded from a prompt file)."""
+    def use_prompt(self, learner: PromptLearner, text: Optional[Tensor] = None) -> PromptMethod:
+        """Predict with ``learner``'s context (a trained one, or one loaded from a prompt file); ``text``:
+        its class features if already computed."""
         self.learner = learner
-        with torch.no_grad():
-            self._text = learner.text_features()
+        if text is None:
+            with torch.no_grad():
+                text = learner.text_features()
+        self._text = text
         self._scale = learner.vlm.logit_scale
         return self
 

@@ -63,9 +63,22 @@ def test_runs_trained_together_equal_their_separate_runs(vlm):
             )
         for epoch_shared, epoch_single in zip(shared.history, single.history):
             assert epoch_shared == pytest.approx(epoch_single, abs=1e-5)
+        val = _data(vlm, 1).val_features  # scored with the features of the shared pass that ended training
+        torch.testing.assert_close(shared.predict_logits(val), single.predict_logits(val), rtol=0, atol=1e-4)
     # training moved every context away from its start, so equality is not that of untouched prompts
     start = PromptLearner(vlm, CLASSES, n_ctx=4, seed=1).ctx
     assert (alone[0].learner.ctx - start).abs().max() > 1e-3
+
+
+def test_trained_features_come_from_one_shared_pass(vlm, monkeypatch):
+    calls = []
+    own = PromptLearner.text_features
+    monkeypatch.setattr(PromptLearner, "text_features", lambda self: calls.append(self) or own(self))
+    fitted = fit_together([_method("coop-ce"), _method("calibprompt")], [_data(vlm, 1), _data(vlm, 2)])
+    assert calls == []  # trained together, and their class features computed together after
+    with torch.no_grad():
+        for method in fitted:
+            torch.testing.assert_close(method._text, own(method.learner), rtol=0, atol=1e-6)
 
 
 def test_one_pass_gives_each_learner_its_own_features(vlm):

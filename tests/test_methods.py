@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,25 @@ def test_every_method_gives_probabilities(fit_data, name):
     assert probs.shape == (24, 6)
     assert torch.all(probs >= 0)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(24, dtype=probs.dtype))
+
+
+def test_hand_prompts_are_encoded_once_per_model_and_prompt_list(session, fit_data, monkeypatch):
+    from calbench.base import _HAND_FEATURES
+
+    vlm = fit_data.vlm
+    _HAND_FEATURES.pop(vlm, None)
+    calls = []
+    own = vlm.encode_texts
+    monkeypatch.setattr(vlm, "encode_texts", lambda texts: calls.append(list(texts)) or own(texts))
+    other_seed = session.fit_data(2, FewShot(shots=4, views=2))
+    zero_shot = [make_method("zero-shot").fit(data) for data in (fit_data, other_seed)]
+    make_method("coop-tmm", epochs=1).training_run(other_seed)  # a zero-shot-anchored loss reads them too
+    assert calls == [fit_data.hand_prompts()]
+    with torch.no_grad():
+        torch.testing.assert_close(zero_shot[1]._text, own(fit_data.hand_prompts()), rtol=0, atol=0)
+    other_template = replace(fit_data, template="a tile of {}.")
+    other_template.hand_features()
+    assert calls[1:] == [other_template.hand_prompts()]
 
 
 def test_calibprompt_defaults_are_the_papers():
