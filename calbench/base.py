@@ -117,8 +117,8 @@ class FitData:
         frozen): zero-shot and the zero-shot-anchored losses share one encoding over every seed and method."""
         texts = tuple(self.hand_prompts())
         memo = _HAND_FEATURES.setdefault(self.vlm, {})
-        if texts not in memo:
-            with torch.no_grad():
+        if texts not in memo:  # a plain tensor even when first asked under inference mode: losses keep it
+            with torch.inference_mode(False), torch.no_grad():
                 memo[texts] = self.vlm.encode_texts(list(texts))
         return memo[texts]
 

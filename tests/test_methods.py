@@ -40,6 +40,8 @@ def test_hand_prompts_are_encoded_once_per_model_and_prompt_list(session, fit_da
     calls = []
     own = vlm.encode_texts
     monkeypatch.setattr(vlm, "encode_texts", lambda texts: calls.append(list(texts)) or own(texts))
+    with torch.inference_mode():  # first asked under inference mode: still a tensor a loss may keep
+        assert not fit_data.hand_features().is_inference()
     other_seed = session.fit_data(2, FewShot(shots=4, views=2))
     zero_shot = [make_method("zero-shot").fit(data) for data in (fit_data, other_seed)]
     make_method("coop-tmm", epochs=1).training_run(other_seed)  # a zero-shot-anchored loss reads them too
