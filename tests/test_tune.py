@@ -376,6 +376,30 @@ def test_a_trial_finished_by_another_worker_is_not_told_twice():
         tell(study, study.ask(), state=optuna.trial.TrialState.RUNNING)  # a caller's mistake still raises
 
 
+def test_a_retry_holds_its_failed_trials_place_even_when_numbered_later():
+    """A worker killed mid-trial: its trial keeps its place until the retry is queued, and the retry
+    holds it after, so a fresh trial sampled meanwhile by another worker is surplus at the total."""
+    from types import SimpleNamespace
+
+    from optuna.storages import RetryFailedTrialCallback
+
+    from calbench.tune.worker import Worker
+
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study()
+    study.tell(study.ask(space), state=TrialState.FAIL)  # 0: its worker died
+    for _ in range(2):
+        study.tell(study.ask(space), 0.5)  # 1, 2
+    worker = SimpleNamespace(n_trials=3)
+    fresh = study.ask(space)  # 3, sampled before the retry of 0 is queued
+    assert Worker._is_surplus(worker, fresh)
+    RetryFailedTrialCallback()(study, study.trials[0])  # queued as 4
+    assert Worker._is_surplus(worker, fresh)
+    assert not Worker._is_surplus(worker, study.ask())  # the retry itself runs
+    worker.n_trials = 4
+    assert not Worker._is_surplus(worker, fresh)
+
+
 def test_a_second_retry_of_one_failed_trial_is_surplus():
     """Two workers failing one stale trial at once (SQLite) queue two retries; only the first runs."""
     from types import SimpleNamespace

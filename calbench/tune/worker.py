@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.trial import FrozenTrial, TrialState
 
 from calbench.base import FitData, Method
 from calbench.batched import fit_together
@@ -32,6 +33,7 @@ from calbench.session import RunContext, Session
 from calbench.train import TrainingDiverged, logits_for
 from calbench.tune.config import ACCURACY, SURPLUS, TuneConfig, counts_toward_total
 from calbench.tune.space import method_params, pair_key
+from calbench.tune.storage import MAX_RETRY
 
 
 class Surplus(Exception):
@@ -91,7 +93,7 @@ class Worker:
             return any(t.number < trial.number and t.system_attrs.get("failed_trial") == source for t in trials)
         if "fixed_params" in own:
             return False
-        return sum(t.number < trial.number and counts_toward_total(t) for t in trials) >= self.n_trials
+        return len(_slots_before(trial.number, trials)) >= self.n_trials
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         outcome = self.run_trials([trial])[0]
@@ -220,3 +222,17 @@ class Worker:
     def _record_prune(self, trial: optuna.Trial, where: str, acc: float, pair: tuple[str, str]) -> None:
         trial.set_user_attr("pruned_at", where)
         trial.set_constraint(ACCURACY, self.reference[pair_key(pair)] - self.config.acc_tolerance / 100.0 - acc)
+
+
+def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
+    """The study's places taken before trial ``number``, each named by the trial that first held it: a retry
+    holds its failed trial's place, wherever it is numbered, and a trial a dead worker held keeps its place
+    until its retry is queued (Optuna fails it first, then queues the retry: another worker may look between)."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+    def awaits_retry(t: FrozenTrial) -> bool:
+        killed = t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
+        return killed and t.number not in retried and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY
+
+    places = (t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or awaits_retry(t))
+    return {place for place in places if place < number}
