@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -225,23 +224,15 @@ class Worker:
         trial.set_constraint(ACCURACY, self.reference[pair_key(pair)] - self.config.acc_tolerance / 100.0 - acc)
 
 
-#: how long a dead worker's failed trial keeps its place while its retry is not queued (calbench's choice: Optuna
-#: queues it right after failing the trial; a worker that died in between leaves none, and the place frees)
-RETRY_GRACE_S = 10.0
-
-
 def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
     """The study's places taken before trial ``number``, each named by the trial that first held it: a retry
     holds its failed trial's place, wherever it is numbered, and a trial a dead worker held keeps its place
     until its retry is queued (Optuna fails it first, then queues the retry: another worker may look between)."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    now = datetime.now()
 
     def awaits_retry(t: FrozenTrial) -> bool:
         killed = t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
-        if not killed or t.number in retried or len(t.system_attrs.get("retry_history", ())) >= MAX_RETRY:
-            return False
-        return t.datetime_complete is not None and (now - t.datetime_complete).total_seconds() < RETRY_GRACE_S
+        return killed and t.number not in retried and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY
 
     places = (t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or awaits_retry(t))
     return {place for place in places if place < number}
