@@ -198,8 +198,8 @@ def text_cut(models: Models, kind: str, sizes: Sizes) -> Row:
 
 def text_shared(models: Models, kind: str, sizes: Sizes) -> Row:
     """A training step of one learner's 9 cut prompts with their shared start (start token and context)
-    run once (calbench.models.shared_prefix) against every prompt whole; and the largest feature
-    difference."""
+    run once and no token past each prompt's EOT (calbench.models.shared_prefix) against every prompt
+    whole; and the largest feature difference."""
     from calbench.prompts import PromptLearner
 
     vlm = models.get(kind)
@@ -218,17 +218,18 @@ def text_shared(models: Models, kind: str, sizes: Sizes) -> Row:
     with torch.no_grad():
         diff = float((features(True) - features(False)).abs().max())
     length, start, classes = learner.tokens.ids.shape[1], learner.shared_len, len(CLASSES)
+    computed = start + int((learner.tokens.eot - start + 1).sum())
     ratio = t_whole / t_shared
     return Row(
         f"text step, shared prompt start vs whole prompts, {models.label(kind)}",
-        f"{t_shared * 1e3:.0f} ms ({start + classes * (length - start)} tokens)",
+        f"{t_shared * 1e3:.0f} ms ({computed} tokens)",
         f"{t_whole * 1e3:.0f} ms ({classes * length} tokens)",
         ratio,
         "identical features",
         diff < 1e-4,
         peak,
-        f"{classes} cut prompts of {length} tokens, the first {start} (start token + 16 context) run once; "
-        f"max |feature difference| {diff:.1e}",
+        f"{classes} cut prompts of {length} tokens, the first {start} (start token + 16 context) run once, "
+        f"no token past a prompt's EOT; max |feature difference| {diff:.1e}",
         {"shared_s": t_shared, "whole_s": t_whole, "max_diff": diff, "shared_len": start, "length": length},
     )
 
@@ -309,7 +310,7 @@ def grid(models: Models, data: Path, sizes: Sizes, tmp: Path, bare_rate: Optiona
         scaled = t_batched * EPOCHS / sizes.grid_epochs
         encode = (
             f"; one encoding pass over a Kather-sized pair ({KATHER_IMAGES} images) takes {encoding:.0f} s, "
-            f"the grid scaled to 50 epochs {scaled / encoding:.1f}x that"
+            f"the grid scaled to 50 epochs {scaled / encoding:.2g}x that"
         )
     return Row(
         f"grid: {len(methods)} methods x {len(plan.seeds)} seeds, batched vs one by one",

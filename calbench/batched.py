@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from calbench.session import FewShot, Session
 
 #: at most this many prompts (runs x classes) in one text-tower pass, by device type (calbench's choice): the
-#: activations a pass keeps for its backward take ~11 MiB per 27-token prompt of a ViT-B CLIP text tower in
-#: fp32 (measured; a BERT-base tower ~1.7x that), so 128 prompts hold ~1.4 GiB on a CPU, which gains little
-#: from larger passes (``python -m benchmarks``, text-pass row); a GPU's memory holds 512 (~6 GiB) easily
+#: activations a pass keeps for its backward take ~11 MiB per whole 27-token prompt of a ViT-B CLIP text tower in
+#: fp32 (a BERT-base tower ~1.7x that), and ~5.5 MiB with each run's start shared and no token past an EOT
+#: (measured: 698 MiB peak RSS growth for a step of 14 runs x 9 Kather prompts), so 128 prompts hold 0.7-1.4 GiB
+#: on a CPU, which gains little from larger passes (``python -m benchmarks``, text-pass row); a GPU's memory
+#: holds 512 (~6 GiB at most) easily
 MAX_PROMPTS = {"cpu": 128, "cuda": 512}
 
 

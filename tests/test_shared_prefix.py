@@ -171,3 +171,31 @@ def test_a_bert_tower_takes_the_full_pass(tmp_path: Path):
 def test_causal_towers_offer_prefix_sharing(vlm, hf_vlm):
     assert can_share_prefix(vlm) and can_share_prefix(hf_vlm)
     assert not can_share_prefix(object())
+
+
+def test_tokens_past_each_eot_are_never_computed(vlm):
+    """Shorter class names leave padding after their EOT in the cut prompts; those rows are dropped, so no
+    block computes them (each MLP sees the prefix and the real suffix tokens only), and not even a NaN there
+    reaches a feature."""
+    learner = PromptLearner(vlm, CLASSES, n_ctx=4, seed=0)
+    start, eot = learner.shared_len, learner.tokens.eot
+    assert start == 5 and len(set(eot.tolist())) > 1  # names of different lengths: padding in the grid
+    embeddings = learner.embeddings().detach()
+    prefix, suffix = embeddings[:1, :start], embeddings[:, start:].clone()
+    owner = torch.zeros(len(CLASSES), dtype=torch.long)
+    clean = vlm.encode_shared_prefix(prefix, suffix, owner, learner.tokens)
+
+    rows: list[int] = []
+    hooks = [
+        b.mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0])) for b in vlm.model.transformer.resblocks
+    ]
+    past = torch.arange(suffix.shape[1]) > (eot - start).unsqueeze(1)
+    suffix[past] = float("nan")
+    try:
+        poisoned = vlm.encode_shared_prefix(prefix, suffix, owner, learner.tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    real = start + int((eot - start + 1).sum())
+    assert rows == [real] * len(vlm.model.transformer.resblocks) and real < start + suffix.shape[0] * suffix.shape[1]
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)

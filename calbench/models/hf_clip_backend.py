@@ -152,10 +152,14 @@ class HFClipBackend:
         start, length = prefix.shape[1], prefix.shape[1] + suffix.shape[1]
         positions = text.embeddings.position_embedding.weight[:length]
         dtype = positions.dtype
-        x = run_blocks(blocks, prefix.to(dtype) + positions[:start], suffix.to(dtype) + positions[start:], owner)
-        x = text.final_layer_norm(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.eot - start]
-        return self.model.text_projection(x)
+        x = run_blocks(
+            blocks,
+            prefix.to(dtype) + positions[:start],
+            suffix.to(dtype) + positions[start:],
+            owner,
+            tokens.eot - start,
+        )
+        return self.model.text_projection(text.final_layer_norm(x))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         ids = self._tokenizer(list(texts)).to(self.device)

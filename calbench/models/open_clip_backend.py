@@ -179,11 +179,10 @@ class OpenClipBackend:
         cast = m.transformer.get_cast_dtype()
         x = embeddings.to(cast) + m.positional_embedding[:length].to(cast)
         x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
-        return self._pool(m.ln_final(x), tokens.eot)
+        return self._project(m.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.eot]))
 
-    def _pool(self, x: Tensor, index: Tensor) -> Tensor:
-        """Each row's state at ``index`` (its EOT), projected."""
-        x = x[torch.arange(x.shape[0], device=x.device), index]
+    def _project(self, x: Tensor) -> Tensor:
+        """The (N, W) EOT states through the text projection."""
         proj = self.model.text_projection
         return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
@@ -207,8 +206,10 @@ class OpenClipBackend:
         cast = m.transformer.get_cast_dtype()
         start, length = prefix.shape[1], prefix.shape[1] + suffix.shape[1]
         positions = m.positional_embedding[:length].to(cast)
-        x = run_blocks(blocks, prefix.to(cast) + positions[:start], suffix.to(cast) + positions[start:], owner)
-        return self._pool(m.ln_final(x), tokens.eot - start)
+        x = run_blocks(
+            blocks, prefix.to(cast) + positions[:start], suffix.to(cast) + positions[start:], owner, tokens.eot - start
+        )
+        return self._project(m.ln_final(x))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         ids = self._tokenizer(list(texts)).to(self.device)

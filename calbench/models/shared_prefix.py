@@ -7,7 +7,9 @@ depends only on positions ``0 .. i`` (the causal mask of Radford et al. 2021, Se
 remaining tokens attend to the keys and values of [shared prefix ; its own tokens] (scaled
 dot-product attention, Vaswani et al. 2017 eq. 1, with the causal mask over the joined sequence).
 That is the same function as the full pass; the prefix's gradient is the sum of what the C prompts
-send it, as through C copies. The tower processes ``P + C (L - P)`` tokens instead of ``C L``.
+send it, as through C copies. For the same reason a prompt's tokens after its EOT (the padding of
+shorter class names) cannot reach its feature, so they are dropped: the tower processes ``P`` plus
+each prompt's own ``EOT - P + 1`` tokens instead of ``C L``.
 
 A batch may hold the prompts of several runs (R prefixes, each with its own suffixes): ``owner``
 says which prefix each suffix continues, and a suffix attends to that prefix only.
@@ -54,34 +56,77 @@ def suffix_mask(prefix_len: int, suffix_len: int, device: torch.device) -> Tenso
     return torch.cat([own.new_ones(suffix_len, prefix_len), own], dim=1)
 
 
-def block_step(block: Block, x: Tensor, prefixes: int, owner: Tensor, suffix_len: int) -> Tensor:
-    """One block on the token states ``x`` (R P + N S, W): R prefixes of P tokens, then N suffixes of S
-    tokens, suffix ``n`` continuing prefix ``owner[n]``. Every per-token operation (norms, projections,
-    MLP) runs once on all tokens together: one matrix product per weight, and each row's rounding the
-    same whether a pass holds one run or many."""
-    cut, heads = x.shape[0] - owner.shape[0] * suffix_len, block.heads
+@dataclass(frozen=True)
+class Layout:
+    """Where the tokens of R prefixes (P tokens each) and N suffixes lie in a pass's rows.
 
-    def parts(t: Tensor) -> tuple[Tensor, Tensor]:
-        prefix, suffix = t[:cut].unflatten(0, (prefixes, -1)), t[cut:].unflatten(0, (-1, suffix_len))
-        return _split(prefix, heads), _split(suffix, heads)
+    The rows hold the R P prefix tokens, then each suffix's tokens up to and including its EOT only:
+    a causal tower's later (padding) tokens cannot reach any EOT state, so their rows are never
+    computed. Attention alone needs the suffixes as an (N, S) grid; ``keep`` places the packed rows in it.
+    """
 
-    (qp, qs), (kp, ks), (vp, vs) = (parts(t) for t in block.qkv(block.norm1(x)))
-    prefix = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=block.scale)
-    mask = suffix_mask(qp.shape[2], suffix_len, x.device)
+    prefixes: int
+    prefix_len: int
+    owner: Tensor  # (N,) the prefix each suffix continues
+    ends: Tensor  # (N,) each suffix's EOT offset within the suffix
+    suffix_len: int  # S: the grid's width (the longest suffix)
+    keep: Tensor  # (K,) the grid cells (n S + i, i <= ends[n]) of the packed suffix rows, in order
+
+    @classmethod
+    def of(cls, prefixes: int, prefix_len: int, owner: Tensor, ends: Tensor, suffix_len: int) -> Layout:
+        cells = torch.arange(suffix_len, device=owner.device)
+        keep = (cells <= ends.unsqueeze(1)).flatten().nonzero().squeeze(1)
+        return cls(prefixes, prefix_len, owner, ends, suffix_len, keep)
+
+    @property
+    def cut(self) -> int:
+        """The number of prefix rows, which come first."""
+        return self.prefixes * self.prefix_len
+
+    @property
+    def last(self) -> Tensor:
+        """(N,) each suffix's EOT row among all rows."""
+        starts = torch.cumsum(self.ends + 1, 0) - (self.ends + 1)
+        return self.cut + starts + self.ends
+
+    def grid(self, rows: Tensor) -> Tensor:
+        """Packed suffix rows (K, W) as the (N, S, W) grid, zero past each EOT (cells no real query sees)."""
+        n = self.owner.shape[0]
+        full = rows.new_zeros(n * self.suffix_len, rows.shape[-1]).index_copy(0, self.keep, rows)
+        return full.unflatten(0, (n, self.suffix_len))
+
+
+def block_step(block: Block, x: Tensor, layout: Layout) -> Tensor:
+    """One block on the token states ``x`` (rows as :class:`Layout` says). Every per-token operation
+    (norms, projections, MLP) runs once on all rows together: one matrix product per weight, and each
+    row's rounding the same whether a pass holds one run or many."""
+    cut, heads = layout.cut, block.heads
+    q, k, v = block.qkv(block.norm1(x))
+    qp, kp, vp = (_split(t[:cut].unflatten(0, (layout.prefixes, -1)), heads) for t in (q, k, v))
+    ks, vs = (_split(layout.grid(t[cut:]), heads) for t in (k, v))
     # index_select, not kp[owner]: its backward is an index_add, not a sorting index_put (5% of a 12-run step)
-    keys, values = torch.cat([kp.index_select(0, owner), ks], dim=2), torch.cat([vp.index_select(0, owner), vs], dim=2)
-    suffix = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=block.scale)
-    x = x + block.out(torch.cat([_merge(prefix).flatten(0, 1), _merge(suffix).flatten(0, 1)]))
+    keys = torch.cat([kp.index_select(0, layout.owner), ks], dim=2)
+    values = torch.cat([vp.index_select(0, layout.owner), vs], dim=2)
+    prefix = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=block.scale)
+    mask = suffix_mask(layout.prefix_len, layout.suffix_len, x.device)
+    suffix = F.scaled_dot_product_attention(
+        _split(layout.grid(q[cut:]), heads), keys, values, attn_mask=mask, scale=block.scale
+    )
+    x = x + block.out(
+        torch.cat([_merge(prefix).flatten(0, 1), _merge(suffix).flatten(0, 1).index_select(0, layout.keep)])
+    )
     return x + block.mlp(block.norm2(x))
 
 
-def run_blocks(blocks: Sequence[Block], prefix: Tensor, suffix: Tensor, owner: Tensor) -> Tensor:
-    """The suffixes' (N, S, W) output states after ``blocks``, from input states (positions added) of
-    R prefixes (R, P, W) and N suffixes (N, S, W), suffix ``n`` continuing prefix ``owner[n]``."""
-    x = torch.cat([prefix.flatten(0, 1), suffix.flatten(0, 1)])
+def run_blocks(blocks: Sequence[Block], prefix: Tensor, suffix: Tensor, owner: Tensor, ends: Tensor) -> Tensor:
+    """Each suffix's (N, W) output state at its EOT after ``blocks``, from input states (positions added)
+    of R prefixes (R, P, W) and N suffixes (N, S, W), suffix ``n`` continuing prefix ``owner[n]`` and
+    ending (EOT) at offset ``ends[n]``; tokens past an EOT are not computed."""
+    layout = Layout.of(prefix.shape[0], prefix.shape[1], owner, ends, suffix.shape[1])
+    x = torch.cat([prefix.flatten(0, 1), suffix.flatten(0, 1).index_select(0, layout.keep)])
     for block in blocks:
-        x = block_step(block, x, prefix.shape[0], owner, suffix.shape[1])
-    return x[prefix.shape[0] * prefix.shape[1] :].unflatten(0, suffix.shape[:2])
+        x = block_step(block, x, layout)
+    return x.index_select(0, layout.last)
 
 
 def open_clip_blocks(resblocks: Sequence[nn.Module]) -> Optional[list[Block]]:
