@@ -363,6 +363,42 @@ def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path)
         best_params_document(result)
 
 
+@pytest.mark.e2e
+def test_a_search_ends_when_a_dead_workers_trial_lost_its_retry(monkeypatch, cache_dir, tmp_path):
+    """A trial failed as stale by a worker that then died too, before queuing the retry: once the stale period
+    has passed, the search queues that retry itself and ends at the total, instead of sampling surplus trials."""
+    from datetime import datetime, timedelta
+
+    import calbench.tune.worker as worker_module
+    from calbench.tune.study import prepare
+
+    config, storage = TuneConfig(epochs=2), f"journal:{tmp_path / 'j.log'}"
+    study = prepare(config, 2, "lost", storage, heartbeat=1)
+    killed = study.ask()  # trial 0, the enqueued default: its worker died, then the one that failed it
+    params = {name: p.suggest(killed, name) for name, p in config.space.items()}
+    study.tell(killed, state=TrialState.FAIL)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=5)  # the stale period has passed
+
+    calls = []
+    run_trials = Worker.run_trials
+
+    def bounded(self, trials):
+        calls.append(len(trials))
+        assert len(calls) <= 6, "the search keeps sampling surplus trials"
+        return run_trials(self, trials)
+
+    monkeypatch.setattr(worker_module, "datetime", Later)
+    monkeypatch.setattr(Worker, "run_trials", bounded)
+    result = search(config, 2, "lost", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1)
+    states = [(t.number, t.state, t.system_attrs.get("failed_trial")) for t in result.trials]
+    assert states == [(0, TrialState.FAIL, None), (1, TrialState.COMPLETE, 0), (2, TrialState.COMPLETE, None)]
+    assert result.trials[1].params == params and len(calls) == 2
+
+
 def test_a_trial_finished_by_another_worker_is_not_told_twice():
     """On SQLite two workers can take the same waiting trial; the second outcome is dropped, other errors raise."""
     from calbench.tune.batch import tell
@@ -398,6 +434,32 @@ def test_a_retry_holds_its_failed_trials_place_even_when_numbered_later():
     assert not Worker._is_surplus(worker, study.ask())  # the retry itself runs
     worker.n_trials = 4
     assert not Worker._is_surplus(worker, fresh)
+
+
+def test_a_retry_lost_with_its_worker_is_queued_by_another_after_the_stale_period():
+    """A worker that died between failing a stale trial and queuing its retry leaves a trial that would hold
+    its place for ever; after the stale period another worker queues that retry, once."""
+    from datetime import timedelta
+
+    from calbench.tune.config import SURPLUS
+    from calbench.tune.worker import queue_lost_retries
+
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study()
+    study.tell(study.ask(space), state=TrialState.FAIL)  # 0: killed, and so was the worker that failed it
+    surplus, diverged = study.ask(space), study.ask(space)
+    surplus.set_user_attr(SURPLUS, True)
+    diverged.set_user_attr("fail_reason", "diverged")
+    for trial in (surplus, diverged):
+        study.tell(trial, state=TrialState.FAIL)  # 1, 2: failed for a reason; no retry is owed
+    failed = study.trials[2].datetime_complete
+
+    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=29)) == []
+    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=31)) == [0]
+    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=60)) == []  # queued once
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.params == study.trials[0].params
+    assert (retry.system_attrs["failed_trial"], retry.system_attrs["retry_history"]) == (0, [0])
 
 
 def test_a_second_retry_of_one_failed_trial_is_surplus():

@@ -22,7 +22,7 @@ from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage
-from calbench.tune.worker import Surplus, Worker
+from calbench.tune.worker import Surplus, Worker, queue_lost_retries
 
 #: trial failures that end the trial, not the search: a diverged loss, a surplus trial
 CAUGHT = (TrainingDiverged, Surplus)
@@ -143,6 +143,8 @@ def search(
             while True:
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
                 trials = study.get_trials(deepcopy=False)
+                if queue_lost_retries(study, trials, after_s=3 * heartbeat):  # the worker failing it died too
+                    trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if not waiting and sum(counts_toward_total(t) for t in trials) >= n_trials:

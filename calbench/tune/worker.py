@@ -13,12 +13,14 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, Optional, Union
 
 import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from calbench.base import FitData, Method
@@ -224,15 +226,42 @@ class Worker:
         trial.set_constraint(ACCURACY, self.reference[pair_key(pair)] - self.config.acc_tolerance / 100.0 - acc)
 
 
+def _awaiting_retry(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials whose worker died (failed as stale) or crashed (an error no trial catches), whose retry is not queued
+    yet and may still be (retries left): failed with no reason of calbench's, and not surplus."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+    def awaits(t: FrozenTrial) -> bool:
+        killed = t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
+        return killed and t.number not in retried and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY
+
+    return [t for t in trials if awaits(t)]
+
+
 def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
     """The study's places taken before trial ``number``, each named by the trial that first held it: a retry
     holds its failed trial's place, wherever it is numbered, and a trial a dead worker held keeps its place
     until its retry is queued (Optuna fails it first, then queues the retry: another worker may look between)."""
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-    def awaits_retry(t: FrozenTrial) -> bool:
-        killed = t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
-        return killed and t.number not in retried and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY
-
-    places = (t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or awaits_retry(t))
+    waiting = {t.number for t in _awaiting_retry(trials)}
+    places = (
+        t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or t.number in waiting
+    )
     return {place for place in places if place < number}
+
+
+def queue_lost_retries(
+    study: optuna.Study, trials: Sequence[FrozenTrial], after_s: float, now: Optional[datetime] = None
+) -> list[int]:
+    """Queue the retry of each trial of ``trials`` (the study's) still :func:`_awaiting_retry` ``after_s`` seconds
+    after it failed, and return their numbers. Optuna queues a retry right after failing the trial; a worker that died in between
+    leaves none, and the trial would hold its place for ever (every fresh trial surplus, the search endless).
+    A retry that another worker queues too is a second retry and steps back (:meth:`Worker._is_surplus`)."""
+    now = now or datetime.now()  # Optuna stamps datetime_complete with the local datetime.now()
+    lost = [
+        t
+        for t in _awaiting_retry(trials)
+        if t.datetime_complete is not None and (now - t.datetime_complete).total_seconds() >= after_s
+    ]
+    for trial in lost:
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    return [t.number for t in lost]
