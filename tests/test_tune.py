@@ -365,11 +365,9 @@ def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path)
 
 @pytest.mark.e2e
 def test_a_search_ends_when_a_dead_workers_trial_lost_its_retry(monkeypatch, cache_dir, tmp_path):
-    """A trial failed as stale by a worker that then died too, before queuing the retry: once the stale period
-    has passed, the search queues that retry itself and ends at the total, instead of sampling surplus trials."""
-    from datetime import datetime, timedelta
-
-    import calbench.tune.worker as worker_module
+    """A trial failed as stale by a worker that then died too, before queuing the retry: the search fills the
+    other places, waits (sampling no surplus trial) until the stale period has passed, queues that retry
+    itself and ends at the total."""
     from calbench.tune.study import prepare
 
     config, storage = TuneConfig(epochs=2), f"journal:{tmp_path / 'j.log'}"
@@ -377,11 +375,6 @@ def test_a_search_ends_when_a_dead_workers_trial_lost_its_retry(monkeypatch, cac
     killed = study.ask()  # trial 0, the enqueued default: its worker died, then the one that failed it
     params = {name: p.suggest(killed, name) for name, p in config.space.items()}
     study.tell(killed, state=TrialState.FAIL)
-
-    class Later(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return datetime.now(tz) + timedelta(minutes=5)  # the stale period has passed
 
     calls = []
     run_trials = Worker.run_trials
@@ -391,12 +384,12 @@ def test_a_search_ends_when_a_dead_workers_trial_lost_its_retry(monkeypatch, cac
         assert len(calls) <= 6, "the search keeps sampling surplus trials"
         return run_trials(self, trials)
 
-    monkeypatch.setattr(worker_module, "datetime", Later)
     monkeypatch.setattr(Worker, "run_trials", bounded)
     result = search(config, 2, "lost", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1)
     states = [(t.number, t.state, t.system_attrs.get("failed_trial")) for t in result.trials]
-    assert states == [(0, TrialState.FAIL, None), (1, TrialState.COMPLETE, 0), (2, TrialState.COMPLETE, None)]
-    assert result.trials[1].params == params and len(calls) == 2
+    assert states == [(0, TrialState.FAIL, None), (1, TrialState.COMPLETE, None), (2, TrialState.COMPLETE, 0)]
+    assert result.trials[2].params == params and len(calls) == 2  # a fresh trial, then the retry: none surplus
+    assert (result.trials[2].datetime_start - result.trials[0].datetime_complete).total_seconds() >= 3
 
 
 def test_a_trial_finished_by_another_worker_is_not_told_twice():

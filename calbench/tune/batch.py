@@ -18,14 +18,14 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from calbench.tune.config import counts_toward_total
-from calbench.tune.worker import Worker
+from calbench.tune.worker import Worker, places_taken
 
 
 def trials_to_ask(trials: Sequence[FrozenTrial], n_trials: int, batch: int) -> int:
-    """How many trials to ask for now: ``batch``, but no more than the queued ones plus those the study
+    """How many trials to ask for now: ``batch``, but no more than the queued ones plus the places the study
     still lacks (a surplus trial would be failed unused), and at least one."""
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    missing = n_trials - sum(counts_toward_total(t) for t in trials)
+    missing = n_trials - max(sum(counts_toward_total(t) for t in trials), len(places_taken(trials)))
     return max(1, min(batch, waiting + missing))
 
 

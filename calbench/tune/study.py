@@ -22,7 +22,7 @@ from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage
-from calbench.tune.worker import Surplus, Worker, queue_lost_retries
+from calbench.tune.worker import Surplus, Worker, places_taken, queue_lost_retries
 
 #: trial failures that end the trial, not the search: a diverged loss, a surplus trial
 CAUGHT = (TrainingDiverged, Surplus)
@@ -147,10 +147,13 @@ def search(
                     trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
                 waiting = any(t.state == TrialState.WAITING for t in trials)
-                if not waiting and sum(counts_toward_total(t) for t in trials) >= n_trials:
-                    if not any(t.state == TrialState.RUNNING for t in trials):
+                counted = sum(counts_toward_total(t) for t in trials)
+                if not waiting and max(counted, len(places_taken(trials))) >= n_trials:
+                    if counted >= n_trials and not any(t.state == TrialState.RUNNING for t in trials):
                         break
-                    time.sleep(min(heartbeat, 1))  # another worker's trial: finished there, or retried here
+                    # another worker's trial: finished there, or retried here; or a killed trial's retry, queued
+                    # by the worker that failed it or, if that one died too, here (a fresh trial would be surplus)
+                    time.sleep(min(heartbeat, 1))
                     continue
                 if config.batch_trials > 1:
                     ran += run_batch(study, worker, trials_to_ask(trials, n_trials, config.batch_trials), CAUGHT)

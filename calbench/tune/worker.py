@@ -238,15 +238,19 @@ def _awaiting_retry(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if awaits(t)]
 
 
-def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
-    """The study's places taken before trial ``number``, each named by the trial that first held it: a retry
-    holds its failed trial's place, wherever it is numbered, and a trial a dead worker held keeps its place
-    until its retry is queued (Optuna fails it first, then queues the retry: another worker may look between)."""
+def places_taken(trials: Sequence[FrozenTrial]) -> set[int]:
+    """The study's places taken, each named by the trial that first held it: a retry holds its failed trial's
+    place, wherever it is numbered, and a trial a dead worker held keeps its place until its retry is queued
+    (Optuna fails it first, then queues the retry: another worker may look between)."""
     waiting = {t.number for t in _awaiting_retry(trials)}
-    places = (
+    return {
         t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or t.number in waiting
-    )
-    return {place for place in places if place < number}
+    }
+
+
+def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
+    """The places (:func:`places_taken`) taken before trial ``number``."""
+    return {place for place in places_taken(trials) if place < number}
 
 
 def queue_lost_retries(
