@@ -257,9 +257,9 @@ def queue_lost_retries(
     study: optuna.Study, trials: Sequence[FrozenTrial], after_s: float, now: Optional[datetime] = None
 ) -> list[int]:
     """Queue the retry of each trial of ``trials`` (the study's) still :func:`_awaiting_retry` ``after_s`` seconds
-    after it failed, and return their numbers. Optuna queues a retry right after failing the trial; a worker that died in between
-    leaves none, and the trial would hold its place for ever (every fresh trial surplus, the search endless).
-    A retry that another worker queues too is a second retry and steps back (:meth:`Worker._is_surplus`)."""
+    after it failed, and return their numbers. Optuna queues a retry right after failing the trial; a worker that
+    died in between leaves none, and the trial would hold its place for ever. A retry that another worker queues
+    too is a second retry and steps back (:meth:`Worker._is_surplus`)."""
     now = now or datetime.now()  # Optuna stamps datetime_complete with the local datetime.now()
     lost = [
         t
