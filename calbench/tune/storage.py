@@ -32,6 +32,14 @@ from calbench.errors import CalbenchError
 HEARTBEAT_KEY = "calbench:heartbeat"
 #: a killed worker's trial is retried at most this many times (a trial that kills its worker every time stops)
 MAX_RETRY = 3
+#: a running trial without a heartbeat for this many intervals is stale (calbench's choice: Optuna's RDB default
+#: grace period is 2, optuna/storages/_rdb/storage.py; one more spares a worker merely slow on a loaded machine)
+STALE_HEARTBEATS = 3
+
+
+def stale_after(heartbeat: int) -> int:
+    """Seconds without a heartbeat after which a running trial's worker counts as dead."""
+    return STALE_HEARTBEATS * heartbeat
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -120,7 +128,7 @@ def _missing_driver(url: str, exc: ImportError) -> CalbenchError:
 
 def _open(url: str, heartbeat: int) -> BaseStorage:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-    grace = 3 * heartbeat
+    grace = stale_after(heartbeat)
     if "://" in url and not url.startswith("journal:"):
         url = database_url(url)
         if url.startswith("sqlite:///"):

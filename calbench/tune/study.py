@@ -21,7 +21,7 @@ from calbench.train import TrainingDiverged
 from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
-from calbench.tune.storage import open_storage
+from calbench.tune.storage import open_storage, stale_after
 from calbench.tune.worker import Surplus, Worker, places_taken, queue_lost_retries
 
 #: trial failures that end the trial, not the search: a diverged loss, a surplus trial
@@ -143,7 +143,8 @@ def search(
             while True:
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
                 trials = study.get_trials(deepcopy=False)
-                if queue_lost_retries(study, trials, after_s=3 * heartbeat):  # the worker failing it died too
+                # a killed trial whose retry was lost: the worker failing it died too
+                if queue_lost_retries(study, trials, after_s=stale_after(heartbeat)):
                     trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
                 waiting = any(t.state == TrialState.WAITING for t in trials)
