@@ -314,7 +314,9 @@ def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypat
     document = best_params_document(result)
     assert set(document["per_pair"]) == {"tiny/synthetic", "tiny/synthetic-b"}
     for _key, info in document["per_pair"].items():
-        assert info["val"]["ece"] <= info["shared_val"]["ece"] or info["val"]["constraint"] > 0
+        # a pair's own optimum is chosen among the trials feasible on that pair: at least as good as the shared
+        # best there, unless the shared best (the least violating trial when none is feasible on every pair) is not
+        assert info["val"]["ece"] <= info["shared_val"]["ece"] or info["shared_val"]["constraint"] > 0
     assert document["pareto_front"] and all(math.isfinite(p["ece"]) for p in document["pareto_front"])
 
 
