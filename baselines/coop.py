@@ -158,4 +158,6 @@ def _factory(name: str, spec: LossMethod):
 
 
 for _name, _spec in LOSS_METHODS.items():
-    register_method(_name, _spec.description)(_factory(_name, _spec))
+    register_method(
+        _name, _spec.description, params={p: param.allowed for p, param in _spec.params.items()}, learns_prompt=True
+    )(_factory(_name, _spec))

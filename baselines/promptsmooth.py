@@ -202,7 +202,7 @@ class PromptSmoothZeroShot(LogitMethod):
         self.adapt_samples = int(adapt_samples)
         self.tta_steps = int(tta_steps)
         self.tta_lr = float(tta_lr)
-        # hashable and part of the run's config (method_signature reads plain attributes)
+        # hashable, as a setting a run is keyed by
         self.ctx_init = ctx_init if isinstance(ctx_init, str) else tuple(sorted(ctx_init.items()))
         self.fewshot = fewshot
         copies = FeatureRequest("test", noise_kind(self.sigma, "score"), int(n_samples))
@@ -271,6 +271,8 @@ class PromptSmoothZeroShot(LogitMethod):
     "promptsmooth",
     "few-shot PromptSmooth: CoOp on noisy views, smoothed prediction (Hussein et al., MICCAI 2024)",
     LIST_PARAMS,
+    params={name: RANGES.get(name) for name in FEWSHOT_PARAMS},
+    learns_prompt=True,
 )
 def promptsmooth(**params: Any) -> Method:
     cfg, values = _settings(FEWSHOT, params, FEWSHOT_PARAMS, trains=True)
@@ -278,7 +280,11 @@ def promptsmooth(**params: Any) -> Method:
 
 
 @register_method(
-    "promptsmooth-as", "few-shot PromptSmooth + angular separation (the CalibPrompt paper's combination)", LIST_PARAMS
+    "promptsmooth-as",
+    "few-shot PromptSmooth + angular separation (the CalibPrompt paper's combination)",
+    LIST_PARAMS,
+    params={name: RANGES.get(name) for name in (*FEWSHOT_PARAMS, "w_as")},
+    learns_prompt=True,
 )
 def promptsmooth_as(**params: Any) -> Method:
     cfg, values = _settings("promptsmooth-as", params, (*FEWSHOT_PARAMS, "w_as"), trains=True)
@@ -290,6 +296,7 @@ def promptsmooth_as(**params: Any) -> Method:
     "promptsmooth-zs",
     "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)",
     LIST_PARAMS,
+    params={name: RANGES.get(name) for name in ZEROSHOT_PARAMS},
 )
 def promptsmooth_zs(**params: Any) -> Method:
     init = params.get("init", default_of(ZEROSHOT, "init"))

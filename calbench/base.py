@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from calbench import published
 from calbench.errors import CalbenchError
 from calbench.models.base import VLMBackend
+from calbench.published import Setting
 from calbench.registry import Registry
 from calbench.train import Range, TrainConfig, TrainViews, check_train_options
 
@@ -233,11 +235,25 @@ def _val_copies(caps: Capabilities) -> dict[str, FeatureRequest]:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method, described without building it (as scikit-learn's ``get_params`` and tags):
+    its own parameters with their ranges, whether it trains a prompt (and so takes the trainer's
+    options), and the factory that builds it."""
+
     name: str
     description: str
     factory: Callable[..., Method]
     #: parameters that take a list of numbers (every other parameter is one number, text or true/false)
     list_params: tuple[str, ...] = ()
+    #: the method's own parameters and the range of each numeric one (None: text, a choice or a mapping);
+    #: their defaults, with sources, are the method's section of the one table
+    params: Mapping[str, Optional[Range]] = field(default_factory=dict)
+    #: learns a prompt with the trainer, so every :class:`TrainConfig` field is one of its settings
+    learns_prompt: bool = False
+
+    def defaults(self) -> dict[str, Setting]:
+        """Every setting the method runs with when nothing overrides it, each with its source: the trainer's
+        (for a prompt learner), then the method's own section of the one table."""
+        return {**(published.section("train") if self.learns_prompt else {}), **published.section(self.name)}
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -245,10 +261,16 @@ CALIBRATORS: Registry[Callable[[], Calibrator]] = Registry("calibrator")
 
 
 def register_method(
-    name: str, description: str, list_params: tuple[str, ...] = ()
+    name: str,
+    description: str,
+    list_params: tuple[str, ...] = (),
+    params: Optional[Mapping[str, Optional[Range]]] = None,
+    learns_prompt: bool = False,
 ) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
+    """Register a method factory under ``name`` with its declared parameters (see :class:`MethodSpec`)."""
+
     def add(factory: Callable[..., Method]) -> Callable[..., Method]:
-        METHODS.add(name, MethodSpec(name, description, factory, tuple(list_params)))
+        METHODS.add(name, MethodSpec(name, description, factory, tuple(list_params), dict(params or {}), learns_prompt))
         return factory
 
     return add

@@ -12,6 +12,7 @@ initial phrase) go in separate passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -19,7 +20,6 @@ from torch import Tensor
 
 from calbench.base import FitData, Method
 from calbench.calibprompt import PromptMethod
-from calbench.methods import parse_method
 from calbench.prompts import PromptLearner, share_text_pass, text_features_together
 from calbench.train import TrainRun, train_together
 
@@ -63,25 +63,43 @@ def text_groups(runs: Sequence[TrainRun], limit: int) -> list[list[int]]:
     return groups
 
 
-def fit_together(
-    methods: Sequence[Method], data: Sequence[FitData], limit: Optional[int] = None
-) -> list[Union[Method, Exception]]:
+@dataclass
+class FitOutcome:
+    """One method's fit: the fitted method, or the error its fit (or its data) raised."""
+
+    method: Optional[Method] = None
+    error: Optional[Exception] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def fitted(self) -> Method:
+        """The fitted method, or its fit's error raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.method is not None
+        return self.method
+
+
+def fit_together(methods: Sequence[Method], data: Sequence[FitData], limit: Optional[int] = None) -> list[FitOutcome]:
     """Fit each method on its data, the prompt methods whose runs can share text passes together; each
-    entry is the fitted method or the exception its fit raised (a diverged loss, a pruned trial's
+    outcome holds the fitted method or the error its fit raised (a diverged loss, a pruned trial's
     ``on_epoch``). Other methods are fitted alone, and so is a group whose shared pass itself fails
-    (out of memory, say). ``limit``: prompts per pass (default: :func:`max_prompts` of the model's device)."""
-    outcomes: dict[int, Union[Method, Exception]] = {}
+    (out of memory, say). ``limit``: prompts per pass (default: :func:`max_prompts` of the model's device);
+    0: every method is fitted alone."""
+    outcomes: dict[int, FitOutcome] = {}
     runs: list[TrainRun] = []
     prepared: list[int] = []
     for index, (method, fit) in enumerate(zip(methods, data)):
-        if not isinstance(method, PromptMethod):
+        if limit == 0 or not isinstance(method, PromptMethod):
             outcomes[index] = _finish(method, fit, None)
             continue
         try:
             runs.append(method.training_run(fit))
             prepared.append(index)
         except Exception as exc:  # noqa: BLE001 - this method's failure, reported as its own fit would
-            outcomes[index] = exc
+            outcomes[index] = FitOutcome(error=exc)
     if limit is None and runs:
         limit = max_prompts(runs[0].learner.vlm.device)
     for group in text_groups(runs, limit or 1):
@@ -111,58 +129,48 @@ def _finish(
     fit: FitData,
     result: Union[list[dict[str, float]], Exception, None],
     text: Optional[Tensor] = None,
-) -> Union[Method, Exception]:
+) -> FitOutcome:
     """The method fitted from its run's ``result`` (and trained features ``text``), or alone when there is
     no result; or the error of its fit."""
     try:
         if result is None:
-            return method.fit(fit)
+            return FitOutcome(method.fit(fit))
         assert isinstance(method, PromptMethod)
-        return method.trained(result, text)
+        return FitOutcome(method.trained(result, text))
     except Exception as exc:  # noqa: BLE001 - the run's own error, returned as its outcome
-        return exc
+        return FitOutcome(error=exc)
 
 
-def prefit_grid(
+def fit_grid(
     session: Session,
-    build: Callable[[str], Method],
+    methods: Mapping[int, Mapping[str, Method]],
     fewshot: FewShot,
-    todos: Mapping[int, Sequence[str]],
     limit: Optional[int] = None,
     log: Callable[[str], None] = lambda message: None,
-) -> dict[int, dict[str, Method]]:
-    """Read the data of every seed with methods to run (``todos``), then fit the prompt-learning bases of
-    those methods in shared text passes: {seed: {base: fitted method}}.
-
-    A data problem (too few images, an unreadable file) stops the grid here with one line, before any
-    training and not as a failed row per method. Other methods, and any whose fit failed here, are left
-    out, to be fitted alone (which reports their errors in their rows). ``limit``: prompts per shared pass
-    (default: :func:`max_prompts` of the model's device); 0: nothing is fitted here.
-    """
+) -> dict[int, dict[str, FitOutcome]]:
+    """Fit every method of every seed ({seed: {name: built method}}) on its few-shot data: the one fitting
+    scheduler of a grid. Prompt learners share text-tower passes where two or more of them run (``limit``:
+    prompts per pass, default :func:`max_prompts` of the model's device; 0: each alone); the others, and
+    a lone prompt learner, are fitted alone. A method whose data or fit fails gets that error as its
+    outcome; a full or read-only disk under the cache stops the grid (it is the machine's, not the method's)."""
     keys: list[tuple[int, str]] = []
-    methods: list[Method] = []
     data: list[FitData] = []
-    for seed, names in todos.items():
-        if not names:
-            continue
-        session.test_features()
-        session.fit_data(seed, fewshot, build(names[0]))  # its views: one per epoch of that method
-        for base in dict.fromkeys(parse_method(name)[0] for name in names) if limit != 0 else ():
+    outcomes: dict[int, dict[str, FitOutcome]] = {seed: {} for seed in methods}
+    for seed, named in methods.items():
+        for name, method in named.items():
             try:
-                method = build(base)
-                if isinstance(method, PromptMethod):
-                    data.append(session.fit_data(seed, fewshot, method))
-                    methods.append(method)
-                    keys.append((seed, base))
-            except OSError:  # a full or read-only disk under the cache stops the grid, as in compare
+                data.append(session.fit_data(seed, fewshot, method))
+                keys.append((seed, name))
+            except OSError:
                 raise
-            except Exception:  # noqa: BLE001 - fitted alone later, which reports the error in its row
-                continue
-    if len(methods) < 2:
-        return {}
-    log(f"{session.model} · {session.dataset.name}: {len(methods)} prompt runs share text-tower passes")
-    fitted: dict[int, dict[str, Method]] = {}
-    for (seed, base), outcome in zip(keys, fit_together(methods, data, limit)):
-        if not isinstance(outcome, Exception):
-            fitted.setdefault(seed, {})[base] = outcome
-    return fitted
+            except Exception as exc:  # noqa: BLE001 - this method's data: its row says why
+                outcomes[seed][name] = FitOutcome(error=exc)
+    chosen = [methods[seed][name] for seed, name in keys]
+    shared = sum(isinstance(method, PromptMethod) for method in chosen)
+    if shared >= 2 and limit != 0:
+        log(f"{session.model} · {session.dataset.name}: {shared} prompt runs share text-tower passes")
+    for (seed, name), outcome in zip(keys, fit_together(chosen, data, limit if shared >= 2 else 0)):
+        if isinstance(outcome.error, OSError):
+            raise outcome.error
+        outcomes[seed][name] = outcome
+    return outcomes

@@ -98,7 +98,12 @@ class PromptMethod(LogitMethod):
         return logits_for(inputs.to(self._text.device), self._text, self._scale)
 
 
-@register_method("calibprompt", "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)")
+@register_method(
+    "calibprompt",
+    "CoOp + label smoothing + SMAC + angular separation (Basu et al., BMVC 2025)",
+    params=RANGES,
+    learns_prompt=True,
+)
 def calibprompt(**params: Any) -> Method:
     """Parameters: alpha, w_smac, w_as (defaults: the table's ``calibprompt`` section) and TrainConfig fields."""
     cfg, rest = split_train_params(params, method="calibprompt")

@@ -30,7 +30,7 @@ from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
 from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError, check_seed
-from calbench.methods import make_method, parse_method, with_pair_defaults
+from calbench.methods import METHODS, ResolvedMethod, parse_method, resolve
 from calbench.published import default
 from calbench.results import open_folder, put_certification
 from calbench.session import FewShot, RunContext, Session
@@ -63,12 +63,11 @@ def certify_subset(n_test: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n_test, size=min(size, n_test), replace=False))
 
 
-def _build(method: str, sigma: float, params: dict[str, Any]) -> Method:
-    """The method, with --sigma as its smoothing noise when it is a smoothed classifier."""
-    built = make_method(method, **params)
-    if built.capabilities.smoothed:
-        built = make_method(method, **{**params, "sigma": sigma})
-    return built
+def _build(resolved: ResolvedMethod, sigma: float) -> Method:
+    """The method, with --sigma as its smoothing noise when it is a smoothed classifier (whose own
+    parameters include ``sigma``: PromptSmooth's)."""
+    smoothed = "sigma" in METHODS.get(resolved.base).params
+    return (resolved.with_overrides(sigma=sigma) if smoothed else resolved).build()
 
 
 def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
@@ -143,7 +142,7 @@ def run_certify(
     _check(sigma, n, n0, alpha, subset, seed)
     parse_method(method)
     open_folder(Path(out))  # a file or read-only folder in the way fails before any work
-    smoothed = _build(method, sigma, with_pair_defaults(method, model, data, params or {}))
+    smoothed = _build(resolve(method, model, data, params), sigma)
     base = base_of(smoothed)  # a prompt method's config names its paper's shots (PromptSmooth: 16)
     own = base.config.shots if isinstance(base, PromptMethod) else fewshot.shots
     fewshot = replace(fewshot, shots=shots if shots is not None else own)

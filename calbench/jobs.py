@@ -116,9 +116,14 @@ def run_jobs(
     calls: Sequence[tuple[Any, ...]],
     log: Callable[[str], None] = lambda message: None,
 ) -> list[JobOutcome]:
-    """Run ``fn(*call)`` for every call as one job array and wait for all; failures are outcomes, not errors."""
+    """Run ``fn(*call)`` for every call as one job array and wait for all; failures are outcomes, not errors.
+
+    The ``local`` launcher is the in-process executor: each call runs here, in order, and its error is
+    raised (a data problem or a full disk stops the run with one line, as it would without jobs)."""
     if not calls:
         return []
+    if not launcher.distributed:
+        return [JobOutcome(index, f"local-{index}", "", value=fn(*call)) for index, call in enumerate(calls)]
     chosen = executor(launcher, folder, name)
     try:
         jobs = chosen.map_array(fn, *zip(*calls))

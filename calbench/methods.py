@@ -7,18 +7,19 @@ contract the methods follow lives in :mod:`calbench.base`.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, astuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import calbench.baselines  # noqa: F401  (registers the comparison methods and calibrators)
 import calbench.calibprompt  # noqa: F401  (registers CalibPrompt)
 from calbench import published
-from calbench.base import CALIBRATORS, METHODS, Calibrated, Capabilities, Method
-from calbench.calibprompt import PromptMethod
+from calbench.base import CALIBRATORS, METHODS, Calibrated, Method
 from calbench.errors import CalbenchError
+from calbench.published import Setting
 
 #: what `compare` runs without --methods: the paper's main table
 DEFAULT_METHODS = ["zero-shot", "zero-shot+ts", "coop-ce", "coop-ce+ts", "coop-ls", "coop-mbls", "calibprompt"]
@@ -59,38 +60,6 @@ def make_method(name: str, **params: Any) -> Method:
     base_name, calibrator = parse_method(name)
     method = METHODS.get(base_name).factory(**params)
     return method if calibrator is None else Calibrated(method, CALIBRATORS.get(calibrator)())
-
-
-def method_signature(method: Method) -> dict[str, object]:
-    """Every resolved setting of a built method (defaults included), for a run's config hash.
-
-    Hashing resolved settings, not the user's overrides, means a changed default is a new
-    config, and spelling out a default is not.
-    """
-    if isinstance(method, Calibrated):
-        return {"base": method_signature(method.base), "calibrator": type(method.calibrator).__name__}
-    plain = (int, float, str, bool, tuple, list, type(None))
-    signature: dict[str, object] = {"class": type(method).__name__}
-    for key, value in sorted(vars(method).items()):
-        if key.startswith("_"):
-            continue
-        if isinstance(value, plain):
-            signature[key] = value
-        elif isinstance(getattr(value, "capabilities", None), Capabilities):  # a method inside (promptsmooth-zs)
-            signature[key] = method_signature(value)
-    caps = method.capabilities
-    if caps.fit_features or caps.smoothed or caps.adapts_at_test:  # e.g. noisy copies: views, sigma
-        signature["capabilities"] = {
-            "fit": {name: astuple(request) for name, request in sorted(caps.fit_features.items())},
-            "copies": astuple(caps.test_copies) if caps.test_copies else None,
-            "adapts": caps.adapts_at_test,
-        }
-    if isinstance(method, PromptMethod):
-        signature["config"] = asdict(method.config)
-        signature["objective"] = {
-            name: [t.loss, t.weight, dict(t.kwargs)] for name, t in method.objective.terms.items()
-        }
-    return signature
 
 
 def read_params_file(path: Path) -> dict[str, dict[str, object]]:
@@ -151,36 +120,10 @@ def check_method_params(method_params: Mapping[str, Mapping[str, object]]) -> No
         make_method(name, **params)
 
 
-def params_for(
-    method: str,
-    method_params: Optional[Mapping[str, Mapping[str, object]]],
-    model: Optional[str] = None,
-    dataset: Optional[str] = None,
-) -> dict[str, object]:
-    """The parameters ``method``'s base is built with on (model, dataset) (``coop-ce+ts`` takes
-    coop-ce's): the published per-pair and per-model defaults where they differ from the method's
-    own, under what ``--params`` gives it."""
-    base = parse_method(method)[0]
-    return with_pair_defaults(method, model, dataset, (method_params or {}).get(base, {}))
-
-
-def with_pair_defaults(
-    method: str, model: Optional[str], dataset: Optional[str], params: Mapping[str, object]
-) -> dict[str, object]:
-    """``params`` (one method's, e.g. from --params) over the published defaults of (model, dataset);
-    ``dataset`` may be a folder path, whose name is the dataset's name."""
-    name = Path(dataset).name if dataset else dataset
-    return {**pair_defaults(parse_method(method)[0], model, name), **dict(params)}
-
-
-def pair_defaults(method: str, model: Optional[str], dataset: Optional[str]) -> dict[str, object]:
-    """What the published runs set differently on (model, dataset) for base ``method``: a pair's
-    CalibPrompt alpha / w_as for the methods that take them, a model's training options (MedCLIP's
-    warm-up lr) for the methods that learn a prompt."""
-    own = published.section(method)
-    trains = METHODS.get(method).factory().capabilities.learns_prompt
-    resolved = published.resolve(method, published_model(model), dataset, trains)
-    return {k: s.value for k, s in resolved.items() if k not in own or own[k].value != s.value}
+def dataset_name(dataset: Optional[str]) -> Optional[str]:
+    """The name a dataset's published settings are looked up by: a folder path's last part
+    (``/data/pannuke`` is PanNuke), as every command names the dataset it runs."""
+    return Path(dataset).name if dataset else dataset
 
 
 def published_model(model: Optional[str]) -> Optional[str]:
@@ -190,20 +133,110 @@ def published_model(model: Optional[str]) -> Optional[str]:
     return MODELS.get(model).weights_name if model is not None and model in MODELS else model
 
 
-def resolved_settings(
-    method: str, model: Optional[str], dataset: Optional[str], given: Mapping[str, object]
-) -> dict[str, tuple[object, str]]:
-    """Each setting ``method``'s base runs with on (model, dataset) and where it comes from: its own
-    defaults, the trainer's for a method that learns a prompt, the pair's published row, ``--params``
-    (``given``, as :func:`params_for` returns them, published values included)."""
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method's every setting on one (model, dataset), each with its source, resolved once and passed
+    down whole: ``compare``, ``tune``, ``train``, ``certify`` and ``evaluate`` build, hash and report
+    from this value, and nothing else re-derives a setting.
+
+    ``settings`` are the base method's (``coop-ce+ts`` runs coop-ce's): the trainer's defaults for a prompt
+    learner, the method's own, the model's published training overrides, the pair's published row, and
+    the user's ``--params`` on top. ``params`` is what the factory is given: the settings that differ
+    from the method's own defaults, so a method is built exactly as the published pair runs it.
+    """
+
+    name: str
+    model: Optional[str]
+    dataset: Optional[str]
+    settings: Mapping[str, Setting]
+    params: Mapping[str, Any]
+    overrides: Mapping[str, Any]  # the user's (``--params``), as given
+
+    def with_overrides(self, **values: Any) -> ResolvedMethod:
+        """The same method on the same pair with ``values`` over the user's overrides."""
+        return resolve(self.name, self.model, self.dataset, {**self.overrides, **values})
+
+    @property
+    def base(self) -> str:
+        return parse_method(self.name)[0]
+
+    @property
+    def calibrator(self) -> Optional[str]:
+        return parse_method(self.name)[1]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return {name: setting.value for name, setting in self.settings.items()}
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return {name: setting.source for name, setting in self.settings.items()}
+
+    @property
+    def learns_prompt(self) -> bool:
+        return METHODS.get(self.base).learns_prompt
+
+    def build(self) -> Method:
+        """The method, not fitted (no work is done)."""
+        return make_method(self.name, **self.params)
+
+    def build_base(self) -> Method:
+        """The method without its post-hoc calibrator (``coop-ce`` of ``coop-ce+ts``), not fitted: what
+        ``compare`` fits once and shares between a base and its calibrated variants."""
+        return make_method(self.base, **self.params)
+
+    def signature(self) -> dict[str, Any]:
+        """What changes the method's numbers: its id and every resolved value. Hashing resolved values, not the
+        user's overrides, makes a changed default a new config, and spelling out a default not."""
+        return {"method": self.name, "settings": {name: _plain(value) for name, value in sorted(self.values.items())}}
+
+    def config_hash(self, context: Optional[Mapping[str, Any]] = None) -> str:
+        """Ten hex digits of :meth:`signature` and ``context`` (what else changes a run: data, model, shots)."""
+        payload = {**(context or {}), **self.signature()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON holds it: tuples as lists, mappings with sorted keys (PromptSmooth's phrases)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve(
+    method: str,
+    model: Optional[str] = None,
+    dataset: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> ResolvedMethod:
+    """``method``'s settings on (model, dataset) under ``overrides`` (one method's ``--params``), with
+    sources; ``dataset`` may be a folder path, looked up by its name. The one resolver of every command."""
     base = parse_method(method)[0]
-    trains = METHODS.get(base).factory().capabilities.learns_prompt
-    table = {
-        **(published.section("train") if trains else {}),
-        **published.resolve(base, published_model(model), dataset, trains),
-    }
-    out = {name: (s.value, s.source) for name, s in table.items()}
-    for name, value in given.items():
-        if name not in table or table[name].value != value:
-            out[name] = (value, "--params")
-    return out
+    spec = METHODS.get(base)
+    name = dataset_name(dataset)
+    own = spec.defaults()
+    table = {**own, **published.resolve(base, published_model(model), name, spec.learns_prompt)}
+    settings = dict(table)
+    given = dict(overrides or {})
+    for key, value in given.items():
+        if key not in table or table[key].value != value:
+            settings[key] = Setting(value, "--params")
+    published_diff = {k: s.value for k, s in table.items() if k not in own or own[k].value != s.value}
+    return ResolvedMethod(method, model, name, settings, {**published_diff, **given}, given)
+
+
+def overrides_for(method: str, method_params: Optional[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """``method``'s entry of a ``--params`` file: its base's (``coop-ce+ts`` takes coop-ce's)."""
+    return dict((method_params or {}).get(parse_method(method)[0], {}))
+
+
+def resolve_grid(
+    methods: Sequence[str],
+    model: Optional[str],
+    dataset: Optional[str],
+    method_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> dict[str, ResolvedMethod]:
+    """Each of ``methods`` resolved on (model, dataset), ``--params`` given per base method."""
+    return {m: resolve(m, model, dataset, overrides_for(m, method_params)) for m in methods}

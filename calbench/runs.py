@@ -21,7 +21,7 @@ from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
 from calbench.deferral import deferral_metrics, test_only_metrics
 from calbench.errors import CalbenchError, check_seed, check_seeds
-from calbench.methods import list_methods, make_method, parse_method, with_pair_defaults
+from calbench.methods import METHODS, list_methods, make_method, parse_method, resolve
 from calbench.metrics import evaluate
 from calbench.prompts import load_prompt, read_prompt_info, save_prompt
 from calbench.session import FewShot, RunContext, Session
@@ -29,7 +29,7 @@ from calbench.session import FewShot, RunContext, Session
 
 def prompt_methods() -> list[str]:
     """Registered methods that learn a prompt `train` can save."""
-    return [m for m in list_methods() if make_method(m).capabilities.learns_prompt]
+    return [m for m in list_methods() if METHODS.get(m).learns_prompt]
 
 
 def train_one(
@@ -46,21 +46,21 @@ def train_one(
     """Train one prompt method on one few-shot split, save its context; return the path and validation metrics.
     ``online``: the image encoder in the training loop (``--online-encoding``, :mod:`calbench.online`)."""
     check_seed(seed, "--seed")
-    params = with_pair_defaults(method, model, data, params or {})
-    untrained = make_method(method, **params)
-    if not base_of(untrained).capabilities.learns_prompt:
+    resolved = resolve(method, model, data, params)
+    if not resolved.learns_prompt:
         raise CalbenchError(
             f"{parse_method(method)[0]} learns no prompt, so there is nothing to train; pick one of: {', '.join(prompt_methods())}"
         )
     Path(out).mkdir(parents=True, exist_ok=True)  # a file or read-only folder in the way fails before training
     session = Session(model, data, context)
+    untrained = resolved.build()
     fit = session.fit_data(seed, fewshot, untrained, score_val=True, online=online)
     trained = untrained.fit(fit)
     prompt = base_of(trained)
     assert isinstance(prompt, PromptMethod) and prompt.learner is not None
     extra: dict[str, Any] = {
         "method": method,
-        "params": params,
+        "params": dict(resolved.params),
         "model": model,
         "dataset": session.dataset.name,
         "seed": seed,
@@ -85,9 +85,8 @@ def build_cache(
     """Encode the test split and each seed's few-shot views ahead of training."""
     check_seeds(seeds, "--seeds")
     session = Session(model, data, context)
-    session.test_features()
     for seed in seeds:
-        session.fit_data(seed, fewshot)
+        session.check(seed, fewshot)
     return session.cache.stats, session.cache.root
 
 

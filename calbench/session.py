@@ -129,6 +129,13 @@ class Session:
     def test_labels(self) -> np.ndarray:
         return self.dataset.labels("test")
 
+    def check(self, seed: int, fewshot: FewShot = FewShot(), method: Optional[Method] = None) -> None:
+        """Read the test split and split ``seed``'s few-shot data (with ``method``'s training views) now, so
+        that a data problem (too few images for the shots asked, an unreadable file) stops a run with one
+        line before any training, not as a failed row per method. Both stay cached for the run."""
+        self.test_features()
+        self.fit_data(seed, fewshot, method)
+
     def split(self, seed: int, fewshot: FewShot = FewShot()) -> tuple[np.ndarray, np.ndarray]:
         """Indices into the train pool of seed ``seed``'s few-shot training and validation images."""
         return few_shot_split(self.dataset.labels("train"), fewshot.shots, fewshot.val, seed, self.dataset.classnames)

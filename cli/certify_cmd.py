@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from calbench.cli.common import (
-    CacheOpt,
     DataOpt,
-    DataRootOpt,
-    DeviceOpt,
     ModelOpt,
     ParamsOpt,
-    TrustWeightsOpt,
     ValShotsOpt,
     ViewsOpt,
-    WeightsOpt,
     app,
     console,
     read_params,
-    run_context,
     user_errors,
 )
+from calbench.cli.options import RUN, grouped
 from calbench.published import default
 
 MethodOpt = typer.Option("promptsmooth", "--method", help="Method whose prompt is the base classifier (any method id).")
@@ -55,6 +50,7 @@ OutOpt = typer.Option(Path("results"), "--out", help="Folder for certification.c
 
 @app.command()
 @user_errors
+@grouped(context=RUN)
 def certify(
     model: str = ModelOpt,
     data: str = DataOpt,
@@ -68,17 +64,14 @@ def certify(
     shots: Optional[int] = ShotsOpt,
     val_shots: Optional[int] = ValShotsOpt,
     views: Optional[int] = ViewsOpt,
-    device: str = DeviceOpt,
     out: Path = OutOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
+    *,
+    context: Any,
 ) -> None:
     """Fit a method on few-shot data, then certify a test subset with randomized smoothing (Cohen et al., 2019)."""
     from calbench.certify import max_certifiable_radius, run_certify
-    from calbench.methods import params_for
+    from calbench.methods import overrides_for
     from calbench.session import FewShot
 
     result = run_certify(
@@ -93,9 +86,9 @@ def certify(
         seed,
         shots,
         fewshot=FewShot(val_shots=val_shots, views=views),
-        context=run_context(device, cache_dir, weights, data_root, trust_weights=trust_weights),
+        context=context,
         out=out,
-        params=params_for(method, read_params(params)),
+        params=overrides_for(method, read_params(params)),
     )
     console.print(
         f"{method} · {model} · {data} · σ={sigma:g} · n0={n0}, n={n}, α={alpha:g} · {len(result.labels)} test images · {result.shots} shots · seed {seed}"

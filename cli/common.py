@@ -122,9 +122,9 @@ def run_context(
     device: str,
     cache_dir: Optional[Path],
     weights: Optional[Path] = None,
+    trust_weights: bool = False,
     data_root: Optional[Path] = None,
     strict: bool = False,
-    trust_weights: bool = False,
 ) -> Any:
     """The library's :class:`~calbench.session.RunContext` from the common options (progress bars on a terminal)."""
     from calbench.session import RunContext

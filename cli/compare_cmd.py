@@ -8,18 +8,9 @@ from typing import Any, Optional
 import typer
 
 from calbench.cli.common import (
-    CacheOpt,
     DataOpt,
-    DataRootOpt,
-    DeviceOpt,
     ModelOpt,
     ParamsOpt,
-    ShotsOpt,
-    StrictOpt,
-    TrustWeightsOpt,
-    ValShotsOpt,
-    ViewsOpt,
-    WeightsOpt,
     app,
     console,
     err_console,
@@ -27,7 +18,6 @@ from calbench.cli.common import (
     parse_names,
     read_params,
     results_table,
-    run_context,
     user_errors,
 )
 from calbench.cli.deferral_view import (
@@ -40,15 +30,10 @@ from calbench.cli.deferral_view import (
     shift_table,
 )
 from calbench.cli.launcher import (
-    CpusOpt,
-    GpusOpt,
-    LauncherOpt,
-    ParallelismOpt,
-    PartitionOpt,
-    TimeOpt,
-    compare_as_jobs,
-    make_launcher,
+    print_failed_jobs,
 )
+from calbench.cli.options import FEWSHOT, LAUNCHER, RUN, grouped
+from calbench.errors import CalbenchError
 
 MethodsOpt = typer.Option(None, "--methods", help="Comma-separated method ids (default: the standard set).")
 SeedsOpt = typer.Option("1,2,3", "--seeds", help="Comma-separated few-shot split / training seeds.")
@@ -63,59 +48,49 @@ BootstrapOpt = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for e
 
 @app.command()
 @user_errors
+@grouped(context=RUN, fewshot=FEWSHOT, jobs=LAUNCHER)
 def compare(
     model: str = ModelOpt,
     data: str = DataOpt,
     methods: Optional[str] = MethodsOpt,
     seeds: str = SeedsOpt,
-    shots: int = ShotsOpt,
-    val_shots: Optional[int] = ValShotsOpt,
-    views: Optional[int] = ViewsOpt,
-    device: str = DeviceOpt,
     out: Path = OutOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
     all_pairs: bool = AllPairsOpt,
     every_method: bool = EveryMethodOpt,
     force: bool = ForceOpt,
     bootstrap: int = BootstrapOpt,
-    strict: bool = StrictOpt,
     shift: bool = ShiftOpt,
     conformal_alpha: float = AlphaOpt,
     target_error: float = TargetErrorOpt,
     smooth_diagrams: bool = SmoothDiagramsOpt,
-    launcher: str = LauncherOpt,
-    slurm_partition: Optional[str] = PartitionOpt,
-    slurm_gpus: Optional[int] = GpusOpt,
-    slurm_time: Optional[int] = TimeOpt,
-    slurm_cpus: Optional[int] = CpusOpt,
-    array_parallelism: Optional[int] = ParallelismOpt,
+    *,
+    context: Any,
+    fewshot: Any,
+    jobs: Any,
 ) -> None:
     """Train and evaluate methods; print tables, append to results.csv, write the report.
 
     Runs already in OUT/results.csv with the same settings are reused, so an
     interrupted grid resumes where it stopped.
     """
-    from calbench.compare import Grid, run_compare
-    from calbench.session import FewShot
+    from calbench.compare import CompareRequest, Grid, describe_failure, run_compare
 
     grid = Grid(
         _chosen(methods, all_pairs or every_method),
         parse_ints(seeds, "--seeds"),
-        FewShot(shots, val_shots, views),
+        fewshot,
         bootstrap=bootstrap,
         method_params=read_params(params),
         force=force,
         extras=extras(conformal_alpha, target_error, shift, smooth_diagrams),
     )
-    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
     log = (lambda message: console.log(message)) if console.is_terminal else (lambda message: None)
-    jobs = make_launcher(launcher, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism)
-    args = (model, data, grid, context, out, all_pairs, log, _skipped)
-    _render(compare_as_jobs(jobs, *args) if jobs.distributed else run_compare(*args))
+    result = run_compare(CompareRequest(grid, model, data, all_pairs, context, out), jobs, log, _skipped)
+    print_failed_jobs([describe_failure(row) for row in result.failed_jobs])
+    if result.failed_jobs and not result.rows:
+        raise CalbenchError(f"all {len(result.failed_jobs)} job(s) failed; their logs are listed above")
+    _render(result)
 
 
 def _chosen(methods: Optional[str], every: bool) -> list[str]:

@@ -22,33 +22,27 @@ ParallelismOpt = typer.Option(None, "--array-parallelism", help="Jobs of the arr
 
 
 def make_launcher(
-    kind: str,
-    partition: Optional[str],
-    gpus: Optional[int],
-    minutes: Optional[int],
-    cpus: Optional[int],
-    parallelism: Optional[int],
+    launcher: str,
+    slurm_partition: Optional[str],
+    slurm_gpus: Optional[int],
+    slurm_time: Optional[int],
+    slurm_cpus: Optional[int],
+    array_parallelism: Optional[int],
 ) -> Any:
-    """The library's :class:`~calbench.jobs.Launcher`, checked (a wrong combination is one line)."""
+    """The library's :class:`~calbench.jobs.Launcher` from the launcher options, checked (a wrong
+    combination is one line)."""
     from calbench.jobs import Launcher
 
-    launcher = Launcher(kind, partition, gpus, minutes, parallelism, cpus)
-    launcher.check()
-    return launcher
-
-
-def compare_as_jobs(launcher: Any, *args: Any) -> Any:
-    """`compare` as one job per (model, dataset) pair, each writing its own results shard; failed jobs
-    are printed with their id and log."""
-    from calbench.launch import describe_failure, run_compare_launched
-
-    result = run_compare_launched(launcher, *args)
-    print_failed_jobs([describe_failure(row) for row in result.failed_jobs])
-    if result.failed_jobs and not result.rows:
-        from calbench.errors import CalbenchError
-
-        raise CalbenchError(f"all {len(result.failed_jobs)} job(s) failed; their logs are listed above")
-    return result
+    chosen = Launcher(
+        launcher,
+        partition=slurm_partition,
+        gpus=slurm_gpus,
+        time=slurm_time,
+        array_parallelism=array_parallelism,
+        cpus=slurm_cpus,
+    )
+    chosen.check()
+    return chosen
 
 
 def print_failed_jobs(lines: list[str]) -> None:

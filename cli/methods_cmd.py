@@ -26,7 +26,7 @@ def methods(
     line, or calbench's own choice), the published per-pair settings, and the post-hoc calibrators."""
     from calbench import published
     from calbench.base import METHODS
-    from calbench.methods import list_calibrators, list_methods, make_method, resolved_settings
+    from calbench.methods import list_calibrators, list_methods, make_method, resolve
 
     if (model is None) != (data is None):
         raise typer.BadParameter("give --model and --data together (or neither)")
@@ -45,7 +45,8 @@ def methods(
         if caps.adapts_at_test:
             kind += "; tunes at test time"
         # the method's own settings and what it changes of the trainer's (listed once, below)
-        shown = {k: v for k, v in resolved_settings(name, model, data, {}).items() if trainer.get(k) != v}
+        settings = resolve(name, model, data).settings
+        shown = {k: (s.value, s.source) for k, s in settings.items() if trainer.get(k) != (s.value, s.source)}
         defaults = ", ".join(f"{k} {_value(value)}" for k, (value, _) in shown.items())
         table.add_row(name, kind, defaults or "–", METHODS.get(name).description)
         for key, (value, source) in shown.items():

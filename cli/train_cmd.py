@@ -4,76 +4,60 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from calbench.cli.common import (
-    CacheOpt,
     DataOpt,
-    DataRootOpt,
-    DeviceOpt,
     ModelOpt,
     ParamsOpt,
-    ShotsOpt,
-    StrictOpt,
-    TrustWeightsOpt,
-    ValShotsOpt,
-    ViewsOpt,
-    WeightsOpt,
     app,
     console,
     err_console,
     parse_ints,
     read_params,
-    run_context,
     user_errors,
 )
 from calbench.cli.deferral_view import evaluation_table
+from calbench.cli.options import FEWSHOT, RUN, grouped
 
 
 @app.command()
 @user_errors
+@grouped(context=RUN, fewshot=FEWSHOT)
 def train(
     method: str = typer.Option("calibprompt", "--method", help="A method that learns a prompt, optionally with +ts."),
     model: str = ModelOpt,
     data: str = DataOpt,
     seed: int = typer.Option(1, "--seed"),
-    shots: int = ShotsOpt,
-    val_shots: Optional[int] = ValShotsOpt,
-    views: int = ViewsOpt,
-    device: str = DeviceOpt,
     out: Path = typer.Option(Path("prompts"), "--out", help="Folder for the learned context."),
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
     params: Optional[Path] = ParamsOpt,
-    strict: bool = StrictOpt,
     online_encoding: bool = typer.Option(
         False,
         "--online-encoding",
         help="Encode each batch's freshly augmented images in the training loop, as the published code does, "
         "instead of reading cached views: the same augmentations, and far slower.",
     ),
+    *,
+    context: Any,
+    fewshot: Any,
 ) -> None:
     """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
-    from calbench.methods import params_for
+    from calbench.methods import overrides_for
     from calbench.runs import train_one
-    from calbench.session import FewShot
 
     started = time.perf_counter()
-    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
     path, metrics = train_one(
         method,
         model,
         data,
         seed,
-        FewShot(shots, val_shots, views),
+        fewshot,
         context,
         out,
-        params_for(method, read_params(params)),
+        overrides_for(method, read_params(params)),
         online_encoding,
     )
     console.print(
@@ -85,25 +69,20 @@ def train(
 
 @app.command()
 @user_errors
+@grouped(context=RUN)
 def evaluate(
     prompt: Path = typer.Option(..., "--prompt", help="A prompt file saved by `calbench train`."),
     data: str = DataOpt,
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="The model it was trained on (default: read from the file)."
     ),
-    device: str = DeviceOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    context: Any,
 ) -> None:
     """Score a saved prompt on a test split: its own dataset, or another with the same classes (a shift test)."""
     from calbench.runs import evaluate_prompt
 
-    result = evaluate_prompt(
-        prompt, data, model, run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
-    )
+    result = evaluate_prompt(prompt, data, model, context)
     if result.note:
         err_console.print(f"[yellow]note:[/] {result.note}", highlight=False)
     name = result.session.dataset.name
@@ -126,24 +105,17 @@ def evaluate(
 
 @app.command()
 @user_errors
+@grouped(context=RUN, fewshot=FEWSHOT)
 def cache(
     model: str = ModelOpt,
     data: str = DataOpt,
     seeds: str = typer.Option("1,2,3", "--seeds", help="Few-shot splits whose training views to encode."),
-    shots: int = ShotsOpt,
-    val_shots: Optional[int] = ValShotsOpt,
-    views: int = ViewsOpt,
-    device: str = DeviceOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    context: Any,
+    fewshot: Any,
 ) -> None:
     """Encode the test split and the few-shot splits ahead of time (e.g. on a GPU node)."""
     from calbench.runs import build_cache
-    from calbench.session import FewShot
 
-    context = run_context(device, cache_dir, weights, data_root, strict, trust_weights=trust_weights)
-    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), FewShot(shots, val_shots, views), context)
+    stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), fewshot, context)
     console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")

@@ -156,7 +156,7 @@ def tune(
     seeds = parse_ints(split_seeds, "--split-seeds")
     options = (objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched, batch_trials)
     config = TuneConfig(method, pairs, modality, *options)
-    context = run_context(device, cache_dir, weights, data_root, trust_weights=trust_weights)
+    context = run_context(device, cache_dir, weights, trust_weights, data_root)
     final = parse_ints(final_seeds, "--final-seeds")
     args = (trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
     run = _launched(config, jobs, workers, threads, args) if jobs.distributed else run_tune(config, *args)

@@ -45,7 +45,6 @@ LAYERS = {
     "calbench.certify": 11,
     "calbench.runs": 11,
     "calbench.tune": 12,
-    "calbench.launch": 12,
     "calbench.cli": 13,
 }
 MAX_MODULE_LINES = 400

@@ -53,8 +53,9 @@ def test_runs_trained_together_equal_their_separate_runs(vlm):
     alone = [_method(name, **params).fit(_data(vlm, seed)) for name, seed, params in RUNS]
     methods = [_method(name, **params) for name, seed, params in RUNS]
     together = fit_together(methods, [_data(vlm, seed) for _, seed, _ in RUNS])
-    for single, shared in zip(alone, together):
-        assert shared is not single and not isinstance(shared, Exception)
+    assert all(outcome.ok for outcome in together)
+    for single, shared in zip(alone, (outcome.fitted() for outcome in together)):
+        assert shared is not single
         assert len(shared.history) == len(single.history) == single.config.epochs
         torch.testing.assert_close(shared.learner.ctx, single.learner.ctx, rtol=0, atol=2e-6)
         with torch.no_grad():
@@ -74,7 +75,8 @@ def test_trained_features_come_from_one_shared_pass(vlm, monkeypatch):
     calls = []
     own = PromptLearner.text_features
     monkeypatch.setattr(PromptLearner, "text_features", lambda self: calls.append(self) or own(self))
-    fitted = fit_together([_method("coop-ce"), _method("calibprompt")], [_data(vlm, 1), _data(vlm, 2)])
+    outcomes = fit_together([_method("coop-ce"), _method("calibprompt")], [_data(vlm, 1), _data(vlm, 2)])
+    fitted = [outcome.fitted() for outcome in outcomes]
     assert calls == []  # trained together, and their class features computed together after
     with torch.no_grad():
         for method in fitted:
@@ -101,9 +103,12 @@ def test_a_run_stopped_by_its_callback_leaves_the_others_untouched(vlm):
     stopped.on_epoch = prune
     other = _method("calibprompt")
     outcomes = fit_together([stopped, other], [_data(vlm, 1), _data(vlm, 2)])
-    assert isinstance(outcomes[0], RuntimeError) and str(outcomes[0]) == "pruned at epoch 2"
+    assert outcomes[0].method is None and isinstance(outcomes[0].error, RuntimeError)
+    assert str(outcomes[0].error) == "pruned at epoch 2"
+    with pytest.raises(RuntimeError, match="pruned at epoch 2"):
+        outcomes[0].fitted()
     alone = _method("calibprompt").fit(_data(vlm, 2))
-    torch.testing.assert_close(outcomes[1].learner.ctx, alone.learner.ctx, rtol=0, atol=2e-6)
+    torch.testing.assert_close(outcomes[1].fitted().learner.ctx, alone.learner.ctx, rtol=0, atol=2e-6)
 
 
 def test_text_groups_split_by_prompt_length_and_cap(vlm):
@@ -118,7 +123,7 @@ def test_text_groups_split_by_prompt_length_and_cap(vlm):
 @pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore::calbench.errors.CalbenchWarning")  # a random-weight model: degenerate runs
 def test_compare_grid_batched_equals_one_by_one(cache_dir, tmp_path):
-    from calbench.compare import Grid, run_compare
+    from calbench.compare import CompareRequest, Grid, run_compare
     from calbench.session import FewShot, RunContext
 
     params = {m: {"epochs": 2, "lr": 0.5} for m in ("coop-ce", "coop-tmm")}
@@ -128,11 +133,13 @@ def test_compare_grid_batched_equals_one_by_one(cache_dir, tmp_path):
     rows, logs = {}, []
     for label, limit in (("batched", 512), ("alone", 0)):
         run = run_compare(
-            "tiny-random",
-            "synthetic",
-            replace(grid, max_prompts=limit),
-            context,
-            tmp_path / label,
+            CompareRequest(
+                model="tiny-random",
+                data="synthetic",
+                grid=replace(grid, max_prompts=limit),
+                context=context,
+                out=tmp_path / label,
+            ),
             log=logs.append,
         )
         assert run.computed == len(methods) * 2 and not run.failures

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from calbench.base import METHODS, LogitMethod, MethodSpec
 from calbench.cli.app import app
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.errors import CalbenchError
 from calbench.models import MODELS
 from calbench.results import RESULT_COLUMNS, read_results
@@ -24,17 +24,19 @@ FAST = {"coop-ce": {"epochs": 3}, "calibprompt": {"epochs": 3}}
 def test_rows_are_resumed_and_force_recomputes(tmp_path, cache_dir):
     grid = Grid(["zero-shot", "coop-ce", "coop-ce+ts"], [1, 2], method_params=FAST)
     context = RunContext(device="cpu", cache_dir=cache_dir)
-    first = run_compare(grid=grid, context=context, out=tmp_path)
+    first = run_compare(CompareRequest(grid=grid, context=context, out=tmp_path))
     assert first.computed == 6 and len(first.rows) == 6
-    again = run_compare(grid=grid, context=context, out=tmp_path)
+    again = run_compare(CompareRequest(grid=grid, context=context, out=tmp_path))
     assert again.computed == 0 and again.stats.encoded == 0
     assert [r["ece"] for r in again.rows] == [r["ece"] for r in first.rows]
-    wider = run_compare(grid=replace(grid, seeds=[1, 2, 3]), context=context, out=tmp_path)
+    wider = run_compare(CompareRequest(grid=replace(grid, seeds=[1, 2, 3]), context=context, out=tmp_path))
     assert wider.computed == 3  # only seed 3 is new
-    forced = run_compare(grid=replace(grid, force=True), context=context, out=tmp_path)
+    forced = run_compare(CompareRequest(grid=replace(grid, force=True), context=context, out=tmp_path))
     assert forced.computed == 6
     assert [r["ece"] for r in forced.rows] == [r["ece"] for r in first.rows]  # deterministic
-    changed = run_compare(grid=replace(grid, method_params={"coop-ce": {"epochs": 4}}), context=context, out=tmp_path)
+    changed = run_compare(
+        CompareRequest(grid=replace(grid, method_params={"coop-ce": {"epochs": 4}}), context=context, out=tmp_path)
+    )
     assert changed.computed == 4  # coop-ce and coop-ce+ts have new settings; zero-shot is reused
     rows = read_results(tmp_path / "results.csv")
     assert len(rows) == 9 + 4 and list(rows[0]) == RESULT_COLUMNS
@@ -43,9 +45,11 @@ def test_rows_are_resumed_and_force_recomputes(tmp_path, cache_dir):
 @pytest.mark.e2e
 def test_each_run_carries_a_bootstrap_interval(tmp_path, cache_dir):
     result = run_compare(
-        grid=Grid(["coop-ce"], [1], method_params=FAST, bootstrap=200),
-        context=RunContext(cache_dir=cache_dir),
-        out=tmp_path,
+        CompareRequest(
+            grid=Grid(["coop-ce"], [1], method_params=FAST, bootstrap=200),
+            context=RunContext(cache_dir=cache_dir),
+            out=tmp_path,
+        )
     )
     (row,) = result.rows
     assert row["ece_ci_low"] < row["ece"] < row["ece_ci_high"]
@@ -68,9 +72,11 @@ def exploding_method():
 @pytest.mark.e2e
 def test_a_failing_method_is_a_failed_row_and_the_grid_goes_on(tmp_path, cache_dir, exploding_method):
     result = run_compare(
-        grid=Grid(["exploding", "exploding+ts", "zero-shot"], [1]),
-        context=RunContext(cache_dir=cache_dir),
-        out=tmp_path,
+        CompareRequest(
+            grid=Grid(["exploding", "exploding+ts", "zero-shot"], [1]),
+            context=RunContext(cache_dir=cache_dir),
+            out=tmp_path,
+        )
     )
     by_method = {r["method"]: r for r in result.rows}
     assert by_method["exploding"]["status"] == "failed"
@@ -107,10 +113,9 @@ def missing_model(monkeypatch):
 def test_all_runs_available_pairs_and_lists_the_rest(tmp_path, cache_dir, missing_model):
     skipped = []
     result = run_compare(
-        grid=Grid(["zero-shot"], [1]),
-        context=RunContext(cache_dir=cache_dir),
-        out=tmp_path,
-        all_pairs=True,
+        CompareRequest(
+            grid=Grid(["zero-shot"], [1]), context=RunContext(cache_dir=cache_dir), out=tmp_path, all_pairs=True
+        ),
         on_skip=lambda *s: skipped.append(s),
     )
     assert ("ghost", "synthetic", "weights not found; run `calbench models fetch ghost`") in skipped
@@ -147,9 +152,11 @@ def test_compare_all_cli_then_rerun_recomputes_nothing(tmp_path, cache_dir, miss
 @pytest.mark.e2e
 def test_report_marks_the_best_ece_and_embeds_the_diagrams(tmp_path, cache_dir):
     run_compare(
-        grid=Grid(["zero-shot", "zero-shot+ts", "coop-ce"], [1, 2], method_params=FAST, bootstrap=50),
-        context=RunContext(cache_dir=cache_dir),
-        out=tmp_path,
+        CompareRequest(
+            grid=Grid(["zero-shot", "zero-shot+ts", "coop-ce"], [1, 2], method_params=FAST, bootstrap=50),
+            context=RunContext(cache_dir=cache_dir),
+            out=tmp_path,
+        )
     )
     result = runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0
@@ -173,7 +180,11 @@ def test_report_of_a_missing_folder_is_one_line(tmp_path):
 
 @pytest.mark.e2e
 def test_report_pivots_the_certification_table(tmp_path, cache_dir):
-    run_compare(grid=Grid(["zero-shot"], [1], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path)
+    run_compare(
+        CompareRequest(
+            grid=Grid(["zero-shot"], [1], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
+        )
+    )
     header = "model,dataset,method,seed,shots,sigma,n0,n,alpha,subset,radius,certified_accuracy,abstain_rate\n"
     lines = [
         f"tiny,synthetic,promptsmooth,1,16,0.25,10,100,0.001,300,{r},{a},0.36\n"
@@ -189,8 +200,12 @@ def test_report_pivots_the_certification_table(tmp_path, cache_dir):
 @pytest.mark.e2e
 def test_report_shows_only_each_methods_latest_settings(tmp_path, cache_dir):
     base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
-    old = run_compare(grid=Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=2), bootstrap=0), **base).rows[0]
-    new = run_compare(grid=Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=8), bootstrap=0), **base).rows[0]
+    old = run_compare(
+        CompareRequest(grid=Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=2), bootstrap=0), **base)
+    ).rows[0]
+    new = run_compare(
+        CompareRequest(grid=Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=8), bootstrap=0), **base)
+    ).rows[0]
     assert old["config"] != new["config"] and old["ece"] != new["ece"]
     runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
     md = (tmp_path / "report.md").read_text()
@@ -204,9 +219,9 @@ def test_report_shows_only_each_methods_latest_settings(tmp_path, cache_dir):
 def test_going_back_to_earlier_settings_puts_them_back_in_the_report(tmp_path, cache_dir):
     base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
     grid = Grid(["zero-shot+ts"], [1], fewshot=FewShot(val_shots=2), bootstrap=0)
-    old = run_compare(grid=grid, **base).rows[0]
-    run_compare(grid=replace(grid, fewshot=FewShot(val_shots=8)), **base)
-    again = run_compare(grid=grid, **base)  # nothing to compute: reused, and now the latest
+    old = run_compare(CompareRequest(grid=grid, **base)).rows[0]
+    run_compare(CompareRequest(grid=replace(grid, fewshot=FewShot(val_shots=8)), **base))
+    again = run_compare(CompareRequest(grid=grid, **base))  # nothing to compute: reused, and now the latest
     assert again.computed == 0 and again.rows[0]["config"] == old["config"]
     runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
     assert (
@@ -218,8 +233,13 @@ def test_going_back_to_earlier_settings_puts_them_back_in_the_report(tmp_path, c
 @pytest.mark.e2e
 def test_spelled_out_validation_shots_are_the_same_config(tmp_path, cache_dir):
     base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
-    run_compare(grid=Grid(["zero-shot+ts"], [1], bootstrap=0), **base)
-    assert run_compare(grid=Grid(["zero-shot+ts"], [1], FewShot(val_shots=8), bootstrap=0), **base).computed == 0
+    run_compare(CompareRequest(grid=Grid(["zero-shot+ts"], [1], bootstrap=0), **base))
+    assert (
+        run_compare(
+            CompareRequest(grid=Grid(["zero-shot+ts"], [1], FewShot(val_shots=8), bootstrap=0), **base)
+        ).computed
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,7 +251,7 @@ def test_spelled_out_validation_shots_are_the_same_config(tmp_path, cache_dir):
 )
 def test_a_repeated_method_or_seed_is_refused(tmp_path, grid, message):
     with pytest.raises(CalbenchError, match=message):
-        run_compare(grid=grid, out=tmp_path)
+        run_compare(CompareRequest(grid=grid, out=tmp_path))
     assert not (tmp_path / "results.csv").exists()
 
 
@@ -256,7 +276,9 @@ def test_fitting_never_sees_a_test_image(tmp_path, cache_dir):
     METHODS._entries["spy"] = MethodSpec("spy", "test double", _Spy)
     try:
         run_compare(
-            grid=Grid(["spy", "spy+ts"], [1, 2], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
+            CompareRequest(
+                grid=Grid(["spy", "spy+ts"], [1, 2], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
+            )
         )
     finally:
         del METHODS._entries["spy"]
@@ -271,13 +293,21 @@ def test_fitting_never_sees_a_test_image(tmp_path, cache_dir):
 @pytest.mark.e2e
 def test_spelling_out_a_default_is_the_same_config_and_changing_one_is_not(tmp_path, cache_dir):
     base = dict(context=RunContext(cache_dir=cache_dir), out=tmp_path)
-    first = run_compare(grid=Grid(["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2}}), **base)
+    first = run_compare(
+        CompareRequest(grid=Grid(["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2}}), **base)
+    )
     same = run_compare(
-        grid=Grid(["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2, "alpha": 0.05, "lr": 0.002}}),
-        **base,
+        CompareRequest(
+            grid=Grid(
+                ["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2, "alpha": 0.05, "lr": 0.002}}
+            ),
+            **base,
+        )
     )
     other = run_compare(
-        grid=Grid(["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2, "alpha": 0.1}}), **base
+        CompareRequest(
+            grid=Grid(["coop-ls"], [1], bootstrap=0, method_params={"coop-ls": {"epochs": 2, "alpha": 0.1}}), **base
+        )
     )
     assert same.computed == 0 and other.computed == 1
     assert other.rows[0]["config"] != first.rows[0]["config"]
@@ -295,7 +325,9 @@ def test_spelling_out_a_default_is_the_same_config_and_changing_one_is_not(tmp_p
 def test_bad_parameters_are_refused_before_any_work(tmp_path, cache_dir, params, message):
     with pytest.raises(CalbenchError, match=message):
         run_compare(
-            grid=Grid(["coop-ce"], [1], method_params=params), context=RunContext(cache_dir=cache_dir), out=tmp_path
+            CompareRequest(
+                grid=Grid(["coop-ce"], [1], method_params=params), context=RunContext(cache_dir=cache_dir), out=tmp_path
+            )
         )
     assert not (tmp_path / "results.csv").exists()
 
@@ -316,9 +348,11 @@ def broken_calibrator():
 @pytest.mark.e2e
 def test_a_failing_calibrator_fails_only_its_own_row(tmp_path, cache_dir, broken_calibrator):
     result = run_compare(
-        grid=Grid(["zero-shot+broken", "zero-shot+ts", "zero-shot"], [1], bootstrap=0),
-        context=RunContext(cache_dir=cache_dir),
-        out=tmp_path,
+        CompareRequest(
+            grid=Grid(["zero-shot+broken", "zero-shot+ts", "zero-shot"], [1], bootstrap=0),
+            context=RunContext(cache_dir=cache_dir),
+            out=tmp_path,
+        )
     )
     status = {r["method"]: (r["status"], r["error"]) for r in result.rows}
     assert status == {
@@ -333,8 +367,8 @@ def test_failed_rows_are_retried_on_the_next_run(tmp_path, cache_dir, exploding_
     args = dict(
         grid=Grid(["exploding", "zero-shot"], [1], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
     )
-    assert run_compare(**args).computed == 2
-    assert run_compare(**args).computed == 1  # zero-shot is reused, the failed run is tried again
+    assert run_compare(CompareRequest(**args)).computed == 2
+    assert run_compare(CompareRequest(**args)).computed == 1  # zero-shot is reused, the failed run is tried again
 
 
 def test_two_runs_writing_one_results_file_keep_each_others_rows(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.results import ResultsStore
 from calbench.session import RunContext
 
@@ -26,7 +26,9 @@ PLAIN_CE = {"calibprompt": {"alpha": 0.0, "w_smac": 0.0, "w_as": 0.0}}
 def demo_numbers(out: Path, context: RunContext, params: dict) -> dict[str, dict[str, np.ndarray]]:
     """Per method: accuracy, ECE and mean top-label confidence of each seed, from `compare`'s rows and predictions."""
     result = run_compare(
-        grid=Grid(METHODS, SEEDS, bootstrap=0, method_params=params), context=context, out=out, data="synthetic"
+        CompareRequest(
+            grid=Grid(METHODS, SEEDS, bootstrap=0, method_params=params), context=context, out=out, data="synthetic"
+        )
     )
     store = ResultsStore(out)
     numbers: dict[str, dict[str, list[float]]] = {}

@@ -18,9 +18,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.jobs import Launcher
-from calbench.launch import run_compare_launched
 from calbench.report import write_results_report
 from calbench.results import read_results
 from calbench.session import FewShot, RunContext
@@ -50,11 +49,11 @@ def test_launched_grid_merges_into_what_one_process_writes_and_failed_jobs_are_r
     context = RunContext(device="cpu", cache_dir=cache_dir)
     single = tmp_path / "single"
     for model, data in pairs[:2]:
-        run_compare(model, data, GRID, context, single)
+        run_compare(CompareRequest(model=model, data=data, grid=GRID, context=context, out=single))
     write_results_report(single)
 
     jobs = tmp_path / "jobs"
-    result = run_compare_launched(Launcher("local-processes"), grid=GRID, context=context, out=jobs, pairs=pairs)
+    result = run_compare(CompareRequest(grid=GRID, context=context, out=jobs, pairs=pairs), Launcher("local-processes"))
     assert result.computed == 4 and len(result.rows) == 4
     for name in ("results.csv", "settings.json"):  # same rows, same numbers, same settings
         assert (jobs / name).read_bytes() == (single / name).read_bytes()
@@ -124,7 +123,7 @@ def test_a_grid_on_slurm_is_one_job_array_with_the_options_given(slurm, syntheti
     launcher = Launcher("slurm", partition="debug", gpus=0, time=30, array_parallelism=1, cpus=2)
     context = RunContext(device="cpu", cache_dir=cache_dir)
     out = tmp_path / "results"
-    result = run_compare_launched(launcher, grid=GRID, context=context, out=out, pairs=pairs)
+    result = run_compare(CompareRequest(grid=GRID, context=context, out=out, pairs=pairs), launcher)
     [submitted] = [json.loads(p.read_text()) for p in slurm.glob("*.sbatch.json")]  # one sbatch: one array
     assert {k: submitted[k] for k in ("partition", "time", "array", "cpus-per-task", "job-name")} == {
         "partition": "debug",

@@ -174,8 +174,8 @@ def test_capabilities_are_declared_and_a_smoothed_method_has_two_entry_points(se
     ],
 )
 def test_every_setting_of_a_smoothed_method_is_in_its_config(name, params):
-    from calbench.methods import method_signature
+    from calbench.methods import resolve
 
     default = {"init": "fewshot"} if "init" in params else {}
-    assert method_signature(make_method(name, **params)) != method_signature(make_method(name, **default))
-    assert method_signature(make_method(name, **default)) == method_signature(make_method(name, **default))
+    assert resolve(name, overrides=params).config_hash() != resolve(name, overrides=default).config_hash()
+    assert resolve(name, overrides=default).config_hash() == resolve(name, overrides=default).config_hash()

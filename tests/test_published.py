@@ -22,7 +22,7 @@ from calbench import published
 from calbench.baselines.coop import LOSS_METHODS
 from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.losses import Objective, Term
-from calbench.methods import list_methods, make_method, method_signature, pair_defaults, params_for
+from calbench.methods import METHODS, list_methods, make_method, resolve
 from calbench.train import TrainConfig, steps_per_epoch, train_prompt_learner
 
 CP = "iabh1shekbasu/CalibPrompt"
@@ -124,9 +124,10 @@ def test_medclip_takes_its_published_warmup_lr():
     # `  WARMUP_CONS_LR: 1e-3` in CalibPrompt's MedCLIP config, where PLIP's has 1e-5
     entry = published.model_overrides("medclip")["warmup_lr"]
     assert (entry.value, entry.source) == (1e-3, f"{CP} {MC_CFG}:22")
-    assert make_method("coop-ce", **params_for("coop-ce", None, "medclip", "covid")).config.warmup_lr == 1e-3
-    assert make_method("coop-ce", **params_for("coop-ce", None, "plip", "kather")).config.warmup_lr == 1e-5
-    assert params_for("zero-shot", None, "medclip", "covid") == {}  # nothing to train, nothing to warm up
+    assert resolve("coop-ce", "medclip", "covid").build().config.warmup_lr == 1e-3
+    assert resolve("coop-ce", "medclip-masked", "covid").build().config.warmup_lr == 1e-3  # a variant: its model's
+    assert resolve("coop-ce", "plip", "kather").build().config.warmup_lr == 1e-5
+    assert resolve("zero-shot", "medclip", "covid").params == {}  # nothing to train, nothing to warm up
 
 
 def test_every_entry_names_a_source_and_every_citation_a_published_repository():
@@ -156,17 +157,36 @@ def test_the_generic_calibprompt_is_the_plip_kather_row():
 
 
 def test_per_pair_defaults_reach_calibprompt_its_ablations_and_coop_ls():
-    assert params_for("calibprompt", None, "plip", "pannuke") == {"alpha": 0.2, "w_as": 0.1}
-    assert params_for("coop-ls+ts", None, "quiltnet", "kather") == {"alpha": 0.01}
-    assert pair_defaults("ls+as", "biomedclip", "covid") == {"alpha": 0.1, "w_as": 3.0}
-    assert pair_defaults("coop-mmce", "plip", "pannuke") == {}  # not a CalibPrompt setting
-    assert params_for("calibprompt", None, "tiny", "synthetic") == {}  # no published row: generic defaults
-    # --params wins over the published row
-    assert params_for("calibprompt", {"calibprompt": {"alpha": 0.3}}, "plip", "pannuke") == {"alpha": 0.3, "w_as": 0.1}
+    assert resolve("calibprompt", "plip", "pannuke").params == {"alpha": 0.2, "w_as": 0.1}
+    assert resolve("coop-ls+ts", "quiltnet", "kather").params == {"alpha": 0.01}
+    assert resolve("ls+as", "biomedclip", "covid").params == {"alpha": 0.1, "w_as": 3.0}
+    assert resolve("coop-mmce", "plip", "pannuke").params == {}  # not a CalibPrompt setting
+    assert resolve("calibprompt", "tiny", "synthetic").params == {}  # no published row: generic defaults
+    # a dataset given as a folder is looked up by its name, in every command
+    assert resolve("calibprompt", "plip", "/some/folder/pannuke").params == {"alpha": 0.2, "w_as": 0.1}
+    # --params wins over the published row, and says so
+    chosen = resolve("calibprompt", "plip", "pannuke", {"alpha": 0.3})
+    assert chosen.params == {"alpha": 0.3, "w_as": 0.1}
+    assert chosen.sources["alpha"] == "--params" and chosen.sources["w_as"].endswith("all_fewshot_plip.sh:52")
     # the resolved values are in the run's config hash: another pair's setting is another config
-    sig = {p: method_signature(make_method("calibprompt", **params_for("calibprompt", None, *p))) for p in PAIRS_KEYS}
+    sig = {p: resolve("calibprompt", *p).config_hash() for p in PAIRS_KEYS}
     assert sig[("plip", "kather")] != sig[("plip", "pannuke")]
-    assert sig[("plip", "kather")] == method_signature(make_method("calibprompt"))
+    assert sig[("plip", "kather")] == resolve("calibprompt").config_hash()
+    # spelling out a default is the same config; changing it is another
+    assert resolve("calibprompt", overrides={"alpha": 0.05}).config_hash() == resolve("calibprompt").config_hash()
+    assert resolve("calibprompt", overrides={"epochs": 3}).config_hash() != resolve("calibprompt").config_hash()
+
+
+def test_every_method_declares_its_parameters_and_whether_it_learns_a_prompt_without_being_built():
+    for name in list_methods():
+        spec = METHODS.get(name)
+        own = set(published.section(name))
+        assert set(spec.params) <= own, name  # each declared parameter has its default in the table
+        # the rest of its section are the trainer's options, set otherwise for this method (PromptSmooth's n_ctx)
+        assert own - set(spec.params) <= (set(published.section("train")) if spec.learns_prompt else set()), name
+        assert spec.learns_prompt == make_method(name).capabilities.learns_prompt, name
+        trainer = set(published.section("train")) if spec.learns_prompt else set()
+        assert set(spec.defaults()) == set(published.section(name)) | trainer, name
 
 
 PAIRS_KEYS = [("plip", "kather"), ("plip", "pannuke")]
@@ -268,10 +288,8 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
         row = {"model": pair[0], "dataset": pair[1], "method": "calibprompt", "seed": 1, "config": config}
         metrics = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5, "status": "ok", "error": ""}
         store.put({**row, **metrics})
-        from calbench.methods import resolved_settings
-
-        given = params_for("calibprompt", None, *pair)
-        store.put_settings({config: {**row, "settings": resolved_settings("calibprompt", *pair, given)}})
+        settings = resolve("calibprompt", *pair).settings
+        store.put_settings({config: {**row, "settings": {k: (s.value, s.source) for k, s in settings.items()}}})
     tables = [b for b in build_blocks(tmp_path) if isinstance(b, Table)]
     text = "\n".join(" | ".join(map(str, r)) for t in tables for r in t.rows)
     assert "alpha 0.2 (all_fewshot_plip.sh:52)" in text

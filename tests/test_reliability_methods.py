@@ -19,7 +19,7 @@ from calbench.baselines.promptsmooth import RANGES as PROMPTSMOOTH_RANGES
 from calbench.baselines.promptsmooth import default_of as promptsmooth_default
 from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.cli.app import app
-from calbench.compare import Grid, degenerate_reason, run_compare, score
+from calbench.compare import CompareRequest, Grid, degenerate_reason, run_compare, score
 from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.methods import CALIBRATORS, list_calibrators, list_methods, make_method, read_params_file
 from calbench.report.results import dataset_labels
@@ -134,11 +134,13 @@ def test_two_class_netcal_output_is_one_minus_p_and_p(name):
 def test_compare_on_a_two_class_dataset_gives_ok_rows_for_every_calibrator(tmp_path, binary_folder, cache_dir):
     methods = ["coop-ce", *(f"coop-ce+{c}" for c in list_calibrators())]
     result = run_compare(
-        "tiny",
-        str(binary_folder),
-        Grid(methods, [1], FewShot(shots=4, views=1), bootstrap=0, method_params={"coop-ce": {"epochs": 2}}),
-        RunContext(device="cpu", cache_dir=cache_dir),
-        tmp_path,
+        CompareRequest(
+            model="tiny",
+            data=str(binary_folder),
+            grid=Grid(methods, [1], FewShot(shots=4, views=1), bootstrap=0, method_params={"coop-ce": {"epochs": 2}}),
+            context=RunContext(device="cpu", cache_dir=cache_dir),
+            out=tmp_path,
+        )
     )
     assert {r["method"]: r["status"] for r in result.rows} == dict.fromkeys(methods, "ok")
 
@@ -281,14 +283,16 @@ def test_near_uniform_predictions_are_degenerate_and_keep_their_metrics():
 def test_a_degenerate_run_is_flagged_reused_and_never_the_best_ece(tmp_path, cache_dir, uniform_method):
     args = dict(grid=Grid(["uniform", "zero-shot"], [1], bootstrap=0), context=RunContext(cache_dir=cache_dir))
     with pytest.warns(CalbenchWarning, match=r"tiny · synthetic · uniform \(seed 1\) is degenerate: near-uniform"):
-        first = run_compare(out=tmp_path, **args)
+        first = run_compare(CompareRequest(out=tmp_path, **args))
     status = {r["method"]: r["status"] for r in first.rows}
     assert status == {"uniform": "degenerate", "zero-shot": "ok"}
     assert [r["method"] for r in first.degenerate] == ["uniform"] and first.failures == []
     (uniform,) = first.degenerate
     assert uniform["ece"] < min(r["ece"] for r in first.rows if r["method"] == "zero-shot")  # lowest ECE, at chance
     with pytest.warns(CalbenchWarning):
-        assert run_compare(out=tmp_path, **args).computed == 0  # reused: the same settings collapse again
+        assert (
+            run_compare(CompareRequest(out=tmp_path, **args)).computed == 0
+        )  # reused: the same settings collapse again
     result = runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0
     md = (tmp_path / "report.md").read_text()

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage.color import rgb2hed
 
 from calbench.cache import FeatureCache
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.data import load_dataset
 from calbench.data.corruptions import (
     CORRUPTIONS,
@@ -147,7 +147,9 @@ def test_compare_shift_logs_reports_and_resumes(mini, cache_dir, tmp_path):
         extras=Extras(shift=True, smooth_diagrams=True),
     )
     context = RunContext(device="cpu", cache_dir=cache_dir)
-    result = run_compare("tiny-random", str(mini), grid, context, tmp_path / "out")
+    result = run_compare(
+        CompareRequest(model="tiny-random", data=str(mini), grid=grid, context=context, out=tmp_path / "out")
+    )
     rows = read_results(tmp_path / "out" / "results.csv")
     assert result.computed == 2 and all(not np.isnan(row[c]) for row in rows for c in ("aurc", "lac_size"))
     assert set(DEFERRAL_COLUMNS) <= set(rows[0]) and rows[0]["conformal_n"] == 2 * len(
@@ -159,12 +161,22 @@ def test_compare_shift_logs_reports_and_resumes(mini, cache_dir, tmp_path):
     assert {"reliability", "risk_coverage", "shift", "reliability_smooth"} <= names
     report = write_results_report(tmp_path / "out")[0].read_text()
     assert "## Deferral" in report and "## Shift" in report and "risk_coverage/" in report
-    again = run_compare("tiny-random", str(mini), grid, context, tmp_path / "out")
+    again = run_compare(
+        CompareRequest(model="tiny-random", data=str(mini), grid=grid, context=context, out=tmp_path / "out")
+    )
     assert again.computed == 0 and again.stats.encoded == 0
     # runs logged without --shift are run again when it is asked for
     plain = run_compare(
-        "tiny-random", str(mini), Grid(**{**grid.__dict__, "extras": Extras()}), context, tmp_path / "p"
+        CompareRequest(
+            model="tiny-random",
+            data=str(mini),
+            grid=Grid(**{**grid.__dict__, "extras": Extras()}),
+            context=context,
+            out=tmp_path / "p",
+        )
     )
     assert plain.computed == 2 and read_shift(tmp_path / "p") == []
-    shifted_now = run_compare("tiny-random", str(mini), grid, context, tmp_path / "p")
+    shifted_now = run_compare(
+        CompareRequest(model="tiny-random", data=str(mini), grid=grid, context=context, out=tmp_path / "p")
+    )
     assert shifted_now.computed == 2 and len(read_shift(tmp_path / "p")) == len(shifted)

@@ -12,9 +12,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.errors import CalbenchError
-from calbench.methods import METHODS, make_method, method_signature, read_params_file
+from calbench.methods import METHODS, make_method, read_params_file, resolve
 from calbench.metrics import ece
 from calbench.results import ResultsStore
 from calbench.session import FewShot, RunContext
@@ -42,7 +42,8 @@ def test_space_defaults_build_the_methods_own_defaults(method):
     defaults = method_params({k: p.default for k, p in base_space(method).items()}, None)
     plain, explicit = make_method(method), make_method(method, **defaults)
     assert all(p.default is not None for p in base_space(method).values())
-    assert method_signature(explicit) == method_signature(plain)
+    assert explicit.config == plain.config and explicit.objective == plain.objective
+    assert resolve(method, overrides=defaults).config_hash() == resolve(method).config_hash()
 
 
 def test_paper_setting_is_enqueued_first_then_the_defaults():
@@ -280,7 +281,9 @@ def test_search_never_loads_the_test_split(monkeypatch, cache_dir, tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in result.trials) == 3
     with pytest.raises(AssertionError, match="test split"):  # the guard does bite on a test evaluation
         run_compare(
-            grid=Grid(["zero-shot"], [1]), context=RunContext(device="cpu", cache_dir=cache_dir), out=tmp_path / "c"
+            CompareRequest(
+                grid=Grid(["zero-shot"], [1]), context=RunContext(device="cpu", cache_dir=cache_dir), out=tmp_path / "c"
+            )
         )
 
 

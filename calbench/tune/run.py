@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from calbench.atomic import write_text_atomic
-from calbench.compare import Grid, run_compare
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.errors import CalbenchError, check_seeds
 from calbench.results import ResultsStore, Row
 from calbench.session import RunContext
@@ -45,7 +45,7 @@ def final_test(
             label: Grid([c.method], seeds, c.fewshot, method_params={c.method: method_params(ref, c.epochs)}),
         }
         for name, grid in settings.items():
-            run = run_compare(model, data, grid, single, folder / name)
+            run = run_compare(CompareRequest(grid, model, data, context=single, out=folder / name))
             if run.failures:
                 first = run.failures[0]
                 raise CalbenchError(

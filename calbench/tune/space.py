@@ -19,7 +19,7 @@ import optuna
 from calbench import published
 from calbench.base import TRAIN_OPTIONS
 from calbench.errors import CalbenchError
-from calbench.methods import METHODS, make_method, pair_defaults
+from calbench.methods import METHODS, dataset_name, make_method, resolve
 
 
 def pair_key(pair: Sequence[str]) -> str:
@@ -201,8 +201,8 @@ def reference_params(method: str, pair: tuple[str, str], space: Mapping[str, Par
     defaults = {name: p.default for name, p in space.items() if p.default is not None}
     if not pair[0]:
         return "default", defaults
-    paper = {k: v for k, v in pair_defaults(method, *pair).items() if k in space or k in defaults}
-    row = published.pair(*pair)
+    paper = {k: v for k, v in resolve(method, *pair).params.items() if k in space or k in defaults}
+    row = published.pair(pair[0], dataset_name(pair[1]))
     published_here = bool(paper) or (row is not None and method in row.methods)
     return ("paper", {**defaults, **paper}) if published_here else ("default", defaults)
 

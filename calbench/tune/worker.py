@@ -29,7 +29,7 @@ from calbench.calibprompt import PromptMethod
 from calbench.deferral import DeferralSettings
 from calbench.deferral.conformal import halves_set_size
 from calbench.deferral.selective import aurc
-from calbench.methods import make_method, pair_defaults
+from calbench.methods import resolve
 from calbench.metrics import accuracy, ece, nll
 from calbench.session import RunContext, Session
 from calbench.train import TrainingDiverged, logits_for
@@ -77,7 +77,7 @@ class Worker:
             accs = []
             for seed in self.config.split_seeds:
                 fit = self.fit_data(pair, seed)
-                coop = make_method("coop-ce", **{**pair_defaults("coop-ce", *pair), **epochs}).fit(fit)
+                coop = resolve("coop-ce", *pair, epochs).build().fit(fit)
                 with torch.no_grad():
                     accs.append(val_metrics(coop.predict_proba(fit.val_features), fit.val_labels)["accuracy"])
             self.reference[pair_key(pair)] = float(np.mean(accs))
@@ -177,19 +177,20 @@ class Worker:
         c = self.config
         methods, data = [], []
         for trial, chosen in zip(trials, params):
-            method = make_method(c.method, **{**pair_defaults(c.method, *pair), **method_params(chosen, c.epochs)})
+            method = resolve(c.method, *pair, method_params(chosen, c.epochs)).build()
             fit = self.fit_data(pair, seed, method)
             if c.objective != "pareto" and isinstance(method, PromptMethod):
                 method.on_epoch = self._checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
             methods.append(method)
             data.append(fit)
         results: list[Union[dict[str, float], Exception]] = []
-        for trial, fit, fitted in zip(trials, data, fit_together(methods, data)):
-            if isinstance(fitted, TrainingDiverged):
-                trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {fitted}")
-            if isinstance(fitted, Exception):
-                results.append(fitted)
+        for trial, fit, outcome in zip(trials, data, fit_together(methods, data)):
+            if isinstance(outcome.error, TrainingDiverged):
+                trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {outcome.error}")
+            if outcome.error is not None:
+                results.append(outcome.error)
                 continue
+            fitted = outcome.fitted()
             with (
                 torch.no_grad()
             ):  # smoothed methods are scored on noisy validation copies, as compare scores them on test
