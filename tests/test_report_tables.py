@@ -139,6 +139,18 @@ def test_csv_is_the_tidy_long_table_of_every_metric(tmp_path):
     assert {key[3] for key in got} >= {"accuracy", "ece", "mce", "nll", "brier", "smooth_ece", "aurc"}
 
 
+@pytest.mark.filterwarnings("error")
+def test_csv_gives_an_infinite_threshold_as_inf_without_a_warning(tmp_path):
+    store = ResultsStore(tmp_path)
+    for seed, threshold in ((1, float("inf")), (2, 0.5)):
+        row = {c: 0.5 for c in RESULT_COLUMNS}
+        row.update(model="m", dataset="d", method="zero-shot", seed=seed, status="ok", sel_threshold=threshold)
+        store.put(row)
+    rows = {r["metric"]: r for r in _csv(write_table(tmp_path, "csv"))}
+    assert (rows["sel_threshold"]["mean"], rows["sel_threshold"]["std"], rows["sel_threshold"]["n"]) == ("inf", "", "2")
+    assert (rows["ece"]["mean"], rows["ece"]["std"]) == ("0.5", "0.0")
+
+
 def test_cli_writes_the_tables_beside_report_md_and_refuses_an_unknown_format(tmp_path):
     folder = _results(tmp_path)
     done = CliRunner().invoke(app, ["report", str(folder), "--format", "latex", "--format", "csv"])

@@ -114,14 +114,18 @@ def latex_table(res: Summary) -> str:
 
 def tidy_rows(res: Summary) -> list[dict[str, object]]:
     """Every metric of every shown cell: mean and sample std over the scored seeds, and n, as fractions
-    (as in results.csv); a metric with no value (a column older files lack) has no row, one seed no std."""
+    (as in results.csv); a metric with no value (a column older files lack) has no row, one seed or an
+    infinite value no std."""
     rows: list[dict[str, object]] = []
     for (model, dataset, method), runs in res.scored.items():
         for metric in (*METRICS, *DEFERRAL_COLUMNS):
             values = [v for r in runs if not math.isnan(v := float(r.get(metric, math.nan)))]
             if not values:
                 continue
-            mean, std = mean_std(values)
+            if all(map(math.isfinite, values)):
+                mean, std = mean_std(values)
+            else:  # an infinite selective threshold (no confidence meets the target): no spread to give
+                mean, std = sum(values) / len(values), None
             cell = {"model": model, "dataset": dataset, "method": method, "metric": metric}
             rows.append({**cell, "mean": mean, "std": "" if std is None else std, "n": len(values)})
     return rows
