@@ -1,6 +1,6 @@
 """calbench's benchmark suite: calbench's design against the published one and the hardware floor.
 
-    python -m benchmarks            # the full run quoted in the README (ViT-B/32, ViT-B/16, 12-layer text towers)
+    python -m benchmarks            # the full run quoted in benchmarks/README.md (ViT-B/32, ViT-B/16, 12-layer text towers)
     python -m benchmarks --quick    # every row at reduced sizes (2-layer stand-ins, fewer images and epochs)
 
 Every ratio is measured side by side in one process, as the median of ``--repeats`` repetitions

@@ -36,7 +36,7 @@ CLASSES = [
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much work each row does: ``full`` is the run quoted in the README, ``quick`` a smoke run."""
+    """How much work each row does: ``full`` is the run quoted in benchmarks/README.md, ``quick`` a smoke run."""
 
     name: str
     repeats: int  # repetitions per measurement (the median is reported)

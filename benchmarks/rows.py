@@ -38,7 +38,7 @@ class Row:
 
 
 def table(results: list[Row]) -> str:
-    """The rows as a Markdown table (pasted into the README's Performance section)."""
+    """The rows as a Markdown table (pasted into benchmarks/README.md)."""
     lines = [
         "| row | calbench | reference | ratio | target | met | peak memory |",
         "|---|---|---|---|---|---|---|",

@@ -149,9 +149,19 @@ def _render(result: Any) -> None:
 
 @app.command()
 @user_errors
-def report(results_dir: Path = typer.Argument(Path("results"), help="A folder written by `calbench compare`.")) -> None:
-    """Render report.md and a self-contained report.html from a results folder."""
+def report(
+    results_dir: Path = typer.Argument(Path("results"), help="A folder written by `calbench compare`."),
+    formats: Optional[list[str]] = typer.Option(
+        None,
+        "--format",
+        help="Also write the paper-style table as LaTeX (latex: report.tex, for \\input{}) or every metric as a "
+        "tidy long table (csv: report.csv, one row per model, dataset, method and metric); repeatable.",
+    ),
+) -> None:
+    """Render report.md and a self-contained report.html from a results folder (and report.tex / report.csv)."""
     from calbench.report import write_results_report
+    from calbench.report.tables import table_formats, write_table
 
-    md, page = write_results_report(results_dir)
-    console.print(f"wrote {md} and {page}")
+    wanted = table_formats(formats or [])  # before any work: a wrong name stops with the right ones
+    written = [*write_results_report(results_dir), *(write_table(results_dir, fmt) for fmt in wanted)]
+    console.print(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}")

@@ -175,6 +175,9 @@ ResultsStore(Path({str(tmp_path)!r})).put(row)
 from calbench.report import write_results_report
 md, page = write_results_report(Path({str(tmp_path)!r}))
 assert "histopathology" in md.read_text()
+from calbench.report.tables import write_table
+assert "5.92" in write_table(Path({str(tmp_path)!r}), "latex").read_text()  # the published PLIP · Kather row
+write_table(Path({str(tmp_path)!r}), "csv")
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -46,7 +46,7 @@ def effect_failures(n: dict[str, dict[str, np.ndarray]]) -> list[str]:
 
     The comparisons are of means over the three seeds, as the demo reports them: on single seeds,
     temperature scaling fitted on 8 validation images per class, and ECE on 900 test tiles, are
-    noisy. Run on seeds 4-27 in threes (README), every check holds; the closest calls are CoOp-CE's
+    noisy. Run on seeds 4-27 in threes (docs/demo.md), every check holds; the closest calls are CoOp-CE's
     mean ECE 3.3 points above temperature scaling's (seeds 13-15), CalibPrompt's 1.8 points below
     CoOp-CE's (seeds 19-21) and CoOp-CE's confidence 5.0 points above its accuracy (seed 8).
     """

@@ -37,7 +37,7 @@ TEMPLATE = "an H&E image of {}."
 #: how far a class's tiles scatter around their centre (std of each attribute; calbench's choice). At 0.10,
 #: with a milder hospital B, 8-shot CoOp-CE reached 88% and was only 2-15 points overconfident, often within
 #: the sampling noise of 8 validation images per class, so temperature scaling fitted on them raised its
-#: ECE on 5 of seeds 4-9; here CoOp-CE is about 82% accurate and 4-15 points overconfident (README)
+#: ECE on 5 of seeds 4-9; here CoOp-CE is about 82% accurate and 4-15 points overconfident (docs/demo.md)
 SPREAD = 0.12
 #: (folder, class name, attribute centre, attribute spread), attributes in calbench.tissue.ATTRIBUTES order:
 #: density, size, darkness, elongation, fibres, pink, fat

@@ -65,7 +65,7 @@ class PretrainConfig:
     framed: bool = True  # captions open with one of tissue.FRAMES (False: all with the first)
     #: the logit scale the shipped model runs at: CLIP's clamp (Radford et al., ICML 2021, Sec. 2.5), where
     #: the released CLIP checkpoints that PLIP and QuiltNet are fine-tuned from sit; the scale learned here
-    #: (about 24 after these steps) is kept in the file's metadata. See the README's demo section for why.
+    #: (about 24 after these steps) is kept in the file's metadata. See docs/demo.md for why.
     shipped_scale: float = 100.0
     threads: int = 1  # CPU threads: float sums, and so the weights, depend on how work is split
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -20,31 +20,13 @@ from calbench.errors import CalbenchError
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
 from calbench.report.deferral import deferral_blocks, shift_blocks
 from calbench.report.jobs import failed_jobs_blocks
-from calbench.results import SCORED, Row, mean_std, read_certification, read_results, read_settings
+from calbench.report.summary import Summary, dataset_labels, pct, published_model
+from calbench.results import Row, read_certification, read_results, read_settings
 from calbench.shards import merge_shards
 
+__all__ = ["build_blocks", "dataset_labels", "diagram_stem", "write_results_report"]
+
 REFERENCE_METHOD = "coop-ce"
-#: statuses of runs with metrics; a ``degenerate`` run (near-uniform predictions) is never the best ECE
-
-Pair = tuple[str, str]
-Stats = dict[str, tuple[float, Optional[float]]]
-
-
-def dataset_labels(rows: Sequence[Row]) -> dict[tuple[str, str], str]:
-    """How the report and the diagrams name each (dataset, dataset_id): the plain name, unless another
-    dataset in the same results shares it; then the name and its identity, e.g. "data (a1b2c3)".
-
-    Rows from before results.csv had a dataset_id (empty) count as the name's one identified dataset;
-    a rerun of `compare` fills their id in. With several, they are "data (unknown)".
-    """
-    found: dict[str, set[str]] = {}
-    for r in rows:
-        found.setdefault(str(r["dataset"]), set()).add(str(r.get("dataset_id") or ""))
-    labels = {}
-    for name, ids in found.items():
-        unique = len(ids - {""}) <= 1
-        labels.update({(name, i): name if unique else f"{name} ({i or 'unknown'})" for i in ids})
-    return labels
 
 
 def diagram_stem(model: str, dataset_label: str, method: str) -> str:
@@ -62,70 +44,8 @@ def _modality(model: str, dataset: str) -> str:
     return MODELS.get(model).modality if model in MODELS else "other"
 
 
-def _published_model(model: str) -> str:
-    """A model variant (``medclip-masked``) is compared with its model's published numbers."""
-    from calbench.models import MODELS
-
-    return MODELS.get(model).weights_name if model in MODELS else model
-
-
-def _pct(mean: float, std: Optional[float]) -> str:
-    if math.isnan(mean):
-        return "failed"
-    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-class _Results:
-    """The logged runs a report shows: each (model, dataset, method)'s latest config, summarised over seeds.
-
-    Each row's ``dataset`` is its label (:func:`dataset_labels`); ``names`` maps labels back to names.
-    """
-
-    def __init__(self, logged: list[Row]) -> None:
-        labels = dataset_labels(logged)
-        logged = [{**r, "dataset": labels[(str(r["dataset"]), str(r.get("dataset_id") or ""))]} for r in logged]
-        self.names = {labels[key]: key[0] for key in labels}
-        # runs with other settings (shots, parameters, weights) are not extra seeds: keep the most recent config
-        latest = {(r["model"], r["dataset"], r["method"]): r.get("config", "") for r in logged}
-        self.logged = logged
-        self.rows = [r for r in logged if r.get("config", "") == latest[(r["model"], r["dataset"], r["method"])]]
-        self.pairs: list[Pair] = list(dict.fromkeys((str(r["model"]), str(r["dataset"])) for r in self.rows))
-        self.methods = list(dict.fromkeys(str(r["method"]) for r in self.rows))
-        self.cell: dict[tuple[str, str, str], Stats] = {}
-        #: (model, dataset, method) -> (degenerate seeds, scored seeds), for cells with a degenerate run
-        self.degenerate: dict[tuple[str, str, str], tuple[int, int]] = {}
-        for r in self.rows:
-            key = (str(r["model"]), str(r["dataset"]), str(r["method"]))
-            if key not in self.cell and r["status"] in SCORED:
-                mine = [
-                    o for o in self.rows if (o["model"], o["dataset"], o["method"]) == key and o["status"] in SCORED
-                ]
-                self.cell[key] = {k: mean_std(float(o[k]) for o in mine) for k in ("ece", "accuracy", "nll", "brier")}
-                collapsed = sum(o["status"] == "degenerate" for o in mine)
-                if collapsed:
-                    self.degenerate[key] = (collapsed, len(mine))
-
-    def config_of(self, pair: Pair, method: str) -> Optional[str]:
-        """The config hash of the runs shown for (pair, method)."""
-        return next(
-            (str(r.get("config", "")) for r in self.rows if (r["model"], r["dataset"], r["method"]) == (*pair, method)),
-            None,
-        )
-
-    def ece(self, pair: Pair, method: str) -> Optional[float]:
-        stats = self.cell.get((*pair, method))
-        return None if stats is None else stats["ece"][0]
-
-    def mark(self, pair: Pair, method: str) -> str:
-        """ " (degenerate)" after a cell whose runs collapsed to near-uniform predictions ("1/3 seeds" if some did)."""
-        if (*pair, method) not in self.degenerate:
-            return ""
-        collapsed, scored = self.degenerate[(*pair, method)]
-        return " (degenerate)" if collapsed == scored else f" (degenerate in {collapsed}/{scored} seeds)"
-
-
-def _summary(res: _Results) -> list[Block]:
-    seeds = sorted({int(r["seed"]) for r in res.rows})
+def _summary(res: Summary) -> list[Block]:
+    seeds = res.seeds()
     hidden = len(res.logged) - len(res.rows)
     return [
         Heading("calbench report", 1),
@@ -137,7 +57,7 @@ def _summary(res: _Results) -> list[Block]:
     ]
 
 
-def _main_table(res: _Results) -> list[Block]:
+def _main_table(res: Summary) -> list[Block]:
     header = ["method"] + [f"{m} · {d}" for m, d in res.pairs]
     rows = []
     for method in res.methods:
@@ -145,19 +65,12 @@ def _main_table(res: _Results) -> list[Block]:
         rows.append(
             [method]
             + [
-                "failed" if s is None else f"ECE {_pct(*s['ece'])} / Acc {_pct(*s['accuracy'])}{res.mark(pair, method)}"
+                "failed" if s is None else f"ECE {pct(*s['ece'])} / Acc {pct(*s['accuracy'])}{res.mark(pair, method)}"
                 for pair, s in cells
             ]
         )
-    bold = set()
-    for j, pair in enumerate(res.pairs, start=1):
-        scores = {
-            i: e
-            for i, m in enumerate(res.methods)
-            if (e := res.ece(pair, m)) is not None and (*pair, m) not in res.degenerate
-        }
-        if scores:
-            bold.add((min(scores, key=scores.get), j))
+    best = [res.best_ece(pair) for pair in res.pairs]
+    bold = {(res.methods.index(m), j) for j, m in enumerate(best, start=1) if m is not None}
     blocks: list[Block] = [Heading("Results (best ECE per column in bold)"), Table(header, rows, bold)]
     if res.degenerate:
         blocks.append(
@@ -169,7 +82,7 @@ def _main_table(res: _Results) -> list[Block]:
     return blocks
 
 
-def _modality_table(res: _Results) -> list[Block]:
+def _modality_table(res: Summary) -> list[Block]:
     modalities = sorted({_modality(m, res.names[d]) for m, d in res.pairs})
     rows = []
     for method in res.methods:
@@ -186,7 +99,7 @@ def _modality_table(res: _Results) -> list[Block]:
     return [Heading("Per-modality averages (mean over pairs)"), Table(["method", *modalities], rows)]
 
 
-def _relative_table(res: _Results) -> list[Block]:
+def _relative_table(res: Summary) -> list[Block]:
     if not any((*pair, REFERENCE_METHOD) in res.cell for pair in res.pairs):
         return []
     rows = []
@@ -200,11 +113,11 @@ def _relative_table(res: _Results) -> list[Block]:
     return [Heading(f"Relative ECE change against {REFERENCE_METHOD}"), Table(header, rows)]
 
 
-def _published_table(res: _Results, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+def _published_table(res: Summary, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
     """Our CoOp-CE and CalibPrompt ECE next to the published ones, with the CalibPrompt setting each ran."""
     rows = []
     for pair in res.pairs:
-        row = published.pair(_published_model(pair[0]), res.names[pair[1]])
+        row = published.pair(published_model(pair[0]), res.names[pair[1]])
         if row is None:
             continue
         ours = [res.ece(pair, k) for k in ("coop-ce", "calibprompt")]
@@ -252,7 +165,7 @@ def _origin(source: str) -> str:
     return place.rsplit("/", 1)[-1]
 
 
-def _settings_table(res: _Results, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+def _settings_table(res: Summary, settings: Mapping[str, Mapping[str, Any]]) -> list[Block]:
     """What each shown method ran with on each pair: its own settings and what it changed of the
     trainer's defaults, each with where it comes from (settings.json, written by compare)."""
     trainer = {k: [s.value, s.source] for k, s in published.section("train").items()}
@@ -275,7 +188,7 @@ def _settings_table(res: _Results, settings: Mapping[str, Mapping[str, Any]]) ->
     ]
 
 
-def _runs_table(res: _Results) -> list[Block]:
+def _runs_table(res: Summary) -> list[Block]:
     def pct(value: object) -> str:
         return "" if math.isnan(float(value)) else f"{100 * float(value):.2f}"
 
@@ -326,7 +239,7 @@ def build_blocks(results_dir: Path) -> list[Block]:
         raise CalbenchError(
             f"{results_dir / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first"
         )
-    res = _Results(logged)
+    res = Summary(logged)
     settings = read_settings(results_dir)
     blocks = (
         _summary(res)
