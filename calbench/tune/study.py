@@ -1,9 +1,10 @@
 """A study: created or joined in any Optuna storage, searched until it holds the requested
-number of trials (by any number of worker processes at once), and summarised as best_params.json."""
+number of scored trials (by any number of worker processes at once), and summarised as best_params.json."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -11,21 +12,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from calbench.deferral import DeferralSettings
+from calbench.deferral.conformal import min_calibration_size
 from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
-from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
-from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
+from calbench.tune.batch import run_batch
+from calbench.tune.config import COUNTED, OBJECTIVES, PRUNERS, TuneConfig, is_feasible, select_best
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
-from calbench.tune.storage import open_storage, stale_after
-from calbench.tune.worker import Surplus, Worker, places_taken, queue_lost_retries
+from calbench.tune.storage import has_heartbeats, open_storage, retry_callback
+from calbench.tune.worker import Worker
 
-#: trial failures that end the trial, not the search: a diverged loss, a surplus trial
-CAUGHT = (TrainingDiverged, Surplus)
+#: trial failures that end the trial, not the search
+CAUGHT = (TrainingDiverged,)
+#: calbench: a worker stops the search after this many of its own trials failed in a row. Failed trials are
+#: replaced, so a space or objective where every trial fails (a diverging learning rate, a NaN objective)
+#: would search for ever (78 failed trials for --trials 2 in 14 minutes, before this limit); a space where
+#: half the trials fail reaches it by chance with probability 0.5**20, about 1e-6, at each trial
+MAX_FAILED_IN_A_ROW = 20
 
 
 @dataclass
@@ -35,6 +45,7 @@ class SearchResult:
     storage: str
     ran: int  # trials this process trained (complete, pruned or failed)
     seconds: float
+    n_trials: int  # the total asked for (--trials)
 
     @property
     def trials(self) -> list[FrozenTrial]:
@@ -43,6 +54,11 @@ class SearchResult:
     @property
     def best(self) -> Optional[FrozenTrial]:
         return select_best(self.trials, self.config.objective)
+
+    @property
+    def surplus(self) -> int:
+        """Scored trials beyond the total: other workers' trials still running when it was reached."""
+        return max(0, sum(t.state in COUNTED for t in self.trials) - self.n_trials)
 
 
 def open_study(
@@ -125,47 +141,128 @@ def search(
     heartbeat: int = 10,
     sampler_seed: Optional[int] = None,
 ) -> SearchResult:
-    """Run trials until the study holds ``n_trials`` (complete, pruned or failed for a reason);
-    any number of processes may run this on the same study at once. ``config.batch_trials`` > 1
-    asks for that many trials at a time and trains them together (:mod:`calbench.tune.batch`).
+    """Run trials until the study holds ``n_trials`` scored ones (complete or pruned; a failed trial is
+    replaced); any number of processes may run this on the same study at once. ``config.batch_trials`` > 1
+    runs that many trials at a time, trained together (:mod:`calbench.tune.batch`).
 
-    A process returns only when no trial is left running elsewhere: another worker's last trial
-    either finishes or, if that worker died, goes stale (no heartbeat for 3 x ``heartbeat`` s) and
-    is retried here, so the study ends with exactly ``n_trials`` whichever worker survives."""
+    Each worker stops at the total (Optuna's ``MaxTrialsCallback``), so the trials other workers are running
+    then still finish: at most one surplus trial per worker (one batch with ``batch_trials``). With a
+    database, a worker returns only when no trial is left running elsewhere: another worker's last trial
+    either finishes or, if that worker died, goes stale (no heartbeat for 3 x ``heartbeat`` s) and is
+    retried here with the same parameters."""
     started = time.perf_counter()
     study = prepare(config, n_trials, study_name, storage, heartbeat, sampler_seed)
     with _quiet():
-        worker = Worker(config, n_trials, context)
+        worker = Worker(config, context)
+        check_objective(config, worker)
         worker.load_reference(study)
-        ran = 0
+        streak, ran = FailureStreak(MAX_FAILED_IN_A_ROW), []
         with _progress(context.progress, n_trials) as bar, warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            while True:
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, fail_stale_trials
+
+            def after(study: optuna.Study, trial: FrozenTrial) -> None:
+                ran.append(trial.number)
                 trials = study.get_trials(deepcopy=False)
-                # a killed trial whose retry was lost: the worker failing it died too
-                if queue_lost_retries(study, trials, after_s=stale_after(heartbeat)):
-                    trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
-                waiting = any(t.state == TrialState.WAITING for t in trials)
-                counted = sum(counts_toward_total(t) for t in trials)
-                if not waiting and max(counted, len(places_taken(trials))) >= n_trials:
-                    if counted >= n_trials and not any(t.state == TrialState.RUNNING for t in trials):
-                        break
-                    # another worker's trial: finished there, or retried here; or a killed trial's retry, queued
-                    # by the worker that failed it or, if that one died too, here (a fresh trial would be surplus)
-                    time.sleep(min(heartbeat, 1))
+
+            callbacks = [MaxTrialsCallback(n_trials, states=COUNTED), streak, after]
+            while (count := _to_run(study, n_trials, config.batch_trials, has_heartbeats(storage))) is not None:
+                if count == 0:  # another worker's trial: it finishes there, or is retried here if that worker died
+                    time.sleep(heartbeat)
                     continue
-                if config.batch_trials > 1:
-                    ran += run_batch(study, worker, trials_to_ask(trials, n_trials, config.batch_trials), CAUGHT)
-                    continue
-                try:
-                    study.optimize(worker, n_trials=1, catch=CAUGHT)
-                    ran += 1
-                except ValueError as error:  # its trial was also taken, and finished, by another worker
-                    if not finished_elsewhere(error):
-                        raise
-    return SearchResult(study, config, storage, ran, time.perf_counter() - started)
+                _run(study, worker, count, config.batch_trials, callbacks)
+                streak.check()
+    return SearchResult(study, config, storage, len(ran), time.perf_counter() - started, n_trials)
+
+
+def _to_run(study: optuna.Study, n_trials: int, batch: int, heartbeats: bool) -> Optional[int]:
+    """How many trials to run now: the missing and the queued ones (retries, a re-run's defaults), at most
+    ``batch``; 0 to wait for trials running elsewhere (with heartbeats); None when the search is over."""
+    if heartbeats:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and queued again
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    missing = n_trials - sum(t.state in COUNTED for t in trials)
+    if waiting or missing > 0:
+        return min(batch, waiting + max(missing, 0))
+    return 0 if heartbeats and any(t.state == TrialState.RUNNING for t in trials) else None
+
+
+def _run(study: optuna.Study, worker: Worker, count: int, batch: int, callbacks: list[Any]) -> None:
+    """``count`` trials together (``batch`` > 1), or one after another until the total (MaxTrialsCallback)."""
+    try:
+        if batch > 1:
+            run_batch(study, worker, count, CAUGHT, callbacks)
+        else:
+            study.optimize(worker, n_trials=None, catch=CAUGHT, callbacks=callbacks)
+    except ValueError as error:  # its trial was also taken, and finished, by another worker
+        if not finished_elsewhere(error):
+            raise
+
+
+def finished_elsewhere(error: ValueError) -> bool:
+    """Whether Optuna refused to record a trial's outcome because the trial is already finished. On
+    SQLite two workers can take the same waiting trial: Optuna pops it with SELECT ... FOR UPDATE,
+    which SQLite ignores. The first to finish records it; the other's outcome of the same setting is
+    dropped, and nothing is lost."""
+    return str(error).startswith("Cannot tell a ")
+
+
+class FailureStreak:
+    """An Optuna callback that stops this worker's search after ``limit`` of its trials failed in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+        self.last: Optional[FrozenTrial] = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
+        self.last = trial
+        if self.count >= self.limit:
+            study.stop()
+
+    def check(self) -> None:
+        """One line saying why, once the streak stopped the search."""
+        if self.count < self.limit or self.last is None:
+            return
+        # a trial failed without calbench's reason here was given a value Optuna refuses (an exception would
+        # have ended the search instead)
+        why = self.last.user_attrs.get("fail_reason", "its objective was not a number")
+        raise CalbenchError(
+            f"the search stopped: {self.count} trials in a row failed (the last, trial {self.last.number}: {why}); "
+            "narrow the search space (--space) or choose another --objective"
+        )
+
+
+def check_objective(config: TuneConfig, worker: Worker) -> None:
+    """Refuse ``conformal-size`` where a validation half is too small for a finite conformal threshold at
+    alpha: every set would hold every class, and the objective would be one number (or NaN) for every trial."""
+    if config.objective != "conformal-size":
+        return
+    alpha = DeferralSettings.alpha
+    need = min_calibration_size(alpha)  # calibration images in the smaller half (halves are class-stratified)
+    for pair in config.pairs:
+        for seed in config.split_seeds:
+            counts = np.bincount(worker.fit_data(pair, seed).val_labels.cpu().numpy())
+            counts = counts[counts > 0]
+            if sum(counts // 2) < need:
+                per_class = 2 * math.ceil(need / len(counts))
+                raise CalbenchError(
+                    f"--objective conformal-size at alpha {alpha:g} needs {per_class} validation images per class "
+                    f"on {pair_key(pair)} ({len(counts)} classes; each half of them calibrates the other and needs "
+                    f"{need}), but split seed {seed} has {counts.min()}; use --val-shots {per_class} or more"
+                )
+
+
+def requeue_orphans(study: optuna.Study) -> list[int]:
+    """Fail the trials left running when every worker has ended, and queue each again with its parameters
+    (Optuna's retry callback): what heartbeats do on a database, for journal files, which have none."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    retry = retry_callback()
+    for trial in orphans:
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study.get_trials(deepcopy=False)[trial.number])
+    return [t.number for t in orphans]
 
 
 class _progress:
