@@ -61,6 +61,15 @@ class SearchResult:
         return max(0, sum(t.state in COUNTED for t in self.trials) - self.n_trials)
 
 
+class OrderedTPE(optuna.samplers.TPESampler):
+    """TPE whose seeded draws stay in trial order under ``--batch-trials``: Optuna reseeds a sampler at random
+    in each thread of ``optimize(n_jobs=k)``, but one thread draws every setting of a batch, in trial order
+    (:mod:`calbench.tune.batch`), so the shared generator needs no reseeding and a seed gives the same trials."""
+
+    def reseed_rng(self) -> None:
+        """Keep the seeded generator (see the class)."""
+
+
 def open_study(
     config: TuneConfig, storage: str, name: str, heartbeat: int = 10, sampler_seed: Optional[int] = None
 ) -> optuna.Study:
@@ -69,7 +78,7 @@ def open_study(
     ``sampler_seed`` seeds TPE: one worker then samples the same trials on any storage; several
     workers interleave in their own order, which no seed fixes."""
     backend = open_storage(storage, heartbeat)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed)  # reads the constraint each trial sets
+    sampler = OrderedTPE(seed=sampler_seed)  # reads the constraint each trial sets
     pruner = PRUNERS[config.pruner](
         config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
     )
