@@ -14,7 +14,6 @@ import shutil
 import fake_slurm
 import optuna
 import pytest
-from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from calbench.cli.app import app

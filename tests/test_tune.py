@@ -413,7 +413,7 @@ def test_a_storage_that_is_neither_a_url_nor_a_journal_file_is_refused(url, tmp_
     with pytest.raises(CalbenchError) as refused:
         open_storage(url)
     assert str(refused.value) == (
-        f"--storage {url!r} is neither a database URL (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
+        f"--storage {url} is neither a database URL (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
         "mysql+pymysql://...) nor a journal file (journal:PATH)"
     )
     assert list(tmp_path.iterdir()) == []  # no file of that name was made

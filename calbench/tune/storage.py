@@ -66,7 +66,7 @@ def open_storage(url: str, heartbeat: int = 10) -> BaseStorage:
         return _journal(url)
     if "://" not in url:
         raise CalbenchError(
-            f"--storage {url!r} is neither a database URL (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
+            f"--storage {url} is neither a database URL (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
             f"mysql+pymysql://...) nor a journal file ({JOURNAL}PATH)"
         )
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; the README says so once
