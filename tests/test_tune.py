@@ -340,9 +340,9 @@ def test_bad_tune_input_is_one_line_and_exit_2(args, message, tmp_path):
 def test_a_search_whose_every_trial_fails_stops_with_one_line(monkeypatch, cache_dir, tmp_path):
     """Failed trials are replaced, so a space where every trial diverges would search for ever: a worker
     stops after MAX_FAILED_IN_A_ROW failures in a row, saying why; each failed trial keeps its reason."""
-    from calbench.tune import study as study_module
+    from calbench.tune import limits
 
-    monkeypatch.setattr(study_module, "MAX_FAILED_IN_A_ROW", 3)
+    monkeypatch.setattr(limits, "MAX_FAILED_IN_A_ROW", 3)
     space = parse_space("calibprompt", {"lr": {"choices": [1e12]}})
     storage = f"journal:{tmp_path / 'j.log'}"
     with pytest.raises(CalbenchError) as stopped:
@@ -360,7 +360,7 @@ def test_a_search_whose_every_trial_fails_stops_with_one_line(monkeypatch, cache
 def test_the_failure_streak_counts_a_workers_failures_in_a_row_and_names_a_nan_objective():
     from types import SimpleNamespace
 
-    from calbench.tune.study import FailureStreak
+    from calbench.tune.limits import FailureStreak
 
     stops = []
     study = SimpleNamespace(stop=lambda: stops.append(True))  # Optuna's stop() only works inside optimize

@@ -4,7 +4,6 @@ number of scored trials (by any number of worker processes at once), and summari
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -12,30 +11,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from calbench.deferral import DeferralSettings
-from calbench.deferral.conformal import min_calibration_size
 from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
 from calbench.tune.batch import run_batch
 from calbench.tune.config import COUNTED, OBJECTIVES, PRUNERS, TuneConfig, is_feasible, select_best
+from calbench.tune.limits import FailureStreak, check_objective
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import has_heartbeats, open_storage, retry_callback
 from calbench.tune.worker import Worker
 
 #: trial failures that end the trial, not the search
 CAUGHT = (TrainingDiverged,)
-#: calbench: a worker stops the search after this many of its own trials failed in a row. Failed trials are
-#: replaced, so a space or objective where every trial fails (a diverging learning rate, a NaN objective)
-#: would search for ever (78 failed trials for --trials 2 in 14 minutes, before this limit); a space where
-#: half the trials fail reaches it by chance with probability 0.5**20, about 1e-6, at each trial
-MAX_FAILED_IN_A_ROW = 20
 
 
 @dataclass
@@ -165,7 +157,7 @@ def search(
         worker = Worker(config, context)
         check_objective(config, worker)
         worker.load_reference(study)
-        streak, ran = FailureStreak(MAX_FAILED_IN_A_ROW), []
+        streak, ran = FailureStreak(), []
         with _progress(context.progress, n_trials) as bar, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, fail_stale_trials
 
@@ -215,52 +207,6 @@ def finished_elsewhere(error: ValueError) -> bool:
     which SQLite ignores. The first to finish records it; the other's outcome of the same setting is
     dropped, and nothing is lost."""
     return str(error).startswith("Cannot tell a ")
-
-
-class FailureStreak:
-    """An Optuna callback that stops this worker's search after ``limit`` of its trials failed in a row."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count = limit, 0
-        self.last: Optional[FrozenTrial] = None
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
-        self.last = trial
-        if self.count >= self.limit:
-            study.stop()
-
-    def check(self) -> None:
-        """One line saying why, once the streak stopped the search."""
-        if self.count < self.limit or self.last is None:
-            return
-        # a trial failed without calbench's reason here was given a value Optuna refuses (an exception would
-        # have ended the search instead)
-        why = self.last.user_attrs.get("fail_reason", "its objective was not a number")
-        raise CalbenchError(
-            f"the search stopped: {self.count} trials in a row failed (the last, trial {self.last.number}: {why}); "
-            "narrow the search space (--space) or choose another --objective"
-        )
-
-
-def check_objective(config: TuneConfig, worker: Worker) -> None:
-    """Refuse ``conformal-size`` where a validation half is too small for a finite conformal threshold at
-    alpha: every set would hold every class, and the objective would be one number (or NaN) for every trial."""
-    if config.objective != "conformal-size":
-        return
-    alpha = DeferralSettings.alpha
-    need = min_calibration_size(alpha)  # calibration images in the smaller half (halves are class-stratified)
-    for pair in config.pairs:
-        for seed in config.split_seeds:
-            counts = np.bincount(worker.fit_data(pair, seed).val_labels.cpu().numpy())
-            counts = counts[counts > 0]
-            if sum(counts // 2) < need:
-                per_class = 2 * math.ceil(need / len(counts))
-                raise CalbenchError(
-                    f"--objective conformal-size at alpha {alpha:g} needs {per_class} validation images per class "
-                    f"on {pair_key(pair)} ({len(counts)} classes; each half of them calibrates the other and needs "
-                    f"{need}), but split seed {seed} has {counts.min()}; use --val-shots {per_class} or more"
-                )
 
 
 def requeue_orphans(study: optuna.Study) -> list[int]:
