@@ -456,3 +456,39 @@ def test_a_trial_finished_by_another_worker_is_recognised():
     with pytest.raises(ValueError) as mistake:
         study.tell(study.ask(), state=TrialState.RUNNING)
     assert finished_elsewhere(twice.value) and not finished_elsewhere(mistake.value)
+    assert finished_elsewhere(optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished"))
+
+
+def test_a_batch_trains_each_trial_once_and_gives_each_thread_its_outcome():
+    """Optuna's threads hand their trials in; the last to arrive trains them all, in trial order. A trial two
+    threads popped at once (SQLite) trains once, and both threads get its outcome."""
+    import threading
+    from types import SimpleNamespace
+
+    from calbench.tune.batch import Together
+
+    calls = []
+
+    class FakeWorker:
+        def run_trials(self, trials):
+            calls.append([t.number for t in trials])
+            return [float(t.number) if t.number != 7 else optuna.TrialPruned() for t in trials]
+
+    together = Together(FakeWorker(), 4)
+    trials = [SimpleNamespace(number=n) for n in (5, 3, 7)]
+    handed = [trials[0], trials[1], trials[2], trials[1]]  # trial 3 popped by two threads
+    got = {}
+
+    def thread(i):
+        try:
+            got[i] = together(handed[i])
+        except optuna.TrialPruned as pruned:
+            got[i] = pruned
+
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == [[3, 5, 7]]
+    assert (got[0], got[1], got[3]) == (5.0, 3.0, 3.0) and isinstance(got[2], optuna.TrialPruned)

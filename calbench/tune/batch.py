@@ -33,7 +33,9 @@ class Together:
 
     def _train(self) -> None:
         """Runs once, in the thread that arrives last, before any thread goes on."""
-        trials = sorted(self.trials, key=lambda t: t.number)  # the sampler draws in trial order, as one at a time
+        # the sampler draws in trial order, as one at a time; on SQLite two threads may have popped the same
+        # waiting trial (calbench.tune.study.finished_elsewhere): it trains once
+        trials = sorted({t.number: t for t in self.trials}.values(), key=lambda t: t.number)
         try:
             outcomes: Sequence[Outcome] = self.worker.run_trials(trials)
         except BaseException as error:  # noqa: BLE001 - it fails every trial of the batch, and optimize raises it

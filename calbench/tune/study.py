@@ -157,12 +157,13 @@ def search(
         worker = Worker(config, context)
         check_objective(config, worker)
         worker.load_reference(study)
-        streak, ran = FailureStreak(), []
+        streak = FailureStreak()
+        ran: set[int] = set()  # a set: a trial two threads popped at once (SQLite) may be told twice
         with _progress(context.progress, n_trials) as bar, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, fail_stale_trials
 
             def after(study: optuna.Study, trial: FrozenTrial) -> None:
-                ran.append(trial.number)
+                ran.add(trial.number)
                 trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
 
@@ -196,17 +197,19 @@ def _run(study: optuna.Study, worker: Worker, count: int, batch: int, callbacks:
             run_batch(study, worker, count, CAUGHT, callbacks)
         else:
             study.optimize(worker, n_trials=None, catch=CAUGHT, callbacks=callbacks)
-    except ValueError as error:  # its trial was also taken, and finished, by another worker
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
         if not finished_elsewhere(error):
             raise
 
 
-def finished_elsewhere(error: ValueError) -> bool:
+def finished_elsewhere(error: Exception) -> bool:
     """Whether Optuna refused to record a trial's outcome because the trial is already finished. On
-    SQLite two workers can take the same waiting trial: Optuna pops it with SELECT ... FOR UPDATE,
-    which SQLite ignores. The first to finish records it; the other's outcome of the same setting is
-    dropped, and nothing is lost."""
-    return str(error).startswith("Cannot tell a ")
+    SQLite two workers (or two threads of a batch) can take the same waiting trial: Optuna pops it with
+    SELECT ... FOR UPDATE, which SQLite ignores. The first to finish records it; the other's outcome of
+    the same setting is dropped, and nothing is lost."""
+    if isinstance(error, optuna.exceptions.UpdateFinishedTrialError):
+        return True
+    return isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")
 
 
 def requeue_orphans(study: optuna.Study) -> list[int]:
