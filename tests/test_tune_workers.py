@@ -61,6 +61,16 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(warm_cac
     assert sum(int(r.read_text()) for r in reports) == len(trials)  # each trial taken by exactly one worker
     assert len({t.user_attrs["worker"] for t in trained}) == 2  # both took part
     assert trials[0].user_attrs["enqueued"] == "default"
+    # how many workers ran a study does not change a trial's result: the default scores as one worker scores it
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        context = RunContext(device="cpu", cache_dir=warm_cache)
+        alone = search(TuneConfig(epochs=10), 1, "alone", f"sqlite:///{tmp_path / 'alone.db'}", context, heartbeat=1)
+    finally:
+        torch.set_num_threads(before)
+    assert alone.trials[0].params == trials[0].params
+    assert alone.trials[0].user_attrs["val"] == pytest.approx(trials[0].user_attrs["val"], abs=1e-6)  # float32
 
 
 def test_a_killed_workers_trial_is_retried_by_the_next_run(warm_cache, tmp_path):
