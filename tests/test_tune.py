@@ -492,3 +492,13 @@ def test_a_batch_trains_each_trial_once_and_gives_each_thread_its_outcome():
         t.join(timeout=30)
     assert calls == [[3, 5, 7]]
     assert (got[0], got[1], got[3]) == (5.0, 3.0, 3.0) and isinstance(got[2], optuna.TrialPruned)
+
+
+@pytest.mark.e2e
+def test_conformal_size_on_too_small_a_validation_split_is_one_line_and_exit_2(cache_dir, tmp_path):
+    args = ["tune", "--objective", "conformal-size", "--val-shots", "2", "--epochs", "1", "--trials", "1"]
+    args += ["--search-only", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: --objective conformal-size at alpha 0.1 needs 4 validation images per class")
