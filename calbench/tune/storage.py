@@ -35,11 +35,6 @@ STALE_HEARTBEATS = 3
 JOURNAL = "journal:"
 
 
-def stale_after(heartbeat: int) -> int:
-    """Seconds without a heartbeat after which a running trial's worker counts as dead."""
-    return STALE_HEARTBEATS * heartbeat
-
-
 def has_heartbeats(url: str) -> bool:
     """Whether trials in this storage beat (a database) or not (a journal file)."""
     return not url.startswith(JOURNAL)
@@ -134,7 +129,7 @@ def _database(url: str, heartbeat: int) -> RDBStorage:
                 url,
                 engine_kwargs=engine,
                 heartbeat_interval=heartbeat,
-                grace_period=stale_after(heartbeat),
+                grace_period=STALE_HEARTBEATS * heartbeat,
                 heartbeat_stale_trial_callback=retry_callback(),
             )
         except ImportError as exc:
