@@ -63,7 +63,7 @@ StorageOpt = typer.Option(
     None,
     "--storage",
     help="Optuna storage URL (sqlite:///..., postgresql+psycopg://... with calbench[postgres], mysql://...) or a journal "
-    "file (default: OUT/study.db; with --launcher slurm: OUT/study.log).",
+    "file as journal:PATH (default: OUT/study.db; with --launcher slurm: journal:OUT/study.log).",
 )
 StudyOpt = typer.Option(None, "--study", help="Study name (default: <method>/<model>/<dataset>).")
 OutOpt = typer.Option(
@@ -76,7 +76,9 @@ SearchOnlyOpt = typer.Option(
     False, "--search-only", help="Only run trials (cluster workers); a later run without it writes the results."
 )
 HeartbeatOpt = typer.Option(
-    10, "--heartbeat", help="Seconds between trial heartbeats; a trial silent for 3x this is failed and retried."
+    10,
+    "--heartbeat",
+    help="Seconds between trial heartbeats (database storages); a trial silent for 3x this is failed and retried.",
 )
 SamplerSeedOpt = typer.Option(
     None,
@@ -181,6 +183,10 @@ def _render(run: Any) -> None:
     console.print(
         f"study {result.study.study_name!r}: {len(result.trials)} trials in the study, {result.ran} run here in {result.seconds:.1f} s ({pace:.1f} per minute)"
     )
+    if result.surplus:
+        from calbench.tune.report import surplus_line
+
+        console.print(surplus_line(result))
     if run.best_params is None:
         return
     best = result.best

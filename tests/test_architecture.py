@@ -151,6 +151,80 @@ def test_the_layer_rule_catches_a_wrong_way_import():
     assert "calbench.base" in GRAPH["calbench.baselines.coop"] and "calbench.baselines" in GRAPH["calbench.methods"]
 
 
+def _private(name: str) -> bool:
+    """A dotted name with a private part (``_heartbeat``, ``_trial_id``; dunders such as ``__version__`` are public)."""
+    return any(part.startswith("_") and not part.endswith("__") for part in name.split("."))
+
+
+def _other_library(name: str) -> bool:
+    top = name.split(".")[0]
+    return top != "calbench" and top not in sys.stdlib_module_names
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+def private_names_used(source: str) -> set[str]:
+    """The private names of other libraries that ``source`` imports or reaches as an attribute of what it imported
+    (``from optuna.storages._heartbeat import ...``, ``optuna.storages._heartbeat``, ``from x import _y``)."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}  # local name -> what it is in its library
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _other_library(alias.name):
+                    found |= {alias.name} if _private(alias.name) else set()
+                    local = alias.asname or alias.name.split(".")[0]
+                    bound[local] = alias.name if alias.asname else local
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _other_library(node.module):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found |= {full} if _private(full) else set()
+                bound[alias.asname or alias.name] = full
+    for node in ast.walk(tree):
+        chain = _dotted(node) if isinstance(node, ast.Attribute) else None
+        if chain is not None and chain.split(".")[0] in bound:
+            full = ".".join([bound[chain.split(".")[0]], *chain.split(".")[1:]])
+            found |= {full} if _private(full) else set()
+    return found
+
+
+def test_no_module_uses_a_private_name_of_another_library():
+    """Only public APIs of the libraries calbench builds on: a private name can change in any release."""
+    used = {module: private_names_used(path.read_text(encoding="utf-8")) for module, path in MODULES.items()}
+    assert {module: sorted(names) for module, names in used.items() if names} == {}
+
+
+def test_the_private_name_rule_catches_each_form():
+    source = """
+import optuna
+import optuna.storages._callbacks as callbacks
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import _CachedStorage, RDBStorage
+from sys import _getframe
+optuna.storages._heartbeat.is_heartbeat_enabled
+RDBStorage._get_stale_trial_ids
+optuna.__version__
+trial._trial_id
+"""
+    assert private_names_used(source) == {
+        "optuna.storages._callbacks",
+        "optuna.storages._heartbeat.BaseHeartbeat",
+        "optuna.storages._CachedStorage",
+        "optuna.storages._heartbeat",
+        "optuna.storages._heartbeat.is_heartbeat_enabled",
+        "optuna.storages.RDBStorage._get_stale_trial_ids",
+    }
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_and_functions_stay_small(module):
     source = MODULES[module].read_text(encoding="utf-8")

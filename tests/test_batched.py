@@ -159,7 +159,6 @@ def test_tune_batch_trials_give_each_trial_its_own_result(cache_dir, tmp_path):
 
     from calbench.session import RunContext
     from calbench.tune import TuneConfig, search
-    from calbench.tune.batch import trials_to_ask
 
     context = RunContext(device="cpu", cache_dir=cache_dir)
     results = {}
@@ -173,4 +172,3 @@ def test_tune_batch_trials_give_each_trial_its_own_result(cache_dir, tmp_path):
         assert together.params == alone.params
         assert together.value == pytest.approx(alone.value, abs=1e-5)
         assert together.user_attrs["val"] == pytest.approx(alone.user_attrs["val"], abs=1e-5)
-    assert trials_to_ask(three, 4, 3) == 1 and trials_to_ask([], 10, 3) == 3

@@ -14,7 +14,6 @@ import shutil
 import fake_slurm
 import optuna
 import pytest
-from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
@@ -24,7 +23,7 @@ from calbench.report import write_results_report
 from calbench.results import read_results
 from calbench.session import FewShot, RunContext
 from calbench.shards import read_failed_jobs
-from calbench.tune.config import counts_toward_total
+from calbench.tune.config import COUNTED
 from calbench.tune.storage import open_storage
 
 pytestmark = pytest.mark.e2e
@@ -98,14 +97,16 @@ def test_tune_workers_share_one_study_and_a_final_job_writes_the_results(synthet
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     trials = optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials()
-    assert sum(counts_toward_total(t) for t in trials) == 4
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    assert 4 <= sum(t.state in COUNTED for t in trials) <= 5  # the other worker's last trial may be a surplus one
+    assert all(t.state in COUNTED for t in trials)  # nothing lost, failed, running or waiting
     best = json.loads((tmp_path / "out" / "best_params.json").read_text())
     assert best["study"] == "shared" and best["trial"] in [t.number for t in trials]
     assert (tmp_path / "out" / "report.md").is_file()
     rows = read_results(tmp_path / "out" / "results.csv")
     assert {r["method"] for r in rows} >= {"coop-ce", "calibprompt:tuned"}
-    assert "study 'shared': 4 trials in the study" in run.output
+    assert f"study 'shared': {len(trials)} trials in the study" in run.output
+    surplus = len(trials) - 4
+    assert (f"{surplus} scored trial(s) beyond --trials 4" in run.output) == (surplus > 0)
 
 
 @pytest.fixture

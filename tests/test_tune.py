@@ -20,8 +20,9 @@ from calbench.results import ResultsStore
 from calbench.session import FewShot, RunContext
 from calbench.train import logits_for
 from calbench.tune import TuneConfig, modality_pairs, parse_space, run_tune, search
-from calbench.tune.config import ACCURACY, counts_toward_total, select_best
+from calbench.tune.config import ACCURACY, select_best
 from calbench.tune.space import SPACES, base_space, first_trials, method_params
+from calbench.tune.storage import open_storage
 from calbench.tune.worker import Worker
 
 EPOCHS = 4  # fast trials; the demo itself keeps the paper's 50
@@ -120,18 +121,10 @@ def test_best_is_the_lowest_feasible_value_else_the_smallest_violation():
     assert select_best([], "ece") is None
 
 
-def test_killed_and_surplus_trials_do_not_count_toward_the_total():
-    done = _trial(0, 0.1, 0.0)
-    killed = _trial(1, None, 0.0, TrialState.FAIL)
-    diverged = _trial(2, None, 0.0, TrialState.FAIL)
-    diverged.user_attrs["fail_reason"] = "diverged"
-    assert [counts_toward_total(t) for t in (done, killed, diverged)] == [True, False, True]
-
-
 def test_checkpoint_reports_the_validation_ece_and_prunes(tiny, synthetic, cache_dir):
     """Each tenth of training reports the validation ECE of the prompt as it is at that epoch."""
     config = TuneConfig(epochs=20)
-    worker = Worker(config, 5, RunContext(device="cpu", cache_dir=cache_dir))
+    worker = Worker(config, RunContext(device="cpu", cache_dir=cache_dir))
     fit = worker.fit_data(("tiny", "synthetic"), 1)
     worker.reference = {"tiny/synthetic": 0.5}
 
@@ -347,131 +340,168 @@ def test_bad_tune_input_is_one_line_and_exit_2(args, message, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_diverging_trial_fails_with_its_reason_and_counts(cache_dir, tmp_path):
-    from calbench.tune import best_params_document
+def test_a_search_whose_every_trial_fails_stops_with_one_line(monkeypatch, cache_dir, tmp_path):
+    """Failed trials are replaced, so a space where every trial diverges would search for ever: a worker
+    stops after MAX_FAILED_IN_A_ROW failures in a row, saying why; each failed trial keeps its reason."""
+    from calbench.tune import limits
 
+    monkeypatch.setattr(limits, "MAX_FAILED_IN_A_ROW", 3)
     space = parse_space("calibprompt", {"lr": {"choices": [1e12]}})
-    result = search(
-        TuneConfig(epochs=3, space=space),
-        2,
-        "diverge",
-        f"journal:{tmp_path / 'j.log'}",
-        RunContext(device="cpu", cache_dir=cache_dir),
+    storage = f"journal:{tmp_path / 'j.log'}"
+    with pytest.raises(CalbenchError) as stopped:
+        search(TuneConfig(epochs=3, space=space), 2, "diverge", storage, RunContext(device="cpu", cache_dir=cache_dir))
+    assert str(stopped.value) == (
+        "the search stopped: 3 trials in a row failed (the last, trial 2: diverged (split seed 1, tiny/synthetic): "
+        "loss became nan at epoch 2; lower the learning rate or loss weights); narrow the search space (--space) "
+        "or choose another --objective"
     )
-    assert [t.state for t in result.trials] == [TrialState.FAIL, TrialState.FAIL] and result.ran == 2
-    assert (
-        result.trials[0]
-        .user_attrs["fail_reason"]
-        .startswith("diverged (split seed 1, tiny/synthetic): loss became nan")
-    )
-    with pytest.raises(CalbenchError, match="has no completed trial yet"):
-        best_params_document(result)
+    trials = optuna.load_study(study_name="diverge", storage=open_storage(storage)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all(t.user_attrs["fail_reason"].startswith("diverged (split seed 1, tiny/synthetic)") for t in trials)
+
+
+def test_the_failure_streak_counts_a_workers_failures_in_a_row_and_names_a_nan_objective():
+    from types import SimpleNamespace
+
+    from calbench.tune.limits import FailureStreak
+
+    stops = []
+    study = SimpleNamespace(stop=lambda: stops.append(True))  # Optuna's stop() only works inside optimize
+    streak = FailureStreak(2)
+    ends = [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL]
+    for number, state in enumerate(ends):
+        streak(study, _trial(number, 0.1, 0.0, state))
+        streak.check()  # never two failures in a row: it goes on
+    assert stops == []
+    streak(study, _trial(5, None, 0.0, TrialState.FAIL))
+    assert stops == [True]
+    with pytest.raises(
+        CalbenchError, match=r"2 trials in a row failed \(the last, trial 5: its objective was not a number\)"
+    ):
+        streak.check()
+
+
+@pytest.mark.parametrize("alpha, smallest", [(0.1, 9), (0.2, 4), (0.05, 19), (0.5, 1), (0.3, 3)])
+def test_the_fewest_calibration_images_give_a_finite_conformal_threshold(alpha, smallest):
+    """k = ceil((n + 1)(1 - alpha)) <= n first holds at n = smallest: at 0.1, 9 (k = 9), not 8 (k = 9)."""
+    from calbench.deferral.conformal import SplitConformal, min_calibration_size
+
+    assert min_calibration_size(alpha) == smallest
+    probs = np.full((smallest, 3), 1 / 3)
+    labels = np.arange(smallest) % 3
+    assert math.isfinite(SplitConformal("lac", alpha).fit(probs, labels).threshold)
+    assert SplitConformal("lac", alpha).fit(probs[:-1], labels[:-1]).threshold == math.inf
 
 
 @pytest.mark.e2e
-def test_a_search_ends_when_a_dead_workers_trial_lost_its_retry(monkeypatch, cache_dir, tmp_path):
-    """A trial failed as stale by a worker that then died too, before queuing the retry: the search fills the
-    other places, waits (sampling no surplus trial) until the stale period has passed, queues that retry
-    itself and ends at the total."""
-    from calbench.tune.study import prepare
-
-    config, storage = TuneConfig(epochs=2), f"journal:{tmp_path / 'j.log'}"
-    study = prepare(config, 2, "lost", storage, heartbeat=1)
-    killed = study.ask()  # trial 0, the enqueued default: its worker died, then the one that failed it
-    params = {name: p.suggest(killed, name) for name, p in config.space.items()}
-    study.tell(killed, state=TrialState.FAIL)
-
-    calls = []
-    run_trials = Worker.run_trials
-
-    def bounded(self, trials):
-        calls.append(len(trials))
-        assert len(calls) <= 6, "the search keeps sampling surplus trials"
-        return run_trials(self, trials)
-
-    monkeypatch.setattr(Worker, "run_trials", bounded)
-    result = search(config, 2, "lost", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1)
-    states = [(t.number, t.state, t.system_attrs.get("failed_trial")) for t in result.trials]
-    assert states == [(0, TrialState.FAIL, None), (1, TrialState.COMPLETE, None), (2, TrialState.COMPLETE, 0)]
-    assert result.trials[2].params == params and len(calls) == 2  # a fresh trial, then the retry: none surplus
-    assert (result.trials[2].datetime_start - result.trials[0].datetime_complete).total_seconds() >= 3
+@pytest.mark.parametrize("val_shots, has", [(1, 1), (2, 2)])
+def test_conformal_size_is_refused_when_the_validation_split_is_too_small(val_shots, has, cache_dir, tmp_path):
+    """One image per class leaves a calibration half empty (NaN for every trial); two per class of 6 classes
+    calibrate on 6 < 9, so every set holds every class and every trial scores the same. Refused before any trial."""
+    config = TuneConfig(objective="conformal-size", epochs=2, val_shots=val_shots)
+    storage = f"journal:{tmp_path / 'j.log'}"
+    with pytest.raises(CalbenchError) as refused:
+        search(config, 1, "small", storage, RunContext(device="cpu", cache_dir=cache_dir))
+    assert str(refused.value) == (
+        "--objective conformal-size at alpha 0.1 needs 4 validation images per class on tiny/synthetic "
+        "(6 classes; each half of them calibrates the other and needs 9), "
+        f"but split seed 1 has {has}; use --val-shots 4 or more"
+    )
+    assert optuna.load_study(study_name="small", storage=open_storage(storage)).trials[0].state == TrialState.WAITING
 
 
-def test_a_trial_finished_by_another_worker_is_not_told_twice():
+@pytest.mark.parametrize("url", ["not a url", "study.log", "results/study.db"])
+def test_a_storage_that_is_neither_a_url_nor_a_journal_file_is_refused(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CalbenchError) as refused:
+        open_storage(url)
+    assert str(refused.value) == (
+        f"--storage {url} is neither a database URL (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
+        "mysql+pymysql://...) nor a journal file (journal:PATH)"
+    )
+    assert list(tmp_path.iterdir()) == []  # no file of that name was made
+
+
+def test_trials_left_running_when_every_worker_ended_are_retried_once():
+    """What heartbeats do on a database, the launcher does for a journal file once its workers have ended."""
+    from calbench.tune.study import requeue_orphans
+
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study()
+    study.tell(study.ask(space), 0.5)
+    orphan = study.ask(space)  # its worker was killed
+    assert requeue_orphans(study) == [1] and requeue_orphans(study) == []
+    states = [(t.number, t.state, t.system_attrs.get("failed_trial")) for t in study.trials]
+    assert states == [(0, TrialState.COMPLETE, None), (1, TrialState.FAIL, None), (2, TrialState.WAITING, 1)]
+    assert study.trials[2].params == {"x": orphan.params["x"]}
+
+
+def test_surplus_counts_scored_trials_beyond_the_total():
+    from calbench.tune.study import SearchResult
+
+    study = optuna.create_study()
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE):
+        study.tell(study.ask(), 0.5 if state == TrialState.COMPLETE else None, state=state)
+    result = SearchResult(study, TuneConfig(), "memory", 4, 1.0, 2)
+    assert result.surplus == 1  # three scored (complete or pruned), two asked for; a failed one is replaced
+    assert SearchResult(study, TuneConfig(), "memory", 4, 1.0, 3).surplus == 0
+
+
+def test_a_trial_finished_by_another_worker_is_recognised():
     """On SQLite two workers can take the same waiting trial; the second outcome is dropped, other errors raise."""
-    from calbench.tune.batch import tell
+    from calbench.tune.study import finished_elsewhere
 
     study = optuna.create_study()
     trial = study.ask()
-    tell(study, trial, 1.0)
-    tell(study, trial, 2.0)  # already complete: Optuna refuses, and nothing else happens
-    assert [t.value for t in study.trials] == [1.0]
-    with pytest.raises(ValueError, match="Cannot tell with state"):
-        tell(study, study.ask(), state=optuna.trial.TrialState.RUNNING)  # a caller's mistake still raises
+    study.tell(trial, 1.0)
+    with pytest.raises(ValueError) as twice:
+        study.tell(trial, 2.0)
+    with pytest.raises(ValueError) as mistake:
+        study.tell(study.ask(), state=TrialState.RUNNING)
+    assert finished_elsewhere(twice.value) and not finished_elsewhere(mistake.value)
+    assert finished_elsewhere(optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished"))
 
 
-def test_a_retry_holds_its_failed_trials_place_even_when_numbered_later():
-    """A worker killed mid-trial: its trial keeps its place until the retry is queued, and the retry
-    holds it after, so a fresh trial sampled meanwhile by another worker is surplus at the total."""
+def test_a_batch_trains_each_trial_once_and_gives_each_thread_its_outcome():
+    """Optuna's threads hand their trials in; the last to arrive trains them all, in trial order. A trial two
+    threads popped at once (SQLite) trains once, and both threads get its outcome."""
+    import threading
     from types import SimpleNamespace
 
-    from optuna.storages import RetryFailedTrialCallback
+    from calbench.tune.batch import Together
 
-    from calbench.tune.worker import Worker
+    calls = []
 
-    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    study = optuna.create_study()
-    study.tell(study.ask(space), state=TrialState.FAIL)  # 0: its worker died
-    for _ in range(2):
-        study.tell(study.ask(space), 0.5)  # 1, 2
-    worker = SimpleNamespace(n_trials=3)
-    fresh = study.ask(space)  # 3, sampled before the retry of 0 is queued
-    assert Worker._is_surplus(worker, fresh)
-    RetryFailedTrialCallback()(study, study.trials[0])  # queued as 4
-    assert Worker._is_surplus(worker, fresh)
-    assert not Worker._is_surplus(worker, study.ask())  # the retry itself runs
-    worker.n_trials = 4
-    assert not Worker._is_surplus(worker, fresh)
+    class FakeWorker:
+        def run_trials(self, trials):
+            calls.append([t.number for t in trials])
+            return [float(t.number) if t.number != 7 else optuna.TrialPruned() for t in trials]
 
+    together = Together(FakeWorker(), 4)
+    trials = [SimpleNamespace(number=n) for n in (5, 3, 7)]
+    handed = [trials[0], trials[1], trials[2], trials[1]]  # trial 3 popped by two threads
+    got = {}
 
-def test_a_retry_lost_with_its_worker_is_queued_by_another_after_the_stale_period():
-    """A worker that died between failing a stale trial and queuing its retry leaves a trial that would hold
-    its place for ever; after the stale period another worker queues that retry, once."""
-    from datetime import timedelta
+    def thread(i):
+        try:
+            got[i] = together(handed[i])
+        except optuna.TrialPruned as pruned:
+            got[i] = pruned
 
-    from calbench.tune.config import SURPLUS
-    from calbench.tune.worker import queue_lost_retries
-
-    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    study = optuna.create_study()
-    study.tell(study.ask(space), state=TrialState.FAIL)  # 0: killed, and so was the worker that failed it
-    surplus, diverged = study.ask(space), study.ask(space)
-    surplus.set_user_attr(SURPLUS, True)
-    diverged.set_user_attr("fail_reason", "diverged")
-    for trial in (surplus, diverged):
-        study.tell(trial, state=TrialState.FAIL)  # 1, 2: failed for a reason; no retry is owed
-    failed = study.trials[2].datetime_complete
-
-    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=29)) == []
-    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=31)) == [0]
-    assert queue_lost_retries(study, study.trials, after_s=30, now=failed + timedelta(seconds=60)) == []  # queued once
-    (retry,) = study.get_trials(states=(TrialState.WAITING,))
-    assert retry.params == study.trials[0].params
-    assert (retry.system_attrs["failed_trial"], retry.system_attrs["retry_history"]) == (0, [0])
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == [[3, 5, 7]]
+    assert (got[0], got[1], got[3]) == (5.0, 3.0, 3.0) and isinstance(got[2], optuna.TrialPruned)
 
 
-def test_a_second_retry_of_one_failed_trial_is_surplus():
-    """Two workers failing one stale trial at once (SQLite) queue two retries; only the first runs."""
-    from types import SimpleNamespace
-
-    from optuna.storages import RetryFailedTrialCallback
-
-    from calbench.tune.worker import Worker
-
-    study = optuna.create_study()
-    study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), state=TrialState.FAIL)
-    for _ in range(2):
-        RetryFailedTrialCallback()(study, study.trials[0])
-    first, second = study.ask(), study.ask()
-    worker = SimpleNamespace(n_trials=5)
-    assert (Worker._is_surplus(worker, first), Worker._is_surplus(worker, second)) == (False, True)
+@pytest.mark.e2e
+def test_conformal_size_on_too_small_a_validation_split_is_one_line_and_exit_2(cache_dir, tmp_path):
+    args = ["tune", "--objective", "conformal-size", "--val-shots", "2", "--epochs", "1", "--trials", "1"]
+    args += ["--search-only", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: --objective conformal-size at alpha 0.1 needs 4 validation images per class")

@@ -1,5 +1,5 @@
-"""Several `calbench tune` processes on one study: the total is met exactly, and a killed worker's
-trial is retried by the next run (heartbeats)."""
+"""Several `calbench tune` processes on one study: the total is met (with at most one surplus trial per
+other worker), nothing is lost, and a killed worker's trial is retried by the next run (heartbeats)."""
 
 import multiprocessing
 import time
@@ -12,7 +12,6 @@ from optuna.trial import TrialState
 from calbench.errors import CalbenchError
 from calbench.session import FewShot, RunContext
 from calbench.tune import TuneConfig, search
-from calbench.tune.config import SURPLUS, counts_toward_total
 from calbench.tune.storage import open_storage
 from calbench.tune.worker import Worker
 
@@ -57,12 +56,21 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(warm_cac
     assert [w.exitcode for w in workers] == [0, 0]
     trials = optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials()
     trained = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    surplus = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(SURPLUS)]
-    assert len(trained) == 6 and sum(counts_toward_total(t) for t in trials) == 6
-    assert len(trained) + len(surplus) == len(trials)  # nothing lost, running or waiting
+    assert 6 <= len(trained) <= 7  # the other worker's trial running when the total was reached: one surplus
+    assert len(trained) == len(trials)  # nothing lost, failed, running or waiting
     assert sum(int(r.read_text()) for r in reports) == len(trials)  # each trial taken by exactly one worker
     assert len({t.user_attrs["worker"] for t in trained}) == 2  # both took part
     assert trials[0].user_attrs["enqueued"] == "default"
+    # how many workers ran a study does not change a trial's result: the default scores as one worker scores it
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        context = RunContext(device="cpu", cache_dir=warm_cache)
+        alone = search(TuneConfig(epochs=10), 1, "alone", f"sqlite:///{tmp_path / 'alone.db'}", context, heartbeat=1)
+    finally:
+        torch.set_num_threads(before)
+    assert alone.trials[0].params == trials[0].params
+    assert alone.trials[0].user_attrs["val"] == pytest.approx(trials[0].user_attrs["val"], abs=1e-6)  # float32
 
 
 def test_a_killed_workers_trial_is_retried_by_the_next_run(warm_cache, tmp_path):

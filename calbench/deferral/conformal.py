@@ -70,6 +70,15 @@ def quantile_index(n: int, alpha: float) -> int:
     return math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # (n + 1)(1 - alpha) is often an integer up to rounding
 
 
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration cases with a finite threshold at 1 - alpha: the smallest n with k <= n
+    (:func:`quantile_index`), about (1 - alpha) / alpha. With fewer, every set holds every label."""
+    n = max(1, math.floor((1.0 - alpha) / alpha) - 1)
+    while quantile_index(n, alpha) > n:
+        n += 1
+    return n
+
+
 @dataclass
 class SplitConformal:
     """Split conformal classification on probabilities: ``fit`` on validation, ``predict`` sets on test."""

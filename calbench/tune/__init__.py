@@ -11,6 +11,7 @@ setting is then scored on the test split, once.
 - :mod:`.config`: what defines a study and how trials are judged;
 - :mod:`.worker`: the objective each trial runs;
 - :mod:`.storage` and :mod:`.study`: where a study lives, the search loop, best_params.json;
+- :mod:`.limits`: searches refused up front or stopped (every trial failing);
 - :mod:`.run`: the whole command; :mod:`.report`: its report.
 """
 

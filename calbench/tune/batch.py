@@ -1,78 +1,63 @@
-"""`tune --batch-trials k`: ask Optuna for k trials at once and train them together.
+"""`tune --batch-trials k`: k trials at once, trained together.
 
-The k settings train in shared text-tower passes (:mod:`calbench.batched`); each trial keeps its
-own heartbeat, pruning checkpoints and final state, exactly as Optuna's ``optimize`` would give it
-(complete, pruned, or failed with its reason). The sampler draws the k settings without the
-others' results, as any k workers running at once would.
+Optuna runs the k trials in k threads (``optimize(n_jobs=k)``), so each trial keeps Optuna's own
+heartbeat, stale check, pruning and final state (complete, pruned, or failed with its reason).
+Each thread hands its trial in and waits; once all k are in, one of them trains the k settings in
+shared text-tower passes (:mod:`calbench.batched`) and each thread returns its own trial's outcome.
+The sampler draws the k settings without the others' results, as any k workers running at once would.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
-from contextlib import ExitStack
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from calbench.tune.config import counts_toward_total
-from calbench.tune.worker import Worker, places_taken
+from calbench.tune.worker import Worker
 
-
-def trials_to_ask(trials: Sequence[FrozenTrial], n_trials: int, batch: int) -> int:
-    """How many trials to ask for now: ``batch``, but no more than the queued ones plus the places the study
-    still lacks (a surplus trial would be failed unused), and at least one."""
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    missing = n_trials - max(sum(counts_toward_total(t) for t in trials), len(places_taken(trials)))
-    return max(1, min(batch, waiting + missing))
+Outcome = Union[float, tuple[float, float], BaseException]
 
 
-def finished_elsewhere(error: ValueError) -> bool:
-    """Whether Optuna refused to record a trial's outcome because the trial is already finished. On
-    SQLite two workers can take the same waiting trial: Optuna pops it with SELECT ... FOR UPDATE
-    (``RDBStorage.set_trial_state_values``), which SQLite ignores. The first to finish records it; the
-    other's outcome of the same setting is dropped, and nothing is lost."""
-    return str(error).startswith("Cannot tell a ")
+class Together:
+    """The objective of ``count`` trials Optuna runs at once: the last to arrive trains them all."""
 
+    def __init__(self, worker: Worker, count: int) -> None:
+        self.worker = worker
+        self.trials: list[optuna.Trial] = []
+        self.outcomes: dict[int, Outcome] = {}
+        self.lock = threading.Lock()
+        self.arrived = threading.Barrier(count, action=self._train)
 
-def tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
-    """``study.tell``, except for a trial that another worker has finished (:func:`finished_elsewhere`)."""
-    try:
-        study.tell(trial, *args, **kwargs)
-    except ValueError as error:
-        if not finished_elsewhere(error):
-            raise
-
-
-def run_batch(study: optuna.Study, worker: Worker, count: int, catch: tuple[type[Exception], ...]) -> int:
-    """Ask ``count`` trials, run them together, tell each its outcome; returns how many ran.
-
-    As ``optimize`` does, an exception outside ``catch`` (and outside pruning) fails its trial and
-    is raised once every trial of the batch is told."""
-    with warnings.catch_warnings():  # Optuna warns that heartbeats expect ``optimize``; they are kept below
-        warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-        trials = [study.ask() for _ in range(count)]
-    with ExitStack() as beats:
-        for trial in trials:
-            beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+    def _train(self) -> None:
+        """Runs once, in the thread that arrives last, before any thread goes on."""
+        # the sampler draws in trial order, as one at a time; on SQLite two threads may have popped the same
+        # waiting trial (calbench.tune.study.finished_elsewhere): it trains once
+        trials = sorted({t.number: t for t in self.trials}.values(), key=lambda t: t.number)
         try:
-            outcomes = worker.run_trials(trials)
-        except BaseException:
-            for trial in trials:
-                tell(study, trial, state=TrialState.FAIL)
-            raise
-    escaped = None
-    for trial, outcome in zip(trials, outcomes):
-        if isinstance(outcome, optuna.TrialPruned):
-            tell(study, trial, state=TrialState.PRUNED)
-        elif isinstance(outcome, Exception):
-            tell(study, trial, state=TrialState.FAIL)
-            if not isinstance(outcome, catch) and escaped is None:
-                escaped = outcome
-        else:
-            tell(study, trial, outcome)
-    if escaped is not None:
-        raise escaped
-    return len(trials)
+            outcomes: Sequence[Outcome] = self.worker.run_trials(trials)
+        except BaseException as error:  # noqa: BLE001 - it fails every trial of the batch, and optimize raises it
+            outcomes = [error] * len(trials)
+        self.outcomes = {t.number: o for t, o in zip(trials, outcomes)}
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        with self.lock:
+            self.trials.append(trial)
+        self.arrived.wait()
+        outcome = self.outcomes[trial.number]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def run_batch(
+    study: optuna.Study,
+    worker: Worker,
+    count: int,
+    catch: tuple[type[Exception], ...],
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+) -> None:
+    """Run ``count`` trials together, each in Optuna's ``optimize`` with its heartbeat and callbacks."""
+    study.optimize(Together(worker, count), n_trials=count, n_jobs=count, catch=catch, callbacks=list(callbacks))

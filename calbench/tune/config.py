@@ -105,16 +105,10 @@ PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
     ),
     "none": lambda epochs, steps: optuna.pruners.NopPruner(),
 }
-SURPLUS = "calbench:surplus"
+#: the trials --trials counts (Optuna's MaxTrialsCallback states): scored ones; a failed trial is replaced
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: the constraint's name: CoOp-CE's validation accuracy - tolerance - the trial's (feasible when <= 0)
 ACCURACY = "accuracy_below_coop_ce"
-
-
-def counts_toward_total(trial: FrozenTrial) -> bool:
-    """A trial that ran (or runs, or waits to run) for the study's total; killed and surplus ones do not."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
-        return True
-    return trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs
 
 
 def violation(trial: FrozenTrial) -> float:

@@ -3,10 +3,11 @@ one study (PostgreSQL, or a journal file on the shared file system), then one jo
 best_params.json, runs the final test and writes the report.
 
 The study is created here before any job starts (a bad storage URL or a missing driver fails
-at once, and workers never race to create it). Workers stop only when no trial is left running
-(:func:`~calbench.tune.study.search`), so a worker whose node dies mid-trial costs that trial's
-time, not the study: its trial goes stale and another worker runs it again. If every worker
-failed, the final job runs the missing trials itself.
+at once, and workers never race to create it). A worker whose node dies mid-trial costs that
+trial's time, not the study: on a database its trial goes stale and another worker runs it again
+(:func:`~calbench.tune.study.search`); once every worker job has ended, any trial still running
+(a journal file has no heartbeats) is failed and queued again, and the final job runs it, with
+any trials still missing if every worker failed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from calbench.session import RunContext
 from calbench.tune.config import TuneConfig
 from calbench.tune.run import TuneRun, run_tune, study_home
 from calbench.tune.storage import default_storage
-from calbench.tune.study import SearchResult, open_study, prepare, search
+from calbench.tune.study import SearchResult, open_study, prepare, requeue_orphans, search
 
 
 @dataclass
@@ -122,7 +123,9 @@ def launch_tune(
     outcomes = run_jobs(launcher, out / "jobs", "calbench-tune", search_job, calls, log)
     ran = sum(o.value[0] for o in outcomes if o.ok)
     failed = [o for o in outcomes if not o.ok]
-    run = LaunchedTune(SearchResult(open_study(config, storage, name, heartbeat), config, storage, ran, 0.0), out)
+    study = open_study(config, storage, name, heartbeat)
+    requeue_orphans(study)  # every worker has ended: a trial still running lost its worker
+    run = LaunchedTune(SearchResult(study, config, storage, ran, 0.0, n_trials), out)
     run.failed_jobs = failed
     if not search_only:
         call = (config, n_trials, name, storage, out, list(final_seeds), jobs, heartbeat, sampler_seed)

@@ -25,7 +25,7 @@ from optuna.visualization import matplotlib as ovm  # noqa: E402
 from calbench.atomic import save_figure_atomic  # noqa: E402
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report  # noqa: E402
 from calbench.results import Row, format_mean_std  # noqa: E402
-from calbench.tune.config import SURPLUS, counts_toward_total, is_feasible  # noqa: E402
+from calbench.tune.config import is_feasible  # noqa: E402
 from calbench.tune.space import pair_key, reference_params  # noqa: E402
 from calbench.tune.study import SearchResult  # noqa: E402
 
@@ -112,10 +112,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
 def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
     """How the study's trials ended, with the reasons for pruned and failed ones."""
     states = Counter(t.state.name.lower() for t in trials)
-    surplus = sum(1 for t in trials if t.user_attrs.get(SURPLUS))
-    killed = [
-        t for t in trials if t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
-    ]
+    killed = [t for t in trials if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs]
     reasons = Counter(
         t.user_attrs["fail_reason"].split(":")[0]
         for t in trials
@@ -123,10 +120,9 @@ def trial_counts(trials: Sequence[FrozenTrial]) -> dict[str, Any]:
     )
     if killed:
         reasons[
-            f"worker died or was interrupted (re-queued: {sum(1 for t in trials if 'failed_trial' in t.system_attrs)})"
+            "worker died or was interrupted, or the objective was not a number "
+            f"(re-queued: {sum(1 for t in trials if 'failed_trial' in t.system_attrs)})"
         ] += len(killed)
-    if surplus:
-        reasons["surplus: started by a second worker when no trial was missing (never trained)"] += surplus
     pruned = Counter(
         t.user_attrs.get("pruned_at", "").split(" (")[0].split(" of ")[0]
         for t in trials
@@ -164,7 +160,17 @@ def _overview(result: SearchResult) -> list[Block]:
         blocks.append(
             Text("Failed: " + "; ".join(f"{why} ({n})" for why, n in sorted(counts["fail_reasons"].items())) + ".")
         )
+    if result.surplus:
+        blocks.append(Text(surplus_line(result) + "."))
     return blocks
+
+
+def surplus_line(result: SearchResult) -> str:
+    """Why a study holds more scored trials than --trials (several workers; at most one each)."""
+    return (
+        f"{result.surplus} scored trial(s) beyond --trials {result.n_trials}: other workers' trials "
+        "were still running when the total was reached (at most one per worker)"
+    )
 
 
 def _best(result: SearchResult, best: Mapping[str, Any]) -> list[Block]:

@@ -1,5 +1,5 @@
 """A study: created or joined in any Optuna storage, searched until it holds the requested
-number of trials (by any number of worker processes at once), and summarised as best_params.json."""
+number of scored trials (by any number of worker processes at once), and summarised as best_params.json."""
 
 from __future__ import annotations
 
@@ -12,20 +12,22 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from calbench.errors import CalbenchError, check_seed
 from calbench.methods import make_method
 from calbench.session import RunContext
 from calbench.train import TrainingDiverged
-from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
-from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
+from calbench.tune.batch import run_batch
+from calbench.tune.config import COUNTED, OBJECTIVES, PRUNERS, TuneConfig, is_feasible, select_best
+from calbench.tune.limits import FailureStreak, check_objective
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
-from calbench.tune.storage import open_storage, stale_after
-from calbench.tune.worker import Surplus, Worker, places_taken, queue_lost_retries
+from calbench.tune.storage import has_heartbeats, open_storage, retry_callback
+from calbench.tune.worker import Worker
 
-#: trial failures that end the trial, not the search: a diverged loss, a surplus trial
-CAUGHT = (TrainingDiverged, Surplus)
+#: trial failures that end the trial, not the search
+CAUGHT = (TrainingDiverged,)
 
 
 @dataclass
@@ -35,6 +37,7 @@ class SearchResult:
     storage: str
     ran: int  # trials this process trained (complete, pruned or failed)
     seconds: float
+    n_trials: int  # the total asked for (--trials)
 
     @property
     def trials(self) -> list[FrozenTrial]:
@@ -43,6 +46,20 @@ class SearchResult:
     @property
     def best(self) -> Optional[FrozenTrial]:
         return select_best(self.trials, self.config.objective)
+
+    @property
+    def surplus(self) -> int:
+        """Scored trials beyond the total: other workers' trials still running when it was reached."""
+        return max(0, sum(t.state in COUNTED for t in self.trials) - self.n_trials)
+
+
+class OrderedTPE(optuna.samplers.TPESampler):
+    """TPE whose seeded draws stay in trial order under ``--batch-trials``: Optuna reseeds a sampler at random
+    in each thread of ``optimize(n_jobs=k)``, but one thread draws every setting of a batch, in trial order
+    (:mod:`calbench.tune.batch`), so the shared generator needs no reseeding and a seed gives the same trials."""
+
+    def reseed_rng(self) -> None:
+        """Keep the seeded generator (see the class)."""
 
 
 def open_study(
@@ -53,7 +70,7 @@ def open_study(
     ``sampler_seed`` seeds TPE: one worker then samples the same trials on any storage; several
     workers interleave in their own order, which no seed fixes."""
     backend = open_storage(storage, heartbeat)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed)  # reads the constraint each trial sets
+    sampler = OrderedTPE(seed=sampler_seed)  # reads the constraint each trial sets
     pruner = PRUNERS[config.pruner](
         config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
     )
@@ -125,47 +142,85 @@ def search(
     heartbeat: int = 10,
     sampler_seed: Optional[int] = None,
 ) -> SearchResult:
-    """Run trials until the study holds ``n_trials`` (complete, pruned or failed for a reason);
-    any number of processes may run this on the same study at once. ``config.batch_trials`` > 1
-    asks for that many trials at a time and trains them together (:mod:`calbench.tune.batch`).
+    """Run trials until the study holds ``n_trials`` scored ones (complete or pruned; a failed trial is
+    replaced); any number of processes may run this on the same study at once. ``config.batch_trials`` > 1
+    runs that many trials at a time, trained together (:mod:`calbench.tune.batch`).
 
-    A process returns only when no trial is left running elsewhere: another worker's last trial
-    either finishes or, if that worker died, goes stale (no heartbeat for 3 x ``heartbeat`` s) and
-    is retried here, so the study ends with exactly ``n_trials`` whichever worker survives."""
+    Each worker stops at the total (Optuna's ``MaxTrialsCallback``), so the trials other workers are running
+    then still finish: at most one surplus trial per worker (one batch with ``batch_trials``). With a
+    database, a worker returns only when no trial is left running elsewhere: another worker's last trial
+    either finishes or, if that worker died, goes stale (no heartbeat for 3 x ``heartbeat`` s) and is
+    retried here with the same parameters."""
     started = time.perf_counter()
     study = prepare(config, n_trials, study_name, storage, heartbeat, sampler_seed)
     with _quiet():
-        worker = Worker(config, n_trials, context)
+        worker = Worker(config, context)
+        check_objective(config, worker)
         worker.load_reference(study)
-        ran = 0
+        streak = FailureStreak()
+        ran: set[int] = set()  # a set: a trial two threads popped at once (SQLite) may be told twice
         with _progress(context.progress, n_trials) as bar, warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            while True:
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and re-queued
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, fail_stale_trials
+
+            def after(study: optuna.Study, trial: FrozenTrial) -> None:
+                ran.add(trial.number)
                 trials = study.get_trials(deepcopy=False)
-                # a killed trial whose retry was lost: the worker failing it died too
-                if queue_lost_retries(study, trials, after_s=stale_after(heartbeat)):
-                    trials = study.get_trials(deepcopy=False)
                 bar(trials, select_best(trials, config.objective))
-                waiting = any(t.state == TrialState.WAITING for t in trials)
-                counted = sum(counts_toward_total(t) for t in trials)
-                if not waiting and max(counted, len(places_taken(trials))) >= n_trials:
-                    if counted >= n_trials and not any(t.state == TrialState.RUNNING for t in trials):
-                        break
-                    # another worker's trial: finished there, or retried here; or a killed trial's retry, queued
-                    # by the worker that failed it or, if that one died too, here (a fresh trial would be surplus)
-                    time.sleep(min(heartbeat, 1))
+
+            callbacks = [MaxTrialsCallback(n_trials, states=COUNTED), streak, after]
+            while (count := _to_run(study, n_trials, config.batch_trials, has_heartbeats(storage))) is not None:
+                if count == 0:  # another worker's trial: it finishes there, or is retried here if that worker died
+                    time.sleep(heartbeat)
                     continue
-                if config.batch_trials > 1:
-                    ran += run_batch(study, worker, trials_to_ask(trials, n_trials, config.batch_trials), CAUGHT)
-                    continue
-                try:
-                    study.optimize(worker, n_trials=1, catch=CAUGHT)
-                    ran += 1
-                except ValueError as error:  # its trial was also taken, and finished, by another worker
-                    if not finished_elsewhere(error):
-                        raise
-    return SearchResult(study, config, storage, ran, time.perf_counter() - started)
+                _run(study, worker, count, config.batch_trials, callbacks)
+                streak.check()
+    return SearchResult(study, config, storage, len(ran), time.perf_counter() - started, n_trials)
+
+
+def _to_run(study: optuna.Study, n_trials: int, batch: int, heartbeats: bool) -> Optional[int]:
+    """How many trials to run now: the missing and the queued ones (retries, a re-run's defaults), at most
+    ``batch``; 0 to wait for trials running elsewhere (with heartbeats); None when the search is over."""
+    if heartbeats:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is failed and queued again
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    missing = n_trials - sum(t.state in COUNTED for t in trials)
+    if waiting or missing > 0:
+        return min(batch, waiting + max(missing, 0))
+    return 0 if heartbeats and any(t.state == TrialState.RUNNING for t in trials) else None
+
+
+def _run(study: optuna.Study, worker: Worker, count: int, batch: int, callbacks: list[Any]) -> None:
+    """``count`` trials together (``batch`` > 1), or one after another until the total (MaxTrialsCallback)."""
+    try:
+        if batch > 1:
+            run_batch(study, worker, count, CAUGHT, callbacks)
+        else:
+            study.optimize(worker, n_trials=None, catch=CAUGHT, callbacks=callbacks)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+        if not finished_elsewhere(error):
+            raise
+
+
+def finished_elsewhere(error: Exception) -> bool:
+    """Whether Optuna refused to record a trial's outcome because the trial is already finished. On
+    SQLite two workers (or two threads of a batch) can take the same waiting trial: Optuna pops it with
+    SELECT ... FOR UPDATE, which SQLite ignores. The first to finish records it; the other's outcome of
+    the same setting is dropped, and nothing is lost."""
+    if isinstance(error, optuna.exceptions.UpdateFinishedTrialError):
+        return True
+    return isinstance(error, ValueError) and str(error).startswith("Cannot tell a ")
+
+
+def requeue_orphans(study: optuna.Study) -> list[int]:
+    """Fail the trials left running when every worker has ended, and queue each again with its parameters
+    (Optuna's retry callback): what heartbeats do on a database, for journal files, which have none."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    retry = retry_callback()
+    for trial in orphans:
+        study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study.get_trials(deepcopy=False)[trial.number])
+    return [t.number for t in orphans]
 
 
 class _progress:

@@ -13,15 +13,12 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
 from typing import Any, Optional, Union
 
 import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
 
 from calbench.base import FitData, Method
 from calbench.batched import fit_together
@@ -33,13 +30,8 @@ from calbench.methods import resolve
 from calbench.metrics import accuracy, ece, nll
 from calbench.session import RunContext, Session
 from calbench.train import TrainingDiverged, logits_for
-from calbench.tune.config import ACCURACY, SURPLUS, TuneConfig, counts_toward_total
+from calbench.tune.config import ACCURACY, TuneConfig
 from calbench.tune.space import method_params, pair_key
-from calbench.tune.storage import MAX_RETRY
-
-
-class Surplus(Exception):
-    """Two workers started the last missing trial at once; the later one steps back untrained."""
 
 
 def val_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -54,9 +46,8 @@ class Worker:
     """One process's share of a study: models, few-shot features and CoOp-CE's validation accuracy,
     loaded once and reused by every trial this process runs."""
 
-    def __init__(self, config: TuneConfig, n_trials: int, context: RunContext = RunContext()) -> None:
+    def __init__(self, config: TuneConfig, context: RunContext = RunContext()) -> None:
         self.config = config
-        self.n_trials = n_trials
         single = context if len(config.pairs) == 1 else replace(context, weights=None)  # --weights belongs to one model
         self.sessions = {pair: Session(pair[0], pair[1], single) for pair in config.pairs}
         self.reference: dict[str, float] = {}
@@ -84,19 +75,6 @@ class Worker:
         study.set_user_attr("reference_accuracy", self.reference)
         return self.reference
 
-    def _is_surplus(self, trial: optuna.Trial) -> bool:
-        """A freshly sampled trial numbered beyond the total, or a second retry of one failed trial; queued ones
-        (defaults, a first retry) were counted already. Two retries of one trial come from two workers failing
-        it as stale at once, which SQLite, without row locks, does not prevent."""
-        trials = trial.study.get_trials(deepcopy=False)
-        own = next(t for t in trials if t.number == trial.number).system_attrs
-        if "failed_trial" in own:
-            source = own["failed_trial"]
-            return any(t.number < trial.number and t.system_attrs.get("failed_trial") == source for t in trials)
-        if "fixed_params" in own:
-            return False
-        return len(_slots_before(trial.number, trials)) >= self.n_trials
-
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         outcome = self.run_trials([trial])[0]
         if isinstance(outcome, Exception):
@@ -104,7 +82,7 @@ class Worker:
         return outcome
 
     def run_trials(self, trials: Sequence[optuna.Trial]) -> list[Union[float, tuple[float, float], Exception]]:
-        """Each trial's objective value, or the exception that ended it (pruned, diverged, surplus).
+        """Each trial's objective value, or the exception that ended it (pruned, diverged).
 
         Several trials (``tune --batch-trials``) run together: on each (pair, split seed) every live
         trial's setting trains in shared text-tower passes (:mod:`calbench.batched`), then each is
@@ -116,11 +94,7 @@ class Worker:
         params: dict[int, dict[str, Any]] = {}
         for i, trial in enumerate(trials):
             trial.set_user_attr("worker", self.host)
-            if self._is_surplus(trial):
-                trial.set_user_attr(SURPLUS, True)
-                outcomes[i] = Surplus(f"trial {trial.number} is beyond the {self.n_trials} requested")
-            else:
-                params[i] = {name: p.suggest(trial, name) for name, p in c.space.items()}
+            params[i] = {name: p.suggest(trial, name) for name, p in c.space.items()}
         per_pair: dict[int, dict[str, dict[str, float]]] = {i: {} for i in params}
         runs = [(pair, seed) for pair in c.pairs for seed in c.split_seeds]
         for index, (pair, seed) in enumerate(runs):
@@ -225,48 +199,3 @@ class Worker:
     def _record_prune(self, trial: optuna.Trial, where: str, acc: float, pair: tuple[str, str]) -> None:
         trial.set_user_attr("pruned_at", where)
         trial.set_constraint(ACCURACY, self.reference[pair_key(pair)] - self.config.acc_tolerance / 100.0 - acc)
-
-
-def _awaiting_retry(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials whose worker died (failed as stale) or crashed (an error no trial catches), whose retry is not queued
-    yet and may still be (retries left): failed with no reason of calbench's, and not surplus."""
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-    def awaits(t: FrozenTrial) -> bool:
-        killed = t.state == TrialState.FAIL and not counts_toward_total(t) and not t.user_attrs.get(SURPLUS)
-        return killed and t.number not in retried and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY
-
-    return [t for t in trials if awaits(t)]
-
-
-def places_taken(trials: Sequence[FrozenTrial]) -> set[int]:
-    """The study's places taken, each named by the trial that first held it: a retry holds its failed trial's
-    place, wherever it is numbered, and a trial a dead worker held keeps its place until its retry is queued
-    (Optuna fails it first, then queues the retry: another worker may look between)."""
-    waiting = {t.number for t in _awaiting_retry(trials)}
-    return {
-        t.system_attrs.get("failed_trial", t.number) for t in trials if counts_toward_total(t) or t.number in waiting
-    }
-
-
-def _slots_before(number: int, trials: Sequence[FrozenTrial]) -> set[int]:
-    """The places (:func:`places_taken`) taken before trial ``number``."""
-    return {place for place in places_taken(trials) if place < number}
-
-
-def queue_lost_retries(
-    study: optuna.Study, trials: Sequence[FrozenTrial], after_s: float, now: Optional[datetime] = None
-) -> list[int]:
-    """Queue the retry of each trial of ``trials`` (the study's) still :func:`_awaiting_retry` ``after_s`` seconds
-    after it failed, and return their numbers. Optuna queues a retry right after failing the trial; a worker that
-    died in between leaves none, and the trial would hold its place for ever. A retry that another worker queues
-    too is a second retry and steps back (:meth:`Worker._is_surplus`)."""
-    now = now or datetime.now()  # Optuna stamps datetime_complete with the local datetime.now()
-    lost = [
-        t
-        for t in _awaiting_retry(trials)
-        if t.datetime_complete is not None and (now - t.datetime_complete).total_seconds() >= after_s
-    ]
-    for trial in lost:
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-    return [t.number for t in lost]
