@@ -29,8 +29,7 @@ from calbench.deferral.selective import aurc
 from calbench.deferral.smooth import smooth_ece
 from calbench.metrics import accuracy, ece, nll
 from calbench.plots import risk_coverage_plot, shift_plot, smooth_reliability_diagram
-from calbench.report.results import dataset_labels, diagram_stem
-from calbench.results import KEY, SCORED, ResultsStore, Row
+from calbench.results import KEY, SCORED, ResultsStore, Row, dataset_labels, diagram_stem
 
 if TYPE_CHECKING:
     from calbench.session import FewShot, Session

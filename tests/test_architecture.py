@@ -25,7 +25,6 @@ LAYERS = {
     "calbench.models": 2,
     "calbench.results": 2,
     "calbench.data": 3,
-    "calbench.shards": 3,
     "calbench.jobs": 3,
     "calbench.losses": 4,
     "calbench.prompts": 4,

@@ -20,9 +20,8 @@ from calbench.cli.app import app
 from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.jobs import Launcher
 from calbench.report import write_results_report
-from calbench.results import read_results
+from calbench.results import read_failed_jobs, read_results
 from calbench.session import FewShot, RunContext
-from calbench.shards import read_failed_jobs
 from calbench.tune.config import COUNTED
 from calbench.tune.storage import open_storage
 

@@ -11,8 +11,18 @@ import pytest
 from calbench.errors import CalbenchError
 from calbench.jobs import Launcher, executor, failure_reason
 from calbench.report import write_results_report
-from calbench.results import RESULT_COLUMNS, ResultsStore, read_results
-from calbench.shards import ShardStore, merge_shards, read_failed_jobs, record_jobs, shard_name, shard_path
+from calbench.results import (
+    RESULT_COLUMNS,
+    ResultsStore,
+    ShardStore,
+    logged_rows,
+    merge_shards,
+    read_failed_jobs,
+    read_results,
+    record_jobs,
+    shard_name,
+    shard_path,
+)
 
 
 def _row(model="m", dataset="d", method="coop-ce", seed=1, config="c1", ece=0.1, status="ok"):
@@ -66,7 +76,7 @@ def test_merge_folds_shards_by_run_key_in_the_grid_order_and_removes_them(tmp_pa
 
 
 def test_rows_a_job_writes_during_a_merge_are_kept_for_the_next_one(tmp_path):
-    from calbench.shards import _claim
+    from calbench.results.shards import _claim
 
     job = ShardStore(tmp_path, "m", "d")
     job.put_rows([_row(seed=1)])
@@ -78,14 +88,17 @@ def test_rows_a_job_writes_during_a_merge_are_kept_for_the_next_one(tmp_path):
     assert not claimed.exists()
 
 
-def test_report_merges_shards_and_lists_failed_jobs_until_their_pair_runs(tmp_path):
+def test_report_reads_shards_without_rewriting_results_and_lists_failed_jobs_until_their_pair_runs(tmp_path):
     ShardStore(tmp_path, "m", "d").put_rows([_row()])
     failure = {"model": "m", "dataset": "e", "job_id": "4242_1", "state": "NODE_FAIL", "log": "/logs/4242_1_0_log.err"}
     record_jobs(tmp_path, [("m", "d"), ("m", "e")], [{**failure, "error": "node died"}])
-    _, page = write_results_report(tmp_path)
+    md, page = write_results_report(tmp_path)
     text = page.read_text()
     assert "Failed jobs" in text and "4242_1" in text and "/logs/4242_1_0_log.err" in text and "node died" in text
-    assert [r["dataset"] for r in read_results(tmp_path / "results.csv")] == ["d"]
+    assert "m · d" in md.read_text()  # the shard's row is in the report ...
+    assert not (tmp_path / "results.csv").exists()  # ... and rendering wrote no results
+    assert shard_path(tmp_path, "m", "d").is_file()
+    assert [r["dataset"] for r in logged_rows(tmp_path)] == ["d"]
     record_jobs(tmp_path, [("m", "e")], [])  # the pair ran again, and finished
     assert read_failed_jobs(tmp_path) == []
     assert "Failed jobs" not in write_results_report(tmp_path)[0].read_text()

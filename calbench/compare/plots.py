@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from calbench.plots import reliability_diagram
-from calbench.report.results import dataset_labels, diagram_stem
-from calbench.results import SCORED, ResultsStore, Row
+from calbench.results import SCORED, ResultsStore, Row, dataset_labels, diagram_stem
 
 
 def reliability_plots(

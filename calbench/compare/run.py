@@ -2,7 +2,7 @@
 shards are merged into ``results.csv`` when the jobs end.
 
 A job is exactly one pair of the grid: the same sessions, cache, rows, predictions and reliability
-diagrams on every launcher, logged to ``shards/<pair>.csv`` through a :class:`~calbench.shards.ShardStore`.
+diagrams on every launcher, logged to ``shards/<pair>.csv`` through a :class:`~calbench.results.ShardStore`.
 The local launcher runs the jobs in this process, one after another, and lets their errors stop the
 grid with one line; ``local-processes`` and ``slurm`` run them as submitit jobs and report a job that
 fails as a job (with its id and log) in ``failed_jobs.csv``. So the merged folder holds the same rows
@@ -23,10 +23,9 @@ from calbench.compare.pair import compare_pair, dataset_identity
 from calbench.compare.plots import reliability_plots
 from calbench.errors import warn
 from calbench.jobs import JobOutcome, Launcher, run_jobs
-from calbench.results import Row, open_folder
+from calbench.results import Row, ShardStore, merge_shards, open_folder, record_jobs, shard_path
 from calbench.scoring import deferral_plots
 from calbench.session import RunContext, Session
-from calbench.shards import ShardStore, merge_shards, record_jobs, shard_path
 
 
 @dataclass

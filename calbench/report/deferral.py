@@ -10,7 +10,7 @@ from pathlib import Path
 
 from calbench.deferral import COVERAGES, SCORES
 from calbench.report.blocks import Block, Heading, Image, Table, Text
-from calbench.results import SCORED, Row, format_mean_std, read_shift
+from calbench.results import SCORED, Row, format_mean_std, logged_shift
 
 READING = (
     "How to read this section. AURC is the mean error rate among the most confident cases over every "
@@ -127,7 +127,7 @@ def shift_blocks(rows: Sequence[Row], names: Mapping[str, str], results_dir: Pat
     """Accuracy and ECE by corruption severity per method, ECE per corruption, and the shift plots."""
     shown = {_key(r, names): r for r in rows if r["status"] in SCORED}
     by: dict[tuple[str, str, str], dict[tuple[str, int], list[Row]]] = {}
-    for shifted in read_shift(results_dir):
+    for shifted in logged_shift(results_dir):
         row = shown.get(tuple(str(shifted[k]) for k in ("model", "dataset", "method", "seed", "config")))
         if row is not None:
             cell = by.setdefault((str(row["model"]), str(row["dataset"]), str(row["method"])), {})

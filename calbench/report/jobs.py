@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from calbench.report.blocks import Block, Heading, Table, Text
-from calbench.shards import read_failed_jobs
+from calbench.results import read_failed_jobs
 
 
 def failed_jobs_blocks(results_dir: Path) -> list[Block]:

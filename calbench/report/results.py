@@ -20,19 +20,12 @@ from calbench.errors import CalbenchError
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
 from calbench.report.deferral import deferral_blocks, shift_blocks
 from calbench.report.jobs import failed_jobs_blocks
-from calbench.report.summary import Summary, dataset_labels, pct, published_model
-from calbench.results import Row, read_certification, read_results, read_settings
-from calbench.shards import merge_shards
+from calbench.report.summary import Summary, pct, published_model
+from calbench.results import Row, diagram_stem, logged_rows, logged_settings, read_certification
 
-__all__ = ["build_blocks", "dataset_labels", "diagram_stem", "write_results_report"]
+__all__ = ["build_blocks", "write_results_report"]
 
 REFERENCE_METHOD = "coop-ce"
-
-
-def diagram_stem(model: str, dataset_label: str, method: str) -> str:
-    """File stem of a reliability diagram, e.g. tiny_synthetic_coop-ce_ts; an identity as data-a1b2c3."""
-    tag = dataset_label.replace(" (", "-").replace(")", "")
-    return f"{model}_{tag}_{method.replace('+', '_')}"
 
 
 def _modality(model: str, dataset: str) -> str:
@@ -234,13 +227,13 @@ def _certification(rows: Sequence[Row]) -> list[Block]:
 
 def build_blocks(results_dir: Path) -> list[Block]:
     """Everything the report says, in order."""
-    logged = read_results(results_dir / "results.csv")
+    logged = logged_rows(results_dir)
     if not logged:
         raise CalbenchError(
             f"{results_dir / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first"
         )
     res = Summary(logged)
-    settings = read_settings(results_dir)
+    settings = logged_settings(results_dir)
     blocks = (
         _summary(res)
         + _main_table(res)
@@ -270,5 +263,4 @@ def write_results_report(results_dir: Path) -> tuple[Path, Path]:
         raise CalbenchError(
             f"results folder {results_dir} does not exist; run `calbench compare --out {results_dir}` first"
         )
-    merge_shards(results_dir)  # rows the jobs of a launched grid left in results shards
     return write_report(build_blocks(results_dir), results_dir, "calbench report")

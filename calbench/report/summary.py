@@ -7,32 +7,14 @@ report.csv), so they cannot disagree on which runs count, their means, or which 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Optional
 
-from calbench.results import SCORED, Row, mean_std
+from calbench.results import SCORED, Row, dataset_labels, mean_std
 
 Pair = tuple[str, str]
 Stats = dict[str, tuple[float, Optional[float]]]
 #: the metrics the paper-style table summarises per cell
 CELL_METRICS = ("ece", "accuracy", "nll", "brier")
-
-
-def dataset_labels(rows: Sequence[Row]) -> dict[tuple[str, str], str]:
-    """How the report and the diagrams name each (dataset, dataset_id): the plain name, unless another
-    dataset in the same results shares it; then the name and its identity, e.g. "data (a1b2c3)".
-
-    Rows from before results.csv had a dataset_id (empty) count as the name's one identified dataset;
-    a rerun of `compare` fills their id in. With several, they are "data (unknown)".
-    """
-    found: dict[str, set[str]] = {}
-    for r in rows:
-        found.setdefault(str(r["dataset"]), set()).add(str(r.get("dataset_id") or ""))
-    labels = {}
-    for name, ids in found.items():
-        unique = len(ids - {""}) <= 1
-        labels.update({(name, i): name if unique else f"{name} ({i or 'unknown'})" for i in ids})
-    return labels
 
 
 def published_model(model: str) -> str:

@@ -21,7 +21,7 @@ from calbench.deferral import DEFERRAL_COLUMNS
 from calbench.errors import CalbenchError
 from calbench.metrics import METRICS
 from calbench.report.summary import Pair, Summary, pct, published_model
-from calbench.results import mean_std, read_results
+from calbench.results import logged_rows, mean_std
 
 #: LaTeX's special characters in text mode and what typesets each as itself
 _LATEX = {
@@ -144,7 +144,7 @@ def write_table(results_dir: Path, fmt: str) -> Path:
     """Write report.tex (``latex``) or report.csv (``csv``) beside report.md; return its path."""
     if fmt not in FORMATS:
         raise CalbenchError(f"unknown table format {fmt!r}; choose from {', '.join(FORMATS)}")
-    logged = read_results(Path(results_dir) / "results.csv")
+    logged = logged_rows(Path(results_dir))
     if not logged:
         raise CalbenchError(
             f"{Path(results_dir) / 'results.csv'} is missing or empty; run `calbench compare --out {results_dir}` first"

@@ -31,7 +31,7 @@ from typing import Any
 
 from calbench.atomic import write_csv_atomic, write_text_atomic
 from calbench.errors import naming, warn
-from calbench.results import (
+from calbench.results.store import (
     RESULT_COLUMNS,
     SHIFT_COLUMNS,
     SHIFT_KEY,
@@ -39,6 +39,7 @@ from calbench.results import (
     Row,
     put_shift,
     read_results,
+    read_settings,
     read_shift,
     read_shift_file,
 )
@@ -107,10 +108,7 @@ class ShardStore(ResultsStore):
 
     def shift_rows(self) -> list[Row]:
         """Every shift row logged so far: shift.csv, then every job's shift shard."""
-        rows = read_shift(self.out)
-        for shard in sorted((self.out / SHARDS / "shift").glob("*.csv")):
-            rows += read_shift_file(shard)
-        return list({_shift_key(r): r for r in rows}.values())
+        return logged_shift(self.out)
 
     def put_settings(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """This job's settings records (config -> settings), into its own settings shard."""
@@ -206,6 +204,38 @@ def merge_shards(out: Path, order: Sequence[Path] = ()) -> int:
         path.unlink(missing_ok=True)
         path.with_name(path.name + ".settings.json").unlink(missing_ok=True)
     return len(rows)
+
+
+def _shards(out: Path) -> list[Path]:
+    """The shards of ``out`` in the order a merge without a grid order takes them: oldest first."""
+    return sorted((Path(out) / SHARDS).glob("*.csv"), key=lambda p: (_mtime(p), p.name))
+
+
+def logged_rows(out: Path) -> list[Row]:
+    """Every row logged in ``out``: results.csv with every job's shard folded in, as a merge would (a
+    run logged again replaces its row and moves to the end), but read only: reading never rewrites a
+    results folder, so a report can be rendered while jobs still write their shards."""
+    rows = read_results(Path(out) / "results.csv")
+    for shard in _shards(out):
+        new = _by_key(read_results(shard))
+        rows = [row for row in rows if ResultsStore.key(row) not in new] + list(new.values())
+    return rows
+
+
+def logged_settings(out: Path) -> dict[str, Any]:
+    """settings.json with every job's settings shard over it, read only (see :func:`logged_rows`)."""
+    settings = read_settings(out)
+    for shard in _shards(out):
+        settings.update(_read_json(_settings_path(shard)))
+    return settings
+
+
+def logged_shift(out: Path) -> list[Row]:
+    """shift.csv with every job's shift shard folded in, read only (see :func:`logged_rows`)."""
+    rows = read_shift(out)
+    for shard in sorted((Path(out) / SHARDS / "shift").glob("*.csv")):
+        rows += read_shift_file(shard)
+    return list({_shift_key(r): r for r in rows}.values())
 
 
 def read_failed_jobs(out: Path) -> list[Row]:
