@@ -10,7 +10,7 @@ from rich.table import Table
 
 from calbench.cli.common import CacheOpt, DataRootOpt, StrictOpt, ValShotsOpt, app, console, user_errors
 from calbench.data import DatasetSpec
-from calbench.data.official import OFFICIAL
+from calbench.data.prepare import OFFICIAL
 from calbench.errors import check_seed
 
 datasets_app = typer.Typer(invoke_without_command=True, help="List the registered datasets, or check a dataset folder.")
@@ -142,7 +142,7 @@ def prepare_kather(
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
-    from calbench.data.official import prepare_kather as run
+    from calbench.data.prepare import prepare_kather as run
 
     _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
 
@@ -158,7 +158,7 @@ def prepare_pannuke(
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
-    from calbench.data.official import prepare_pannuke as run
+    from calbench.data.prepare import prepare_pannuke as run
 
     _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
 
@@ -179,7 +179,7 @@ def prepare_digestpath(
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
-    from calbench.data.official import prepare_digestpath as run
+    from calbench.data.prepare import prepare_digestpath as run
 
     check_seed(seed, "--seed")  # before any archive is read
 
@@ -208,7 +208,7 @@ def prepare_covid(
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
-    from calbench.data.official import prepare_covid as run
+    from calbench.data.prepare import prepare_covid as run
 
     check_seed(seed, "--seed")  # before any archive is read
 
@@ -238,7 +238,7 @@ def prepare_rsna18(
     data_root: Optional[Path] = DataRootOpt,
     strict: bool = StrictOpt,
 ) -> None:
-    from calbench.data.official import prepare_rsna18 as run
+    from calbench.data.prepare import prepare_rsna18 as run
 
     check_seed(seed, "--seed")  # before any archive is read
 

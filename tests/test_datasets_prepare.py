@@ -12,15 +12,16 @@ from PIL import Image
 
 from calbench.data import availability, load_dataset
 from calbench.data.archive import Source
-from calbench.data.official import (
+from calbench.data.prepare import (
     OFFICIAL,
+    fit_square,
     prepare_covid,
     prepare_digestpath,
     prepare_kather,
     prepare_pannuke,
     prepare_rsna18,
+    stratified_test_keys,
 )
-from calbench.data.prepare import fit_square, stratified_test_keys
 from calbench.errors import CalbenchError
 
 KATHER = [folder for folder, _ in OFFICIAL["kather"].classes]
@@ -107,7 +108,7 @@ def test_rerun_skips_finished_work_and_resumes_a_partial_one(tmp_path):
     assert again.reused and again.counts == first.counts and (out / "PREPARED.json").stat().st_mtime_ns == mtime
     # an interrupted run: the partial folder and its journal are picked up, journalled units are not redone
     out2 = tmp_path / "k2"
-    import calbench.data.prepare as prepare
+    import calbench.data.prepare.writer as prepare
 
     calls = []
     original = prepare._write

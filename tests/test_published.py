@@ -113,7 +113,7 @@ def test_there_are_exactly_the_ten_published_pairs():
 
 @pytest.mark.parametrize(("dataset", "template", "line"), TEMPLATES)
 def test_templates_are_the_published_zero_shot_prompts(dataset, template, line):
-    from calbench.data.official import OFFICIAL
+    from calbench.data.prepare import OFFICIAL
 
     entry = published.template(dataset)
     assert (entry.value, entry.source) == (template, f"{CP} trainers/classification/zsclip.py:{line}")

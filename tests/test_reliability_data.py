@@ -23,8 +23,7 @@ from typer.testing import CliRunner
 from calbench.cli.app import app
 from calbench.data import load_dataset
 from calbench.data.classnames import read_classnames
-from calbench.data.official import prepare_covid, prepare_kather
-from calbench.data.official_common import output_stems
+from calbench.data.prepare import output_stems, prepare_covid, prepare_kather
 from calbench.errors import CalbenchError
 
 runner = CliRunner()
@@ -165,7 +164,7 @@ def test_a_partial_folder_left_by_a_crash_is_resumed_not_fatal(tmp_path, monkeyp
     train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=1)
     (test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-9.png").write_bytes(bomb_png(20000, 20000))
     out = tmp_path / "k"
-    import calbench.data.prepare as prepare
+    import calbench.data.prepare.writer as prepare
 
     original, written = prepare._write, []
 

@@ -55,7 +55,7 @@ def _register_synthetic() -> None:
 
 def _register_official() -> None:
     """The CalibPrompt paper's five datasets, prepared from their official downloads."""
-    from calbench.data.official import OFFICIAL, Official
+    from calbench.data.prepare import OFFICIAL, Official
 
     def spec(entry: Official) -> DatasetSpec:
         def folder(data_root: Optional[Path]) -> Path:

@@ -1,7 +1,4 @@
-"""The radiology datasets of the CalibPrompt paper: COVID-19 Radiography Database and RSNA Pneumonia 2018.
-
-Public names are re-exported by :mod:`calbench.data.official`; import them from there.
-"""
+"""RSNA Pneumonia Detection Challenge 2018: three classes from the detailed class info, split by patient."""
 
 from __future__ import annotations
 
@@ -17,42 +14,15 @@ from PIL import Image
 
 from calbench.data.archive import Source
 from calbench.data.folder import IMAGE_SUFFIXES
-from calbench.data.official_common import (
+from calbench.data.prepare.common import (
     Log,
-    class_members,
-    copy_unit,
     finish,
-    output_stems,
     prepare_recipe,
     renamed,
-    require_found,
     spooled_payload,
 )
-from calbench.data.prepare import PrepareReport, Unit, Unreadable, stratified_test_keys
+from calbench.data.prepare.writer import PrepareReport, Unit, Unreadable, stratified_test_keys
 from calbench.errors import CalbenchError
-
-
-def prepare_covid(
-    archive: Path,
-    out: Optional[Path] = None,
-    data_root: Optional[Path] = None,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    log: Log = lambda m: None,
-    strict: bool = False,
-) -> PrepareReport:
-    """COVID-19 Radiography Database: the COVID and Normal class folders (images/ inside them; masks/ ignored)."""
-    with Source(archive) as source:
-        found = class_members(source, {"covid": "covid", "normal": "normal"}, exclude=("masks",))
-        require_found(found, source, "COVID-19 Radiography Database")
-        members = [(m, folder) for folder, ms in found.items() for m in ms]
-        test = stratified_test_keys([m for m, _ in members], [f for _, f in members], test_fraction, seed)
-        stems = {folder: output_stems(ms) for folder, ms in found.items()}  # by class, whatever the split
-        units = [copy_unit(source, m, "test" if m in test else "train", f, stems[f][m]) for m, f in members]
-        changed = sum(renamed(s) for s in stems.values())
-        recipe = prepare_recipe("covid", {"archive": [source]}, changed, test_fraction=test_fraction, seed=seed)
-        return finish("covid", out, data_root, units, recipe, log, strict)
-
 
 RSNA_CLASSES = {"normal": "normal", "no lung opacity / not normal": "not_normal", "lung opacity": "opacity"}
 

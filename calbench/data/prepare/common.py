@@ -1,8 +1,5 @@
-"""What the official preparers share: the :data:`OFFICIAL` entries table and the helpers that read downloads.
-
-Kept apart from :mod:`calbench.data.official` (which re-exports it) so that the
-per-modality preparer modules can import it without an import cycle.
-"""
+"""What the official preparers share: the :data:`OFFICIAL` table of the five datasets (classes, prompt,
+source, licence, the command that prepares each) and the helpers that read downloads."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from typing import IO, Optional
 
 from calbench.data.archive import Source
 from calbench.data.folder import IMAGE_SUFFIXES
-from calbench.data.prepare import SIZE, PrepareReport, Unit, default_out, prepare_folder
+from calbench.data.prepare.writer import SIZE, PrepareReport, Unit, default_out, prepare_folder
 from calbench.errors import CalbenchError
 from calbench.published import template as published_template
 

@@ -1,6 +1,6 @@
 """Build a dataset folder in calbench's layout from work units, safely and resumably.
 
-A preparer (see :mod:`calbench.data.official`) checks the downloads and turns
+A preparer (see :mod:`calbench.data.prepare`) checks the downloads and turns
 them into :class:`Unit` s before anything is written; this module writes them.
 Images go into ``.<name>.partial`` next to the output folder, one file at a time
 through a temp name, and each finished unit is journalled, so an interrupted run
