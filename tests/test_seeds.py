@@ -17,7 +17,7 @@ import calbench.data.transforms as transforms
 from calbench.base import VAL_ADAPT, VAL_AS_TEST, FeatureRequest, fit_requests
 from calbench.baselines.promptsmooth import NOISY_VIEWS
 from calbench.cache import FeatureCache
-from calbench.certify import _votes
+from calbench.certify import base_votes
 from calbench.data import load_dataset
 from calbench.data.transforms import augment_seed, noise_kind, noise_seed, sampled_sigma, to_tensor
 from calbench.losses import Objective, Term
@@ -141,7 +141,7 @@ def test_no_noise_used_in_scoring_or_certifying_was_used_in_training_or_tuning(m
     method = make_method("promptsmooth-zs", init="fewshot", epochs=2, n_samples=3, adapt_samples=2, sigma=0.5)
     method.fit(session.fit_data(1, FEW, method, score_val=True))
     session.test_features(method)
-    _votes(session, method, np.arange(4), 0.5, n0=3, n=5)
+    base_votes(session, method, np.arange(4), 0.5, n0=3, n=5)
     train, test = 0, 1
     counts = {key: len(hashes) for key, hashes in draws.items()}
     assert counts == {
@@ -202,7 +202,7 @@ def test_certify_tunes_selects_and_estimates_on_three_draws(mini, tmp_path, monk
     monkeypatch.setattr(
         session, "test_views", lambda kind, views, indices=None: kinds.append(kind) or real(kind, views, indices)
     )
-    selection, estimation = _votes(session, method, np.arange(4), 0.5, n0=3, n=5)
+    selection, estimation = base_votes(session, method, np.arange(4), 0.5, n0=3, n=5)
     assert (selection.shape, estimation.shape) == ((3, 4), (5, 4))
     assert kinds == ["adapt-noise0.5", "select-noise0.5", "estimate-noise0.5"]
 
