@@ -129,14 +129,14 @@ def test_each_training_view_draws_its_sigma_from_the_set(tiny, synthetic):
 
 def test_no_noise_used_in_scoring_or_certifying_was_used_in_training_or_tuning(mini, tmp_path, monkeypatch):
     draws: dict[tuple[int, str], set[str]] = {}
-    real = transforms._draw_noise
+    real = transforms.draw_noise
 
     def spy(shape, noise, words):
         sigma, draw = real(shape, noise, words)
         draws.setdefault((words[1], noise.role), set()).add(hashlib.sha1(draw.tobytes()).hexdigest())
         return sigma, draw
 
-    monkeypatch.setattr(transforms, "_draw_noise", spy)
+    monkeypatch.setattr(transforms, "draw_noise", spy)
     session = _session(mini, tmp_path)
     method = make_method("promptsmooth-zs", init="fewshot", epochs=2, n_samples=3, adapt_samples=2, sigma=0.5)
     method.fit(session.fit_data(1, FEW, method, score_val=True))
