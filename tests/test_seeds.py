@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from training import train_prompt_learner
 
 import calbench.data.transforms as transforms
 from calbench.base import VAL_ADAPT, VAL_AS_TEST, FeatureRequest, fit_requests
@@ -19,15 +20,23 @@ from calbench.baselines.promptsmooth import NOISY_VIEWS
 from calbench.cache import FeatureCache
 from calbench.certify import base_votes
 from calbench.data import load_dataset
-from calbench.data.transforms import augment_seed, noise_kind, noise_seed, sampled_sigma, to_tensor
+from calbench.data.transforms import augment_seed, draw_noise, noise_kind, noise_seed, parse_noise_kind, to_tensor
 from calbench.losses import Objective, Term
 from calbench.methods import make_method
 from calbench.prompts import PromptLearner
 from calbench.session import FewShot, RunContext, Session, train_views
 from calbench.smoothing import smoothed_proba
-from calbench.train import TrainConfig, train_prompt_learner
+from calbench.train import TrainConfig
 
 FEW = FewShot(shots=2, val_shots=1, views=2)
+
+
+def sampled_sigma(kind: str, split: str, view: int, index: int, seed: int | None = None) -> float:
+    """The noise level view ``view`` of image ``index`` got: the kind's one level, or its draw from the set."""
+    noise = parse_noise_kind(kind)
+    if noise is None:
+        raise ValueError(f"{kind!r} is not a noise kind")
+    return draw_noise((0,), noise, noise_seed(kind, split, view, index, seed))[0]
 
 
 @pytest.fixture()

@@ -208,14 +208,6 @@ def draw_noise(shape: tuple[int, ...], noise: NoiseKind, words: list[int]) -> tu
     return sigma, sigma * rng.standard_normal(shape, dtype=np.float32)
 
 
-def sampled_sigma(kind: str, split: str, view: int, index: int, seed: Optional[int] = None) -> float:
-    """The noise level view ``view`` of image ``index`` got: the kind's one level, or its draw from the set."""
-    noise = parse_noise_kind(kind)
-    if noise is None:
-        raise ValueError(f"{kind!r} is not a noise kind")
-    return draw_noise((0,), noise, noise_seed(kind, split, view, index, seed))[0]
-
-
 def noisy_transform(
     image: Image.Image, cfg: PreprocessConfig, kind: str, split: str, view: int, index: int, seed: Optional[int] = None
 ) -> Tensor:
