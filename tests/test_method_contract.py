@@ -29,13 +29,14 @@ from calbench.session import FewShot, Session
 FEWSHOT = FewShot(shots=4, views=2)
 #: predictions are checked on this many validation images (zero-shot PromptSmooth tunes per image)
 IMAGES = 8
-#: what most methods take to train briefly; the others by name (2 epochs still run a scheduler step
-#: after the first, 3 noisy copies still average, 1 tuning step still moves the context)
-TRAINED = {"epochs": 2}
+#: a method that trains (its default build declares epochs) trains for this many: 2 still run a scheduler
+#: step after the first
+EPOCHS = 2
+#: fewer noisy copies and tuning steps where the defaults are slow for a test (3 copies still average,
+#: 1 tuning step still moves the context); every other registered method needs no entry here
 FAST = {
-    "zero-shot": {},
-    "promptsmooth": {"epochs": 2, "n_samples": 3},
-    "promptsmooth-as": {"epochs": 2, "n_samples": 3},
+    "promptsmooth": {"n_samples": 3},
+    "promptsmooth-as": {"n_samples": 3},
     "promptsmooth-zs": {"n_samples": 3, "adapt_samples": 2, "tta_steps": 1},
 }
 #: every calibrator on the cheapest base, and one on a trained and on a smoothed base
@@ -43,9 +44,15 @@ VARIANTS = [f"zero-shot+{c}" for c in list_calibrators()] + ["coop-ce+ts", "prom
 NAMES = METHODS.names() + VARIANTS
 
 
-def build(name: str) -> Method:
+def settings(name: str) -> dict[str, object]:
+    """The battery's parameters for ``name`` (a base method or ``<base>+<calibrator>``)."""
     base = name if name in METHODS else name.rpartition("+")[0]
-    return make_method(name, **FAST.get(base, TRAINED))
+    trains = make_method(base).capabilities.epochs > 0
+    return {**FAST.get(base, {}), **({"epochs": EPOCHS} if trains else {})}
+
+
+def build(name: str) -> Method:
+    return make_method(name, **settings(name))
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +120,6 @@ def copies_of(method: Method) -> int:
     """How many noisy copies a smoothed method averages over (1 for a method of plain features)."""
     caps = base_of(method).capabilities
     return caps.test_copies.views if caps.test_copies is not None else 1
-
-
-def epochs_of(name: str) -> int:
-    base = name if name in METHODS else name.rpartition("+")[0]
-    return FAST.get(base, TRAINED).get("epochs", 0)
 
 
 def held_tensors(method: object) -> Iterator[str]:
@@ -210,7 +212,7 @@ def test_declared_capabilities_are_what_fit_and_predict_need(name, fitted, fit_d
     if caps.learns_prompt:  # `calbench train` saves the learned prompt
         base = base_of(method)
         assert isinstance(base, PromptMethod) and isinstance(base.learner, PromptLearner)
-    assert caps.epochs == epochs_of(name)  # the session caches one augmented view per epoch trained
+    assert caps.epochs == settings(name).get("epochs", 0)  # the session caches one view per epoch trained
     if caps.epochs == 0:  # a method that declares no training never reads the training views
         trains = build(name)
         data = fit_data(trains)
