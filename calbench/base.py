@@ -193,7 +193,9 @@ class Calibrated:
     def fit(self, data: FitData) -> Calibrated:
         if not self.base_is_fitted:
             self.base.fit(data)
-            self.base_is_fitted = True
+        # ``base_is_fitted`` spares the first fit only (the base was fitted on that data); a later fit may be
+        # on other data, so the base is refitted with the calibrator, as a second fit must forget the first
+        self.base_is_fitted = False
         with torch.no_grad():
             self.calibrator.fit(self.base.predict_logits(data.val_inputs(self.base)), data.val_labels)
         return self

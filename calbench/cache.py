@@ -160,9 +160,11 @@ class FeatureCache:
         self.workers = default_workers(vlm.device) if workers is None else workers
         self.stats = CacheStats()
 
-    def _key(
+    def key(
         self, dataset: ImageFolderDataset, split: str, kind: str, view: int, seed: Optional[int]
     ) -> tuple[Path, dict[str, str]]:
+        """The file holding one view of a split under a transform kind, and the metadata that keys it: any change
+        of model, dataset files, transform, precision or run seed is another file, so nothing stale is reused."""
         meta = {
             "model": self.vlm.fingerprint,
             "dataset": f"{dataset.name}:{dataset.fingerprint(split)}",
@@ -231,7 +233,7 @@ class FeatureCache:
         files: dict[int, _ViewFile] = {}
         jobs: dict[int, list[int]] = {}  # image index -> views to encode
         for view in dict.fromkeys(views):
-            path, meta = self._key(dataset, split, kind, view, seed)
+            path, meta = self.key(dataset, split, kind, view, seed)
             files[view] = _ViewFile(path, meta, *self._read(path))
             missing = np.setdiff1d(wanted, files[view].stored())
             for index in missing.tolist():

@@ -78,7 +78,7 @@ def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
     return float(sigma * norm.ppf(bound)) if bound >= 0.5 else 0.0
 
 
-def _votes(
+def base_votes(
     session: Session, method: Method, chosen: np.ndarray, sigma: float, n0: int, n: int
 ) -> tuple[Tensor, Tensor]:
     """(n0, subset) selection and (n, subset) estimation labels of the base classifier on cached noisy
@@ -151,7 +151,7 @@ def run_certify(
     smoothed.fit(session.fit_data(seed, fewshot, smoothed))
     labels = session.test_labels
     chosen = certify_subset(len(labels), subset, seed)
-    selection, estimation = _votes(session, smoothed, chosen, sigma, n0, n)
+    selection, estimation = base_votes(session, smoothed, chosen, sigma, n0, n)
     predicted, radius = certify_predictions(selection, estimation, session.dataset.n_classes, sigma, alpha)
     accuracy = certified_accuracy(predicted, radius, labels[chosen], radii)
     abstain = float(np.mean(predicted == -1))

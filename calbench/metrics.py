@@ -27,7 +27,7 @@ def _as_numpy(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, y
 
 
-def _bin_ids(values: np.ndarray, n_bins: int) -> np.ndarray:
+def bin_ids(values: np.ndarray, n_bins: int) -> np.ndarray:
     """Index of the equal-width bin (i/n, (i+1)/n] holding each value; 0 goes to the first bin."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     return np.clip(np.searchsorted(edges, values, side="left") - 1, 0, n_bins - 1)
@@ -55,7 +55,7 @@ def ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Top-label expected calibration error with equal-width bins."""
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
-    gaps, counts = _bin_gaps(conf, hits, _bin_ids(conf, n_bins), n_bins)
+    gaps, counts = _bin_gaps(conf, hits, bin_ids(conf, n_bins), n_bins)
     return float((gaps * counts).sum() / len(y))
 
 
@@ -63,7 +63,7 @@ def mce(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Maximum calibration error: the largest gap over non-empty equal-width bins."""
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
-    gaps, counts = _bin_gaps(conf, hits, _bin_ids(conf, n_bins), n_bins)
+    gaps, counts = _bin_gaps(conf, hits, bin_ids(conf, n_bins), n_bins)
     return float(gaps[counts > 0].max())
 
 
@@ -89,7 +89,7 @@ def classwise_ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
     n, n_classes = p.shape
     total = 0.0
     for c in range(n_classes):
-        gaps, counts = _bin_gaps(p[:, c], (y == c).astype(np.float64), _bin_ids(p[:, c], n_bins), n_bins)
+        gaps, counts = _bin_gaps(p[:, c], (y == c).astype(np.float64), bin_ids(p[:, c], n_bins), n_bins)
         total += (gaps * counts).sum() / n
     return float(total / n_classes)
 
@@ -143,7 +143,7 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, np.
     """Per-bin accuracy, confidence and count for a reliability diagram."""
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
-    bins = _bin_ids(conf, n_bins)
+    bins = bin_ids(conf, n_bins)
     counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
     safe = np.maximum(counts, 1.0)
     return {
@@ -164,7 +164,7 @@ def bootstrap_ece(
     """
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
-    bins = _bin_ids(conf, n_bins)
+    bins = bin_ids(conf, n_bins)
     n = len(y)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(n_boot, n))

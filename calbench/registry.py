@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from calbench.errors import unknown_name
@@ -34,6 +35,19 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise unknown_name(self.kind, name, self._entries) from None
+
+    @contextmanager
+    def temporarily(self, name: str, entry: T) -> Iterator[str]:
+        """Register ``entry`` under ``name`` for a ``with`` block, then remove it (even on error).
+
+        For test doubles and experiments: a stray entry would otherwise leak into every later
+        lookup (``--all``, ``list_methods``) of the same process. Yields ``name``.
+        """
+        self.add(name, entry)
+        try:
+            yield name
+        finally:
+            del self._entries[name]
 
     def names(self) -> list[str]:
         return list(self._entries)

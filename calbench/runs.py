@@ -99,7 +99,7 @@ class Evaluation:
     note: str = ""
 
 
-def _restore(info: dict[str, Any], session: Session, path: Path) -> tuple[str, Method, str]:
+def restore_method(info: dict[str, Any], session: Session, path: Path) -> tuple[str, Method, str]:
     """The saved method with the prompt from ``path``, and a note on what could not be restored."""
     extra = info["extra"]
     name = str(extra.get("method", "coop-ce"))
@@ -139,7 +139,7 @@ def evaluate_prompt(
             f"{prompt} was trained for the classes {', '.join(info['classnames'])}; {session.dataset.name} has "
             f"{', '.join(session.dataset.classnames)}; evaluate on a dataset with the same classes in the same order"
         )
-    name, method, note = _restore(info, session, Path(prompt))
+    name, method, note = restore_method(info, session, Path(prompt))
     with torch.no_grad():
         probs = method.predict_proba(session.test_features(method)).double().cpu().numpy()
     trained_on = str(info["extra"].get("dataset", "?"))

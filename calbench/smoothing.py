@@ -16,7 +16,7 @@ Nothing here touches a model or a device: callers pass counts or tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -95,25 +95,3 @@ def certified_accuracy(
     """Fraction of inputs certified correct with radius >= r, for each r (Cohen et al., Sec. 4)."""
     correct = np.asarray(predicted) == np.asarray(labels)
     return {float(r): float(np.mean(correct & (np.asarray(radii) >= r))) for r in at}
-
-
-def sample_predictions(
-    classify: Callable[[Tensor], Tensor],
-    x: Tensor,
-    sigma: float,
-    num: int,
-    generator: torch.Generator,
-    batch_size: int = 10_000,
-) -> Tensor:
-    """(num, N) base-classifier labels on x + N(0, sigma^2 I), for models that take raw inputs.
-
-    Cohen et al.'s sampling loop; calbench's VLM methods read cached noisy views instead,
-    so this serves inputs cheap enough to perturb on the fly (e.g. toy models in tests).
-    """
-    out = []
-    for start in range(0, num, batch_size):
-        size = min(batch_size, num - start)
-        noise = torch.randn((size, *x.shape), generator=generator, dtype=x.dtype) * sigma
-        noisy = (x.unsqueeze(0) + noise.to(x.device)).reshape(size * x.shape[0], *x.shape[1:])
-        out.append(classify(noisy).reshape(size, x.shape[0]))
-    return torch.cat(out)

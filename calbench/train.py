@@ -261,22 +261,3 @@ def train_together(runs: Sequence[TrainRun]) -> list[Union[list[dict[str, float]
             p.optimizer.step()
             p.advance()
     return [p.history if p.error is None else p.error for p in progress]
-
-
-def train_prompt_learner(
-    learner: PromptLearner,
-    objective: Objective,
-    train_features: Union[Tensor, TrainViews],
-    train_labels: Tensor,
-    cfg: TrainConfig,
-    seed: int,
-    zs_text_features: Optional[Tensor] = None,
-    on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
-) -> list[dict[str, float]]:
-    """Train ``learner.ctx`` on (V, N, D) normalised features (or :class:`TrainViews`); returns per-epoch
-    mean losses. One :class:`TrainRun` of :func:`train_together`; its error is raised here."""
-    run = TrainRun(learner, objective, train_features, train_labels, cfg, seed, zs_text_features, on_epoch)
-    outcome = train_together([run])[0]
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome

@@ -280,7 +280,7 @@ def test_random_context_trains_through_the_frozen_tower(replica):
 
 def _full_length(vlm, texts):
     """Ids padded to the tower's whole context length (77 or 256), with their mask."""
-    tokenizer = vlm._tokenizer
+    tokenizer = vlm.tokenizer
     if hasattr(tokenizer, "pad_token_id"):
         enc = tokenizer(texts, padding="max_length", max_length=vlm.context_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]

@@ -12,6 +12,7 @@ from calbench.base import FitData
 from calbench.batched import fit_together, max_prompts, text_groups
 from calbench.methods import make_method
 from calbench.prompts import PromptLearner, text_features_together
+from calbench.train import logits_for
 
 CLASSES = ["tumor", "stroma", "immune cells", "debris"]
 
@@ -78,9 +79,12 @@ def test_trained_features_come_from_one_shared_pass(vlm, monkeypatch):
     outcomes = fit_together([_method("coop-ce"), _method("calibprompt")], [_data(vlm, 1), _data(vlm, 2)])
     fitted = [outcome.fitted() for outcome in outcomes]
     assert calls == []  # trained together, and their class features computed together after
+    val = _data(vlm, 1).val_features
     with torch.no_grad():
-        for method in fitted:
-            torch.testing.assert_close(method._text, own(method.learner), rtol=0, atol=1e-6)
+        for method in fitted:  # features within 1e-6 each: logits within logit_scale * 1e-6 * sqrt(D) (unit images)
+            expected = logits_for(val, own(method.learner), vlm.logit_scale)
+            atol = vlm.logit_scale * 1e-6 * val.shape[1] ** 0.5
+            torch.testing.assert_close(method.predict_logits(val), expected, rtol=0, atol=atol)
 
 
 def test_one_pass_gives_each_learner_its_own_features(vlm):

@@ -64,9 +64,8 @@ class _Exploding(LogitMethod):
 
 @pytest.fixture()
 def exploding_method():
-    METHODS._entries["exploding"] = MethodSpec("exploding", "test double", _Exploding)
-    yield "exploding"
-    del METHODS._entries["exploding"]
+    with METHODS.temporarily("exploding", MethodSpec("exploding", "test double", _Exploding)) as name:
+        yield name
 
 
 @pytest.mark.e2e
@@ -98,15 +97,14 @@ def missing_model(monkeypatch):
     def build(*args, **kwargs):
         raise AssertionError("a skipped model must never be built")
 
-    MODELS._entries["ghost"] = dataclasses.replace(MODELS.get("tiny"), name="ghost", build=build)
     real = models.availability
     monkeypatch.setattr(
         models,
         "availability",
         lambda name: (False, "weights not found; run `calbench models fetch ghost`") if name == "ghost" else real(name),
     )
-    yield "ghost"
-    del MODELS._entries["ghost"]
+    with MODELS.temporarily("ghost", dataclasses.replace(MODELS.get("tiny"), name="ghost", build=build)) as name:
+        yield name
 
 
 @pytest.mark.e2e
@@ -273,15 +271,12 @@ class _Spy(LogitMethod):
 def test_fitting_never_sees_a_test_image(tmp_path, cache_dir):
     from calbench.session import Session
 
-    METHODS._entries["spy"] = MethodSpec("spy", "test double", _Spy)
-    try:
+    with METHODS.temporarily("spy", MethodSpec("spy", "test double", _Spy)):
         run_compare(
             CompareRequest(
                 grid=Grid(["spy", "spy+ts"], [1, 2], bootstrap=0), context=RunContext(cache_dir=cache_dir), out=tmp_path
             )
         )
-    finally:
-        del METHODS._entries["spy"]
     test = Session("tiny", "synthetic", RunContext(cache_dir=cache_dir)).test_features()
     assert len(_Spy.seen) == 2  # one fit per seed; +ts reuses it
     for data in _Spy.seen:
@@ -340,9 +335,8 @@ def broken_calibrator():
         def fit(self, logits, labels):
             raise ValueError("calibrator exploded")
 
-    CALIBRATORS._entries["broken"] = Broken
-    yield "broken"
-    del CALIBRATORS._entries["broken"]
+    with CALIBRATORS.temporarily("broken", Broken) as name:
+        yield name
 
 
 @pytest.mark.e2e

@@ -12,7 +12,7 @@ from calbench.deferral.conformal import halves_set_size
 from calbench.deferral.selective import aurc
 from calbench.errors import CalbenchError
 from calbench.prompts import read_prompt_info
-from calbench.runs import _restore, evaluate_prompt, train_one
+from calbench.runs import evaluate_prompt, restore_method, train_one
 from calbench.session import FewShot, RunContext, Session
 from calbench.tune.config import TuneConfig
 from calbench.tune.worker import val_metrics
@@ -41,7 +41,7 @@ def test_evaluate_fits_on_the_training_sites_validation_split(synthetic, cache_d
     # by hand: the same method's validation probabilities on the home site, its test ones on the other site
     session = Session("tiny-random", str(home), context)
     target = Session("tiny-random", str(other), context)
-    _, method, _ = _restore(read_prompt_info(path), session, path)
+    _, method, _ = restore_method(read_prompt_info(path), session, path)
     fit = session.fit_data(1, fewshot, method, score_val=True)
     with torch.no_grad():
         val = method.predict_proba(fit.val_features).double().numpy()

@@ -111,7 +111,7 @@ def test_rerun_skips_finished_work_and_resumes_a_partial_one(tmp_path):
     import calbench.data.prepare.writer as prepare
 
     calls = []
-    original = prepare._write
+    original = prepare.write_image
 
     def interrupt_after_five(payload, target, what, size):
         calls.append(what)
@@ -119,19 +119,22 @@ def test_rerun_skips_finished_work_and_resumes_a_partial_one(tmp_path):
             raise KeyboardInterrupt
         original(payload, target, what, size)
 
-    prepare._write = interrupt_after_five
+    prepare.write_image = interrupt_after_five
     try:
         with pytest.raises(KeyboardInterrupt):
             prepare_kather(train, test, out=out2)
     finally:
-        prepare._write = original
+        prepare.write_image = original
     assert not out2.exists() and (tmp_path / ".k2.partial").is_dir()
     written = []
-    prepare._write = lambda payload, target, what, size: (written.append(what), original(payload, target, what, size))
+    prepare.write_image = lambda payload, target, what, size: (
+        written.append(what),
+        original(payload, target, what, size),
+    )
     try:
         resumed = prepare_kather(train, test, out=out2)
     finally:
-        prepare._write = original
+        prepare.write_image = original
     assert len(written) == 27 - 5 and resumed.counts == first.counts
     assert not (tmp_path / ".k2.partial").exists()
 

@@ -213,8 +213,8 @@ def test_bin_edges_exact_values():
     # k/10 belongs to bin k-1, i.e. (k-1)/10 < v <= k/10; 0 goes to bin 0
     for n in (5, 10, 15):
         for k in range(1, n + 1):
-            assert M._bin_ids(np.array([k / n]), n)[0] == k - 1
-    assert M._bin_ids(np.array([0.0, 1e-9, 0.5 + 1e-12, 1.0]), 10).tolist() == [0, 0, 5, 9]
+            assert M.bin_ids(np.array([k / n]), n)[0] == k - 1
+    assert M.bin_ids(np.array([0.0, 1e-9, 0.5 + 1e-12, 1.0]), 10).tolist() == [0, 0, 5, 9]
 
 
 # --------------------------------------------------------------------------- evaluate

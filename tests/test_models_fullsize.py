@@ -83,11 +83,11 @@ def test_quiltnet_state_dict(monkeypatch, tmp_path):
 
 
 def test_biomedclip_state_dict(monkeypatch, tmp_path):
-    from calbench.models.open_clip_backend import _text_config_folder, shipped_config
+    from calbench.models.open_clip_backend import shipped_config, text_config_folder
 
     model_cfg = dict(shipped_config("biomedclip")["model_cfg"])
     text_cfg = dict(model_cfg["text_cfg"], hf_model_pretrained=False)
-    text_cfg["hf_model_name"] = _text_config_folder(text_cfg["hf_model_name"], None)
+    text_cfg["hf_model_name"] = text_config_folder(text_cfg["hf_model_name"], None)
     text_cfg.pop("hf_tokenizer_name")
     state = _published(
         lambda: open_clip.CustomTextCLIP(embed_dim=512, vision_cfg=model_cfg["vision_cfg"], text_cfg=text_cfg)

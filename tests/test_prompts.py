@@ -36,7 +36,7 @@ def test_cutting_tokens_after_eot_leaves_features_unchanged(tiny):
     prompts = [f"a photo of a {c}." for c in CLASSNAMES]
     tokens = tiny.tokenize(prompts)
     assert tokens.ids.shape[1] == int(tokens.eot.max()) + 1 < 77
-    full_ids = tiny._tokenizer(prompts)
+    full_ids = tiny.tokenizer(prompts)
     full = tiny.encode_embeddings(tiny.embed_tokens(full_ids), type(tokens)(full_ids, tokens.eot))
     cut = tiny.encode_embeddings(tiny.embed_tokens(tokens.ids), tokens)
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)

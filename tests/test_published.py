@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training import train_prompt_learner
 from typer.testing import CliRunner
 
 from calbench import published
@@ -23,7 +24,7 @@ from calbench.baselines.coop import LOSS_METHODS
 from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.losses import Objective, Term
 from calbench.methods import METHODS, list_methods, make_method, resolve
-from calbench.train import TrainConfig, steps_per_epoch, train_prompt_learner
+from calbench.train import TrainConfig, steps_per_epoch
 
 CP = "iabh1shekbasu/CalibPrompt"
 PLIP_CFG = "configs/trainers/CoOp/vit_b32_plip_c16_ep50_batch16.yaml"

@@ -40,7 +40,7 @@ def _medclip_by_hand(vlm, learner, padding: bool) -> torch.Tensor:
     """coop_medclip.py:90 tokenises (padded to 25, or unpadded), :95 takes word embeddings, :122-129 puts
     the context after [CLS], :144 runs BERT on them, :152-153 averages hidden states 1, 2 and last over
     every position (``padding``) or, as calbench's masked variant, over the real tokens only."""
-    tokenizer, text = vlm._tokenizer, vlm.model.text_model
+    tokenizer, text = vlm.tokenizer, vlm.model.text_model
     if padding:
         enc = tokenizer(learner.prompts, padding="max_length", max_length=25, truncation=True, return_tensors="pt")
     else:
@@ -89,7 +89,7 @@ def test_medclip_zero_shot_is_the_published_zero_shot_forward(medclip_folder):
     """Hand prompts through token ids: zsclip.py:76-82 pads to 25, :87-96 pools every position."""
     vlm = load_vlm("medclip", weights=medclip_folder)
     texts = [f"{HAND} {c}." for c in CLASSNAMES]
-    enc = vlm._tokenizer(texts, padding="max_length", max_length=25, truncation=True, return_tensors="pt")
+    enc = vlm.tokenizer(texts, padding="max_length", max_length=25, truncation=True, return_tensors="pt")
     with torch.no_grad():
         out = vlm.model.text_model.model(**enc, output_hidden_states=True).hidden_states
         embed = torch.stack([out[1], out[2], out[-1]]).permute(1, 0, 2, 3).mean(2).mean(1)
@@ -142,7 +142,7 @@ def test_a_prompt_longer_than_25_tokens_is_cut_as_published_with_a_warning(medcl
     vlm = load_vlm("medclip", weights=medclip_folder)
     with pytest.warns(CalbenchWarning, match="longer than 25 tokens and are cut"):
         tokens = vlm.tokenize(["a photo of " * 8 + "lymphocytes."])
-    assert tokens.ids.shape == (1, 25) and int(tokens.ids[0, -1]) == vlm._tokenizer.sep_token_id
+    assert tokens.ids.shape == (1, 25) and int(tokens.ids[0, -1]) == vlm.tokenizer.sep_token_id
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vlm.tokenize([f"{HAND} {c}." for c in CLASSNAMES])
@@ -154,7 +154,7 @@ def _biomedclip_by_hand(vlm, learner) -> torch.Tensor:
     puts the raw context between them; :125 gives the result to BERT as ``inputs_embeds``, which embeds
     it again; :126-127 pool at [CLS] and project."""
     text = vlm.model.text
-    enc = vlm._tokenizer(learner.prompts, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    enc = vlm.tokenizer(learner.prompts, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
     ids = enc["input_ids"]
     mask = (ids != text.config.pad_token_id).long()
     frozen = text.transformer.embeddings(input_ids=ids)
@@ -184,7 +184,7 @@ def test_biomedclip_default_hand_prompt_is_the_models_own_encode_text(biomedclip
     default = load_vlm("biomedclip", weights=biomedclip_folder)
     published = load_vlm("biomedclip-published", weights=biomedclip_folder)
     texts = [f"{HAND} {c}." for c in CLASSNAMES]
-    ids = default._tokenizer(texts, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    ids = default.tokenizer(texts, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
     with torch.no_grad():
         expected = F.normalize(default.model.encode_text(ids["input_ids"]), dim=-1)
         learner = PromptLearner(default, CLASSNAMES, ctx_init=HAND)

@@ -166,7 +166,7 @@ def test_a_partial_folder_left_by_a_crash_is_resumed_not_fatal(tmp_path, monkeyp
     out = tmp_path / "k"
     import calbench.data.prepare.writer as prepare
 
-    original, written = prepare._write, []
+    original, written = prepare.write_image, []
 
     def crash_on_the_bomb(payload, target, what, size):
         if what.endswith("ADI-TEST-9.png"):
@@ -174,7 +174,7 @@ def test_a_partial_folder_left_by_a_crash_is_resumed_not_fatal(tmp_path, monkeyp
         written.append(what)
         original(payload, target, what, size)
 
-    monkeypatch.setattr(prepare, "_write", crash_on_the_bomb)
+    monkeypatch.setattr(prepare, "write_image", crash_on_the_bomb)
     with pytest.raises(Image.DecompressionBombError):
         prepare_kather(train, test, out=out)
     partial = tmp_path / ".k.partial"
@@ -183,7 +183,7 @@ def test_a_partial_folder_left_by_a_crash_is_resumed_not_fatal(tmp_path, monkeyp
         journal.write('["train/TUM/NCT-CRC-HE-100K/TUM/TUM-00')  # a line cut short by a kill
     assert len(written) == 19  # the 18 train images and ADI-TEST-0 were written before the crash
     resumed = []
-    monkeypatch.setattr(prepare, "_write", lambda *args: (resumed.append(args[2]), original(*args)))
+    monkeypatch.setattr(prepare, "write_image", lambda *args: (resumed.append(args[2]), original(*args)))
     with pytest.warns(UserWarning, match="skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png"):
         report = prepare_kather(train, test, out=out)
     assert len(resumed) == 9 and not set(resumed) & set(written)  # only what was not finished is done again

@@ -38,20 +38,23 @@ KILLED_RUN = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
 
+    import calbench.cache
     from calbench.cache import FeatureCache
     from calbench.data import load_dataset
     from calbench.models import load_vlm
 
     cache_dir, data, kind, views, count = sys.argv[1:]
-    real_save = FeatureCache._save
-
-    def save_then_die(files):
-        real_save(files)
-        os.kill(os.getpid(), signal.SIGKILL)  # killed right after the first chunk is on disk
-
-    FeatureCache._save = staticmethod(save_then_die)
-    cache = FeatureCache(Path(cache_dir), load_vlm("tiny"), batch_size=4, progress=False, chunk_size=16)
     views = [int(v) for v in views.split(",")]
+    real_save, saved = calbench.cache.save_safetensors_atomic, []
+
+    def save_then_die(path, tensors, meta=None):
+        real_save(path, tensors, meta)
+        saved.append(path)
+        if len(saved) == len(views):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed right after the first chunk (one file per view) is on disk
+
+    calbench.cache.save_safetensors_atomic = save_then_die
+    cache = FeatureCache(Path(cache_dir), load_vlm("tiny"), batch_size=4, progress=False, chunk_size=16)
     cache.features(load_dataset(data, cache_dir=Path(cache_dir)), "test", range(int(count)), kind=kind, views=views)
     """
 )
@@ -77,16 +80,12 @@ def test_a_killed_encoding_keeps_its_saved_chunk_and_the_rerun_encodes_only_the_
 
 
 def test_unsaved_features_never_exceed_one_chunk(tiny, synthetic, tmp_path, monkeypatch):
-    unsaved: list[int] = []
-    real_save = cache_module._ViewFile.save_chunk
-
-    def counting_save(self):
-        unsaved.append(sum(len(i) for i, _ in self.unsaved))
-        real_save(self)
-
-    monkeypatch.setattr(cache_module._ViewFile, "save_chunk", counting_save)
+    saves = _recording_saves(monkeypatch)
     cache = FeatureCache(tmp_path / "c", tiny, batch_size=8, progress=False, chunk_size=10)
     cache.features(synthetic, "test", range(25), kind="eval")
+    unsaved = [
+        rows for what, rows in saves if what == "chunk"
+    ]  # what each chunk file holds: the rows unsaved till then
     assert unsaved == [10, 10, 5] and cache.stats.encoded == 25  # batches never cross a chunk: 8 + 2, 8 + 2, 5
     assert (CHUNK_VIEWS, CHUNK_SECONDS) == (1000, 60.0)  # the documented defaults
 
@@ -123,7 +122,7 @@ def test_each_row_is_written_twice_at_most_and_no_chunk_file_is_left(tiny, synth
 
 def test_a_cache_file_in_the_existing_format_still_loads(tiny, synthetic, tmp_path):
     cache = FeatureCache(tmp_path / "c", tiny, progress=False)
-    path, meta = cache._key(synthetic, "test", "eval", 0, None)
+    path, meta = cache.key(synthetic, "test", "eval", 0, None)
     stored = torch.randn(2, tiny.embed_dim)
     path.parent.mkdir(parents=True)
     save_file({"features": stored, "indices": torch.tensor([7, 3])}, str(path), metadata=meta)

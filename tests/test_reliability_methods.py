@@ -259,9 +259,8 @@ class _Uniform(LogitMethod):
 
 @pytest.fixture()
 def uniform_method():
-    METHODS._entries["uniform"] = MethodSpec("uniform", "test double", _Uniform)
-    yield "uniform"
-    del METHODS._entries["uniform"]
+    with METHODS.temporarily("uniform", MethodSpec("uniform", "test double", _Uniform)) as name:
+        yield name
 
 
 def test_near_uniform_predictions_are_degenerate_and_keep_their_metrics():

@@ -12,22 +12,31 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from training import train_prompt_learner
 
 import calbench.data.transforms as transforms
 from calbench.base import VAL_ADAPT, VAL_AS_TEST, FeatureRequest, fit_requests
 from calbench.baselines.promptsmooth import NOISY_VIEWS
 from calbench.cache import FeatureCache
-from calbench.certify import _votes
+from calbench.certify import base_votes
 from calbench.data import load_dataset
-from calbench.data.transforms import augment_seed, noise_kind, noise_seed, sampled_sigma, to_tensor
+from calbench.data.transforms import augment_seed, draw_noise, noise_kind, noise_seed, parse_noise_kind, to_tensor
 from calbench.losses import Objective, Term
 from calbench.methods import make_method
 from calbench.prompts import PromptLearner
 from calbench.session import FewShot, RunContext, Session, train_views
 from calbench.smoothing import smoothed_proba
-from calbench.train import TrainConfig, train_prompt_learner
+from calbench.train import TrainConfig
 
 FEW = FewShot(shots=2, val_shots=1, views=2)
+
+
+def sampled_sigma(kind: str, split: str, view: int, index: int, seed: int | None = None) -> float:
+    """The noise level view ``view`` of image ``index`` got: the kind's one level, or its draw from the set."""
+    noise = parse_noise_kind(kind)
+    if noise is None:
+        raise ValueError(f"{kind!r} is not a noise kind")
+    return draw_noise((0,), noise, noise_seed(kind, split, view, index, seed))[0]
 
 
 @pytest.fixture()
@@ -129,19 +138,19 @@ def test_each_training_view_draws_its_sigma_from_the_set(tiny, synthetic):
 
 def test_no_noise_used_in_scoring_or_certifying_was_used_in_training_or_tuning(mini, tmp_path, monkeypatch):
     draws: dict[tuple[int, str], set[str]] = {}
-    real = transforms._draw_noise
+    real = transforms.draw_noise
 
     def spy(shape, noise, words):
         sigma, draw = real(shape, noise, words)
         draws.setdefault((words[1], noise.role), set()).add(hashlib.sha1(draw.tobytes()).hexdigest())
         return sigma, draw
 
-    monkeypatch.setattr(transforms, "_draw_noise", spy)
+    monkeypatch.setattr(transforms, "draw_noise", spy)
     session = _session(mini, tmp_path)
     method = make_method("promptsmooth-zs", init="fewshot", epochs=2, n_samples=3, adapt_samples=2, sigma=0.5)
     method.fit(session.fit_data(1, FEW, method, score_val=True))
     session.test_features(method)
-    _votes(session, method, np.arange(4), 0.5, n0=3, n=5)
+    base_votes(session, method, np.arange(4), 0.5, n0=3, n=5)
     train, test = 0, 1
     counts = {key: len(hashes) for key, hashes in draws.items()}
     assert counts == {
@@ -202,7 +211,7 @@ def test_certify_tunes_selects_and_estimates_on_three_draws(mini, tmp_path, monk
     monkeypatch.setattr(
         session, "test_views", lambda kind, views, indices=None: kinds.append(kind) or real(kind, views, indices)
     )
-    selection, estimation = _votes(session, method, np.arange(4), 0.5, n0=3, n=5)
+    selection, estimation = base_votes(session, method, np.arange(4), 0.5, n0=3, n=5)
     assert (selection.shape, estimation.shape) == ((3, 4), (5, 4))
     assert kinds == ["adapt-noise0.5", "select-noise0.5", "estimate-noise0.5"]
 

@@ -76,11 +76,11 @@ def test_merge_folds_shards_by_run_key_in_the_grid_order_and_removes_them(tmp_pa
 
 
 def test_rows_a_job_writes_during_a_merge_are_kept_for_the_next_one(tmp_path):
-    from calbench.results.shards import _claim
+    from calbench.results.shards import claim_shard
 
     job = ShardStore(tmp_path, "m", "d")
     job.put_rows([_row(seed=1)])
-    claimed = _claim(shard_path(tmp_path, "m", "d"))  # a merge took the shard ...
+    claimed = claim_shard(shard_path(tmp_path, "m", "d"))  # a merge took the shard ...
     job.put_rows([_row(seed=2)])  # ... while the job wrote on: a new shard
     assert shard_path(tmp_path, "m", "d").is_file()
     assert merge_shards(tmp_path) == 2  # the new shard, and the claimed one its merge never finished

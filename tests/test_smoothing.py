@@ -1,11 +1,13 @@
 """Randomized smoothing maths against scipy, hand cases and a linear model with a closed-form radius."""
 
+from collections.abc import Callable
 from statistics import NormalDist
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import binomtest, norm
+from torch import Tensor
 
 from calbench.smoothing import (
     ABSTAIN,
@@ -14,10 +16,28 @@ from calbench.smoothing import (
     certify_predictions,
     lower_confidence_bound,
     predict_from_counts,
-    sample_predictions,
     smoothed_proba,
     vote_counts,
 )
+
+
+def sample_predictions(
+    classify: Callable[[Tensor], Tensor],
+    x: Tensor,
+    sigma: float,
+    num: int,
+    generator: torch.Generator,
+    batch_size: int = 10_000,
+) -> Tensor:
+    """(num, N) base-classifier labels on x + N(0, sigma^2 I): Cohen et al.'s sampling loop, for toy models
+    cheap enough to perturb on the fly (calbench's VLM methods read cached noisy views instead)."""
+    out = []
+    for start in range(0, num, batch_size):
+        size = min(batch_size, num - start)
+        noise = torch.randn((size, *x.shape), generator=generator, dtype=x.dtype) * sigma
+        noisy = (x.unsqueeze(0) + noise.to(x.device)).reshape(size * x.shape[0], *x.shape[1:])
+        out.append(classify(noisy).reshape(size, x.shape[0]))
+    return torch.cat(out)
 
 
 def _scipy_lower(n_a: int, n: int, alpha: float) -> float:

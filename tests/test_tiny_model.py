@@ -8,7 +8,7 @@ import torch
 
 from calbench.models import load_vlm
 from calbench.models.open_clip_backend import shipped_config
-from calbench.models.tiny import EMBEDDING, pack, shipped_metadata, shipped_weights, unpack
+from calbench.models.tiny import EMBEDDING, pack, shipped_weights, unpack
 from calbench.models.train_tiny import PretrainConfig, config_hash, corpus_tile, shipped, train
 from calbench.tissue import FRAMES
 
@@ -17,6 +17,14 @@ SMOKE = replace(PretrainConfig(), images=48, steps=3, batch_size=16, warmup_step
 #: zero-shot on the demo's test split with the shipped weights (900 tiles; measured with torch 2.14.1 on CPU)
 ZERO_SHOT_ACCURACY = 0.6722
 ZERO_SHOT_ECE = 0.2975
+
+
+def shipped_metadata() -> dict[str, str]:
+    """The shipped file's metadata: config hash, training seed, final logit scale, library versions."""
+    from safetensors import safe_open
+
+    with safe_open(str(shipped_weights()), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 @pytest.fixture(scope="module")

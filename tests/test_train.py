@@ -3,11 +3,12 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from training import train_prompt_learner
 
 from calbench.losses import Objective, Term, calibprompt_objective
 from calbench.prompts import PromptLearner, load_prompt, save_prompt
 from calbench.session import FewShot
-from calbench.train import TrainConfig, TrainingDiverged, learning_rate, train_prompt_learner
+from calbench.train import TrainConfig, TrainingDiverged, learning_rate
 
 NAMES = ["red", "green", "blue"]
 

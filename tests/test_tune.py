@@ -280,8 +280,9 @@ def test_search_never_loads_the_test_split(monkeypatch, cache_dir, tmp_path):
         )
 
 
-@pytest.mark.e2e
-def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypatch, cache_dir, tmp_path):
+@pytest.fixture()
+def second_demo_dataset(tmp_path):
+    """A second demo-modality dataset (another draw of the synthetic tiles), registered for one test."""
     from dataclasses import replace
 
     from calbench.data import DATASETS
@@ -292,7 +293,12 @@ def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(monkeypat
         name="synthetic-b",
         locate=lambda root, cache: write_synthetic(tmp_path / "synthetic-b", seed=1),
     )
-    monkeypatch.setitem(DATASETS._entries, "synthetic-b", other)
+    with DATASETS.temporarily("synthetic-b", other) as name:
+        yield name
+
+
+@pytest.mark.e2e
+def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(second_demo_dataset, cache_dir, tmp_path):
     pairs = modality_pairs("demo", None)
     assert pairs == [("tiny", "synthetic"), ("tiny", "synthetic-b")]
     config = TuneConfig(pairs=pairs, modality="demo", epochs=2, objective="pareto")

@@ -201,19 +201,11 @@ def _run_seed(kind: str, seed: Optional[int]) -> int:
     return 0 if seed is None else int(seed)
 
 
-def _draw_noise(shape: tuple[int, ...], noise: NoiseKind, words: list[int]) -> tuple[float, np.ndarray]:
+def draw_noise(shape: tuple[int, ...], noise: NoiseKind, words: list[int]) -> tuple[float, np.ndarray]:
     """(sigma, sigma * z): the level (drawn from the set for mixed training views) and the noise."""
     rng = np.random.default_rng(words)
     sigma = noise.sigmas[int(rng.integers(len(noise.sigmas)))] if len(noise.sigmas) > 1 else noise.sigmas[0]
     return sigma, sigma * rng.standard_normal(shape, dtype=np.float32)
-
-
-def sampled_sigma(kind: str, split: str, view: int, index: int, seed: Optional[int] = None) -> float:
-    """The noise level view ``view`` of image ``index`` got: the kind's one level, or its draw from the set."""
-    noise = parse_noise_kind(kind)
-    if noise is None:
-        raise ValueError(f"{kind!r} is not a noise kind")
-    return _draw_noise((0,), noise, noise_seed(kind, split, view, index, seed))[0]
 
 
 def noisy_transform(
@@ -234,7 +226,7 @@ def noisy_transform(
         else _eval_geometry(image, cfg)
     )
     pixels = TF.to_tensor(image)
-    _, draw = _draw_noise(tuple(pixels.shape), noise, words)
+    _, draw = draw_noise(tuple(pixels.shape), noise, words)
     return TF.normalize(pixels + torch.from_numpy(draw), list(cfg.mean), list(cfg.std))
 
 

@@ -56,7 +56,7 @@ class HFClipBackend:
         self.model = model.eval().requires_grad_(False).to(device)
         self.preprocess = preprocess
         self.device = device
-        self._tokenizer = open_clip.tokenizer.SimpleTokenizer(
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
             context_length=model.config.text_config.max_position_embeddings
         )
         self._config_id = _config_id(model.config.to_dict())
@@ -117,7 +117,7 @@ class HFClipBackend:
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Token ids cut after the longest prompt's EOT (exact for a causal, EOT-pooled tower)."""
-        return clip_tokens(self._tokenizer, texts, self.device)[1]
+        return clip_tokens(self.tokenizer, texts, self.device)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.model.text_model.embeddings.token_embedding(ids.to(self.device))
@@ -162,5 +162,5 @@ class HFClipBackend:
         return self.model.text_projection(text.final_layer_norm(x))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        ids = self._tokenizer(list(texts)).to(self.device)
+        ids = self.tokenizer(list(texts)).to(self.device)
         return F.normalize(_features(self.model.get_text_features(input_ids=ids)).float(), dim=-1)

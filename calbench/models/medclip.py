@@ -127,7 +127,7 @@ class MedCLIPBackend:
         if self.text_pooling not in TEXT_POOLINGS:
             raise CalbenchError(f"{name}: text_pooling {self.text_pooling!r} is not one of {', '.join(TEXT_POOLINGS)}")
         self.clamp_logit_scale = bool(config.get("clamp_logit_scale", False))
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._config_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
         self._fingerprint: Optional[str] = None
 
@@ -169,7 +169,7 @@ class MedCLIPBackend:
 
     def _warn_if_cut(self, texts: Sequence[str]) -> None:
         """Prompts longer than the context length lose their end (the class name), as in the published code."""
-        lengths = [len(ids) for ids in self._tokenizer(list(texts), truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
         if max(lengths, default=0) > self.context_length:
             longest = texts[lengths.index(max(lengths))]
             warn(
@@ -182,7 +182,7 @@ class MedCLIPBackend:
         pooled, else cut to the longest prompt (exact: masked padding changes no real token)."""
         self._warn_if_cut(texts)
         cut = self.text_pooling != "all_positions"
-        return bert_tokens(self._tokenizer, texts, self.context_length, self.device, cut=cut)[1]
+        return bert_tokens(self.tokenizer, texts, self.context_length, self.device, cut=cut)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.model.text_model.model.embeddings.word_embeddings(ids.to(self.device))
@@ -199,7 +199,7 @@ class MedCLIPBackend:
         batches = [list(texts)] if padded else [[text] for text in texts]
         features = []
         for batch in batches:
-            enc = self._tokenizer(
+            enc = self.tokenizer(
                 batch,
                 padding="max_length" if padded else False,
                 truncation=True,

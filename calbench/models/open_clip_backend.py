@@ -115,7 +115,7 @@ class OpenClipBackend:
         self.device = device
         self._config_id = config_id
         self._fingerprint: Optional[str] = None
-        self._tokenizer = self._make_tokenizer()
+        self.tokenizer = self._make_tokenizer()
 
     def _check(self, name: str, model: torch.nn.Module) -> None:
         if model.text_pool_type != "argmax":
@@ -168,7 +168,7 @@ class OpenClipBackend:
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Token ids cut after the longest prompt's EOT (exact for a causal, EOT-pooled tower)."""
-        return clip_tokens(self._tokenizer, texts, self.device)[1]
+        return clip_tokens(self.tokenizer, texts, self.device)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.model.token_embedding(ids.to(self.device))
@@ -212,7 +212,7 @@ class OpenClipBackend:
         return self._project(m.ln_final(x))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        ids = self._tokenizer(list(texts)).to(self.device)
+        ids = self.tokenizer(list(texts)).to(self.device)
         return F.normalize(self.model.encode_text(ids).float(), dim=-1)
 
 
@@ -269,7 +269,7 @@ class OpenClipBertBackend(OpenClipBackend):
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """[CLS] .. [SEP] ids cut to the longest prompt, with the attention mask (exact: padding is masked)."""
-        return bert_tokens(self._tokenizer, texts, self.context_length, self.device)[1]
+        return bert_tokens(self.tokenizer, texts, self.context_length, self.device)[1]
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         embeddings = self.model.text.transformer.embeddings
@@ -283,11 +283,11 @@ class OpenClipBertBackend(OpenClipBackend):
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """open_clip's own forward on the full 256-token padded ids (it masks ``id != pad``)."""
-        ids = bert_tokens(self._tokenizer, texts, self.context_length, self.device)[0].to(self.device)
+        ids = bert_tokens(self.tokenizer, texts, self.context_length, self.device)[0].to(self.device)
         return F.normalize(self.model.encode_text(ids).float(), dim=-1)
 
 
-def _text_config_folder(name: str, folder: Optional[Path]) -> str:
+def text_config_folder(name: str, folder: Optional[Path]) -> str:
     """Where the HF text tower's config.json is: next to the weights, shipped with calbench, or a hub id."""
     if folder is not None and ((folder / name / "config.json").is_file() or (folder / name).is_file()):
         return str(folder / name)
@@ -331,7 +331,7 @@ def load_open_clip(
             raise CalbenchError(f"{name}: embedding prompts twice applies to BERT text towers only")
         return OpenClipBackend.from_config(name, config, device, weights=weights, config_id=config_id)
     hub_name = text_cfg["hf_model_name"]
-    text_cfg["hf_model_name"] = _text_config_folder(hub_name, folder)
+    text_cfg["hf_model_name"] = text_config_folder(hub_name, folder)
     text_cfg["hf_model_pretrained"] = False  # the checkpoint holds the text tower's weights
     context_length = int(text_cfg.get("context_length", 77))
     for key in ("hf_tokenizer_name", "tokenizer_kwargs"):

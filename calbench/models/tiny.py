@@ -59,14 +59,6 @@ def unpack(tensors: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
     return state
 
 
-def shipped_metadata() -> dict[str, str]:
-    """The shipped file's metadata: config hash, training seed, final logit scale, library versions."""
-    from safetensors import safe_open
-
-    with safe_open(str(shipped_weights()), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def build_tiny(path: Optional[Path], device: torch.device) -> VLMBackend:
     """``tiny`` from ``path`` (a full or packed state dict) or, by default, from the shipped file."""
     from calbench.models.open_clip_backend import OpenClipBackend, shipped_config

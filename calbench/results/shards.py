@@ -149,7 +149,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _claim(shard: Path) -> Path:
+def claim_shard(shard: Path) -> Path:
     """Rename a shard (and its settings) to a merge's own name; FileNotFoundError if another took it."""
     claimed = shard.with_name(f".{shard.name}.merging-{os.getpid()}-{time.time_ns()}")
     settings = _settings_path(shard)
@@ -184,7 +184,7 @@ def merge_shards(out: Path, order: Sequence[Path] = ()) -> int:
     claimed = []
     for shard in shards:
         try:
-            claimed.append(_claim(shard))
+            claimed.append(claim_shard(shard))
         except FileNotFoundError:  # another merge took it
             continue
     claimed += sorted(p for p in folder.iterdir() if _CLAIMED.match(p.name) and p not in claimed)

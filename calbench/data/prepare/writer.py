@@ -105,7 +105,7 @@ def decode(data: Union[bytes, IO[bytes]], what: str) -> Image.Image:
     raise Unreadable(f"{what} ({problem})")
 
 
-def _write(payload: Payload, target: Path, what: str, size: Optional[int]) -> None:
+def write_image(payload: Payload, target: Path, what: str, size: Optional[int]) -> None:
     """Write one output image at ``target`` (suffix chosen here) through a temp name.
 
     Encoded images already at the right size are copied byte for byte; the rest are
@@ -240,7 +240,7 @@ def _write_units(
             why = None
             try:
                 for folder, stem, payload in unit.produce():
-                    _write(payload, partial / "images" / unit.split / folder / stem, unit.key, size)
+                    write_image(payload, partial / "images" / unit.split / folder / stem, unit.key, size)
             except Unreadable as exc:
                 if strict:
                     journal_handle.flush()
