@@ -31,7 +31,7 @@ from calbench.registry import Registry
 from calbench.train import Range, TrainConfig, TrainViews, check_train_options
 
 #: ``FitData.extra`` key of the validation images in the form a smoothed method predicts from
-VAL_AS_TEST = "val-as-test"
+VAL_COPIES = "val-as-test"
 #: ``FitData.extra`` key of the validation copies a method that tunes at test time tunes on
 VAL_ADAPT = "val-adapt"
 
@@ -128,12 +128,12 @@ class FitData:
         """The validation images in the form ``method`` predicts from: noisy copies for a smoothed one."""
         if not method.capabilities.smoothed:
             return self.val_features
-        needed = [VAL_ADAPT, VAL_AS_TEST] if method.capabilities.adapts_at_test else [VAL_AS_TEST]
+        needed = [VAL_ADAPT, VAL_COPIES] if method.capabilities.adapts_at_test else [VAL_COPIES]
         if any(name not in self.extra for name in needed):
             raise CalbenchError(
                 "this smoothed method is scored on noisy validation copies; get them with Session.fit_data(..., method=method)"
             )
-        return torch.cat([self.extra[name] for name in needed]) if len(needed) > 1 else self.extra[VAL_AS_TEST]
+        return torch.cat([self.extra[name] for name in needed]) if len(needed) > 1 else self.extra[VAL_COPIES]
 
 
 class Method(Protocol):
@@ -229,7 +229,7 @@ def _val_copies(caps: Capabilities) -> dict[str, FeatureRequest]:
     is scored on, and those it tunes on first if it adapts); else nothing."""
     if caps.test_copies is None:
         return {}
-    copies = {VAL_AS_TEST: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)}
+    copies = {VAL_COPIES: FeatureRequest("val", caps.test_copies.kind, caps.test_copies.views)}
     if caps.adapt_copies is not None:
         copies[VAL_ADAPT] = FeatureRequest("val", caps.adapt_copies.kind, caps.adapt_copies.views)
     return copies

@@ -32,9 +32,9 @@ from calbench.data.transforms import noise_kind
 from calbench.errors import CalbenchError, check_seed
 from calbench.methods import METHODS, ResolvedMethod, parse_method, resolve
 from calbench.published import default
+from calbench.randomized_smoothing import DEFAULT_RADII, certified_accuracy, certify_predictions
 from calbench.results import open_folder, put_certification
 from calbench.session import FewShot, RunContext, Session
-from calbench.smoothing import DEFAULT_RADII, certified_accuracy, certify_predictions
 
 ITEM_COLUMNS = ["index", "label", "predicted", "radius", "correct"]
 #: first seed word of the test-subset generator, apart from few-shot split seeds

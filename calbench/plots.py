@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from calbench.atomic import save_figure_atomic  # noqa: E402
 from calbench.deferral.selective import risk_coverage  # noqa: E402
-from calbench.deferral.smooth import smooth_reliability  # noqa: E402
+from calbench.deferral.smooth_ece import smooth_reliability  # noqa: E402
 from calbench.metrics import ece, reliability_bins  # noqa: E402
 
 

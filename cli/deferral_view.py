@@ -30,10 +30,10 @@ SmoothDiagramsOpt = typer.Option(
 
 
 def extras(alpha: float, target_error: float, shift: bool, smooth_diagrams: bool) -> Any:
-    """The grid's :class:`~calbench.scoring.Extras` from the options above."""
-    from calbench.scoring import Extras
+    """The grid's :class:`~calbench.compare.deferral_shift.DeferralShiftOptions` from the options above."""
+    from calbench.compare.deferral_shift import DeferralShiftOptions
 
-    return Extras(DeferralSettings(alpha, target_error), shift, smooth_diagrams)
+    return DeferralShiftOptions(DeferralSettings(alpha, target_error), shift, smooth_diagrams)
 
 
 #: (column, header, scale): percentages for rates, set sizes as they are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,42 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: source folder -> the package it installs as (pyproject's [tool.setuptools.package-dir])
 FOLDERS = {"calbench": "calbench", "baselines": "calbench.baselines", "cli": "calbench.cli"}
-#: component -> layer; a module may import lower layers and its own component only (docs/architecture.md)
-LAYERS = {
-    "calbench.errors": 0,
-    "calbench.atomic": 1,
-    "calbench.registry": 1,
-    "calbench.metrics": 1,
-    "calbench.smoothing": 1,
-    "calbench.tissue": 1,
-    "calbench.deferral": 1,
-    "calbench.published": 1,
-    "calbench.models": 2,
-    "calbench.results": 2,
-    "calbench.data": 3,
-    "calbench.jobs": 3,
-    "calbench.losses": 4,
-    "calbench.prompts": 4,
-    "calbench.cache": 4,
-    "calbench.online": 4,
-    "calbench.plots": 4,
-    "calbench.report": 4,
-    "calbench.train": 5,
-    "calbench.base": 6,
-    "calbench.calibprompt": 7,
-    "calbench.baselines": 8,
-    "calbench.methods": 9,
-    "calbench.session": 10,
-    "calbench.scoring": 10,
-    "calbench.batched": 10,
-    "calbench.compare": 11,
-    "calbench.certify": 11,
-    "calbench.runs": 11,
-    "calbench.tune": 12,
-    "calbench.cli": 13,
-}
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _layers() -> dict[str, int]:
+    """Component -> layer, read from the layer table of docs/architecture.md: the one table, so the doc
+    cannot drift from what is enforced. A module may import lower layers and its own component only."""
+    layers = {}
+    for line in ARCHITECTURE.read_text(encoding="utf-8").splitlines():
+        row = re.match(r"^\| (\d+) \| (.+?) \| .* \|$", line)
+        if row:
+            layers.update({name: int(row[1]) for name in re.findall(r"`(calbench[\w.]*)`", row[2])})
+    return layers
+
+
+LAYERS = _layers()
+#: a library module over this many lines, or a function over MAX_FUNCTION_LINES, is a review signal: it passes
+#: once listed in LONG with the reason it stays whole; no module grows past MAX_LISTED_LINES
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+MAX_LISTED_LINES = 600
+#: module -> why it is longer than MAX_MODULE_LINES (reviewed; remove the entry when it shrinks)
+LONG: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -227,7 +214,10 @@ trial._trial_id
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_and_functions_stay_small(module):
     source = MODULES[module].read_text(encoding="utf-8")
-    assert len(source.splitlines()) <= MAX_MODULE_LINES
+    lines = len(source.splitlines())
+    assert lines <= (MAX_LISTED_LINES if module in LONG else MAX_MODULE_LINES), (
+        f"{module} has {lines} lines: split it by meaning, or list it in LONG with the reason it stays whole"
+    )
     long = [
         f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
         for node in ast.walk(ast.parse(source))
@@ -235,6 +225,16 @@ def test_modules_and_functions_stay_small(module):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+def test_every_listed_long_module_is_still_long():
+    """A LONG entry whose module shrank is removed, so the list stays the short list of reviewed exceptions."""
+    assert [m for m in LONG if len(MODULES[m].read_text(encoding="utf-8").splitlines()) <= MAX_MODULE_LINES] == []
+
+
+def test_the_layer_table_is_read_from_the_architecture_doc():
+    assert LAYERS["calbench.errors"] == 0 and LAYERS["calbench.cli"] == max(LAYERS.values())
+    assert LAYERS["calbench.compare"] > LAYERS["calbench.methods"] > LAYERS["calbench.base"]
 
 
 def test_rendering_a_report_imports_no_torch(tmp_path):

@@ -103,4 +103,4 @@ def test_the_test_command_is_one_bash_block_after_its_marker():
     assert readme.count("<!-- test-command -->") == 1
     block = re.search(r"<!-- test-command -->\n```bash\n(.*?)\n```", readme, re.S)
     assert block is not None
-    assert 'pip install -e ".[dev]"' in block.group(1) and block.group(1).endswith("python -m pytest -q")
+    assert 'pip install -e ".[dev]"' in block.group(1) and "python -m pytest -q" in block.group(1)

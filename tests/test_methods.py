@@ -98,21 +98,21 @@ def test_ablation_ids_with_plus_still_take_a_calibrator():
 
 
 def test_calibrators_on_smoothed_methods_fit_on_noisy_validation_views():
-    from calbench.base import VAL_AS_TEST, FeatureRequest, fit_requests
+    from calbench.base import VAL_COPIES, FeatureRequest, fit_requests
 
     plain = fit_requests(make_method("promptsmooth"))
     wrapped = fit_requests(make_method("promptsmooth+ts"))
-    assert VAL_AS_TEST not in plain
+    assert VAL_COPIES not in plain
     test_request = make_method("promptsmooth").capabilities.test_copies
-    assert wrapped[VAL_AS_TEST] == FeatureRequest("val", test_request.kind, test_request.views)
-    assert set(wrapped) - {VAL_AS_TEST} == set(plain)
+    assert wrapped[VAL_COPIES] == FeatureRequest("val", test_request.kind, test_request.views)
+    assert set(wrapped) - {VAL_COPIES} == set(plain)
     assert fit_requests(make_method("coop-ce+ts")) == {}
 
 
 def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
     from dataclasses import replace
 
-    from calbench.base import VAL_AS_TEST, Capabilities, FeatureRequest
+    from calbench.base import VAL_COPIES, Capabilities, FeatureRequest
 
     class Recorder:
         def fit(self, logits, labels):
@@ -125,10 +125,10 @@ def test_calibrated_fit_uses_the_validation_views_it_is_given(fit_data):
     base = make_method("zero-shot").fit(fit_data)
     base.capabilities = Capabilities(
         test_copies=FeatureRequest("test", "score-noise0.25", 1)
-    )  # a smoothed base: scored on VAL_AS_TEST
+    )  # a smoothed base: scored on VAL_COPIES
     noisy = fit_data.val_features.flip(0)
     recorder = Recorder()
-    Calibrated(base, recorder, base_is_fitted=True).fit(replace(fit_data, extra={VAL_AS_TEST: noisy}))
+    Calibrated(base, recorder, base_is_fitted=True).fit(replace(fit_data, extra={VAL_COPIES: noisy}))
     torch.testing.assert_close(recorder.seen, base.predict_logits(noisy))
 
 

@@ -19,9 +19,9 @@ from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
 from calbench.methods import make_method
 from calbench.published import default
+from calbench.randomized_smoothing import certified_accuracy, smoothed_proba
 from calbench.results import CERTIFY_COLUMNS
 from calbench.session import FewShot, RunContext
-from calbench.smoothing import certified_accuracy, smoothed_proba
 
 TEST_IMAGES = np.arange(0, 900, 75)  # 12 test images, 2 per class
 SMALL = {"epochs": 2, "n_samples": 4}

@@ -17,7 +17,7 @@ from calbench.baselines.promptsmooth import context_phrase
 from calbench.certify import max_certifiable_radius, run_certify
 from calbench.cli import certify_cmd
 from calbench.methods import make_method
-from calbench.smoothing import certify_from_counts
+from calbench.randomized_smoothing import certify_from_counts
 
 PS = "nhussein/promptsmooth"
 CERTIFY = f"{PS} certify_promptsmooth_plip.py"

@@ -15,7 +15,7 @@ import torch
 from training import train_prompt_learner
 
 import calbench.data.transforms as transforms
-from calbench.base import VAL_ADAPT, VAL_AS_TEST, FeatureRequest, fit_requests
+from calbench.base import VAL_ADAPT, VAL_COPIES, FeatureRequest, fit_requests
 from calbench.baselines.promptsmooth import NOISY_VIEWS
 from calbench.cache import FeatureCache
 from calbench.certify import base_votes
@@ -24,8 +24,8 @@ from calbench.data.transforms import augment_seed, draw_noise, noise_kind, noise
 from calbench.losses import Objective, Term
 from calbench.methods import make_method
 from calbench.prompts import PromptLearner
+from calbench.randomized_smoothing import smoothed_proba
 from calbench.session import FewShot, RunContext, Session, train_views
-from calbench.smoothing import smoothed_proba
 from calbench.train import TrainConfig
 
 FEW = FewShot(shots=2, val_shots=1, views=2)
@@ -198,8 +198,8 @@ def test_compare_tunes_promptsmooth_zs_on_copies_it_is_not_scored_on(mini, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(method.predict_proba(inputs), smoothed_proba(method.adapt(inputs[:2])(inputs[2:])))
     # a calibrator on top is fitted the same way on the validation images
-    assert set(fit_requests(method, score_val=True)) == {VAL_AS_TEST, VAL_ADAPT}
-    torch.testing.assert_close(fit.val_inputs(method), torch.cat([fit.extra[VAL_ADAPT], fit.extra[VAL_AS_TEST]]))
+    assert set(fit_requests(method, score_val=True)) == {VAL_COPIES, VAL_ADAPT}
+    torch.testing.assert_close(fit.val_inputs(method), torch.cat([fit.extra[VAL_ADAPT], fit.extra[VAL_COPIES]]))
 
 
 def test_certify_tunes_selects_and_estimates_on_three_draws(mini, tmp_path, monkeypatch):

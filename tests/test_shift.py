@@ -12,6 +12,7 @@ from skimage.color import rgb2hed
 
 from calbench.cache import FeatureCache
 from calbench.compare import CompareRequest, Grid, run_compare
+from calbench.compare.deferral_shift import DeferralShiftOptions
 from calbench.data import load_dataset
 from calbench.data.corruptions import (
     CORRUPTIONS,
@@ -31,7 +32,6 @@ from calbench.models import load_vlm
 from calbench.models.base import PreprocessConfig
 from calbench.report import write_results_report
 from calbench.results import read_results, read_shift
-from calbench.scoring import Extras
 from calbench.session import FewShot, RunContext
 
 CFG = PreprocessConfig(size=32)
@@ -144,7 +144,7 @@ def test_compare_shift_logs_reports_and_resumes(mini, cache_dir, tmp_path):
         [1],
         FewShot(2, 2, 2),
         bootstrap=0,
-        extras=Extras(shift=True, smooth_diagrams=True),
+        extras=DeferralShiftOptions(shift=True, smooth_diagrams=True),
     )
     context = RunContext(device="cpu", cache_dir=cache_dir)
     result = run_compare(
@@ -170,7 +170,7 @@ def test_compare_shift_logs_reports_and_resumes(mini, cache_dir, tmp_path):
         CompareRequest(
             model="tiny-random",
             data=str(mini),
-            grid=Grid(**{**grid.__dict__, "extras": Extras()}),
+            grid=Grid(**{**grid.__dict__, "extras": DeferralShiftOptions()}),
             context=context,
             out=tmp_path / "p",
         )

@@ -5,7 +5,7 @@ import pytest
 import relplot
 
 from calbench.deferral import DEFERRAL_COLUMNS, deferral_metrics
-from calbench.deferral.smooth import smooth_ece, smooth_reliability
+from calbench.deferral.smooth_ece import smooth_ece, smooth_reliability
 from calbench.metrics import ece
 
 

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import binomtest, norm
 from torch import Tensor
 
-from calbench.smoothing import (
+from calbench.randomized_smoothing import (
     ABSTAIN,
     certified_accuracy,
     certify_from_counts,

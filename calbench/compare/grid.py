@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from calbench.compare.deferral_shift import DeferralShiftOptions
 from calbench.errors import CalbenchError, check_seeds
 from calbench.methods import DEFAULT_METHODS, ResolvedMethod, check_method_params, parse_method, resolve_grid
-from calbench.scoring import Extras
 from calbench.session import FewShot, RunContext
 
 
@@ -25,7 +25,9 @@ class Grid:
     bootstrap: int = 1000  # resamples of each run's 95% ECE interval (0: none)
     method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     force: bool = False  # recompute rows already in results.csv
-    extras: Extras = Extras()  # deferral settings, --shift and smoothed diagrams (calbench.scoring)
+    extras: DeferralShiftOptions = (
+        DeferralShiftOptions()
+    )  # deferral settings, --shift and smoothed diagrams (calbench.compare.deferral_shift)
     max_prompts: Optional[int] = None  # prompts per shared text-tower pass (None: calbench.batched's); 0: runs alone
 
     def check(self) -> None:

@@ -16,12 +16,12 @@ import torch
 
 from calbench.base import CALIBRATORS, Calibrated, Method
 from calbench.batched import FitOutcome, fit_grid
+from calbench.compare.deferral_shift import deferral_row, shift_done, shift_rows
 from calbench.compare.grid import Grid
 from calbench.errors import CalbenchError
 from calbench.methods import parse_method
 from calbench.metrics import METRICS, bootstrap_ece, evaluate
 from calbench.results import SCORED, ResultsStore, Row
-from calbench.scoring import deferral_row, shift_done, shift_rows
 from calbench.session import Session
 
 #: a run is degenerate when every test item's top probability is this close to 1/C (calbench's

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from calbench.cache import CacheStats
+from calbench.compare.deferral_shift import deferral_plots
 from calbench.compare.grid import CompareRequest, Grid
 from calbench.compare.pair import compare_pair, dataset_identity
 from calbench.compare.plots import reliability_plots
 from calbench.errors import warn
 from calbench.jobs import JobOutcome, Launcher, run_jobs
 from calbench.results import Row, ShardStore, merge_shards, open_folder, record_jobs, shard_path
-from calbench.scoring import deferral_plots
 from calbench.session import RunContext, Session
 
 

@@ -24,7 +24,7 @@ from calbench.deferral.selective import (
     selective_at,
     threshold_for_risk,
 )
-from calbench.deferral.smooth import smooth_ece
+from calbench.deferral.smooth_ece import smooth_ece
 from calbench.errors import CalbenchError
 
 #: coverages at which accuracy is reported, as the issue that added them asked (calbench)

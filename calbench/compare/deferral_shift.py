@@ -26,7 +26,7 @@ from calbench.base import Method
 from calbench.data.corruptions import CORRUPTIONS, SEVERITIES, shift_kind
 from calbench.deferral import DeferralSettings, deferral_metrics
 from calbench.deferral.selective import aurc
-from calbench.deferral.smooth import smooth_ece
+from calbench.deferral.smooth_ece import smooth_ece
 from calbench.metrics import accuracy, ece, nll
 from calbench.plots import risk_coverage_plot, shift_plot, smooth_reliability_diagram
 from calbench.results import KEY, SCORED, ResultsStore, Row, dataset_labels, diagram_stem
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Extras:
+class DeferralShiftOptions:
     """What a grid measures beyond the metric columns."""
 
     deferral: DeferralSettings = DeferralSettings()
@@ -116,7 +116,10 @@ def _pooled(store: ResultsStore, rows: Sequence[Row]) -> dict[tuple[str, str, st
 
 
 def deferral_plots(
-    store: ResultsStore, rows: Sequence[Row], labels_of: Mapping[tuple[str, str], np.ndarray], extras: Extras
+    store: ResultsStore,
+    rows: Sequence[Row],
+    labels_of: Mapping[tuple[str, str], np.ndarray],
+    extras: DeferralShiftOptions,
 ) -> dict[str, Path]:
     """Risk–coverage plots (and shift plots, smoothed diagrams when asked) of ``rows``, seeds pooled.
 
