@@ -52,7 +52,7 @@ from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term
 from calbench.prompts import PromptLearner
 from calbench.published import default
-from calbench.smoothing import smoothed_proba
+from calbench.randomized_smoothing import smoothed_proba
 from calbench.train import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, TrainConfig, TrainRun
 
 FEWSHOT, ZEROSHOT = "promptsmooth", "promptsmooth-zs"
