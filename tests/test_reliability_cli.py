@@ -70,6 +70,20 @@ def test_a_file_in_the_path_names_the_file_and_the_option(tmp_path, cache_dir, o
     assert line.endswith(f"move that file away or pass {option} elsewhere")
 
 
+@pytest.mark.parametrize("command", [["compare", *FAST], ["train", "--method", "coop-ce", "--shots", "1"]])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_an_out_that_is_a_broken_symbolic_link_is_one_line(tmp_path, cache_dir, command, link):
+    if link == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        why = "it is a symbolic link loop"
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "nowhere" / "x")
+        why = f"it is a symbolic link to {tmp_path / 'nowhere' / 'x'}, which does not exist"
+    result = _cli(*command, "--out", tmp_path / "a", "--cache-dir", cache_dir)
+    _one_error(result, f"cannot use {tmp_path / 'a'}: {why}; remove the link, or pass --out elsewhere")
+
+
 @pytest.mark.e2e
 def test_read_only_out_folder_is_refused_before_any_work(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "ro"
