@@ -8,7 +8,9 @@ multiply by 100). Binning follows Guo et al. (2017): equal-width bins
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 
@@ -176,3 +178,39 @@ def bootstrap_ece(
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample std over seeds, NaNs (failed runs) left out; std is None for one value."""
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if array.size == 0:
+        return float("nan"), None
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def format_mean_std(values: Iterable[float], scale: float = 100.0, sep: str = " ± ", missing: str = "–") -> str:
+    """``mean ± std`` of ``values * scale`` to two decimals (``mean`` alone for one value)."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return missing
+    return f"{scale * mean:.2f}" if std is None else f"{scale * mean:.2f}{sep}{scale * std:.2f}"
+
+
+#: the values each column of a shift row can take: fractions, and the NLL of probabilities (>= 0)
+SHIFT_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "ece": (0.0, 1.0),
+    "smooth_ece": (0.0, 1.0),
+    "aurc": (0.0, 1.0),
+    "nll": (0.0, math.inf),
+}
+
+
+def shift_damage(row: Mapping[str, Any]) -> str:
+    """Why a shift row's numbers cannot be a run's ("" when they can): a metric outside its range (NaN,
+    1e309), or a severity below 1 (every corruption has severities 1-5, checked by whoever knows them)."""
+    for key, (low, high) in SHIFT_RANGES.items():
+        value = float(row[key])
+        if not (low <= value <= high and math.isfinite(value)):  # NaN fails the comparison
+            return f"{key} {row[key]!r} is not a finite number in [{low:g}, {high:g}]"
+    return "" if int(row["severity"]) >= 1 else f"severity {row['severity']!r} is below 1"

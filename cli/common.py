@@ -149,7 +149,8 @@ def read_params(params: Optional[Path]) -> dict[str, dict[str, object]]:
 
 def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Mean ± std over seeds per method: percentages for rates, raw values for NLL and Brier."""
-    from calbench.results import SCORED, format_mean_std
+    from calbench.metrics import format_mean_std
+    from calbench.results import SCORED
 
     columns = [
         ("accuracy", "Acc %", 100),

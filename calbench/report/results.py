@@ -17,10 +17,11 @@ import numpy as np
 
 from calbench import published
 from calbench.errors import CalbenchError
+from calbench.metrics import mean_std
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
 from calbench.report.deferral import deferral_blocks, shift_blocks
 from calbench.report.jobs import failed_jobs_blocks
-from calbench.results import SCORED, Row, mean_std, read_certification, read_results, read_settings
+from calbench.results import SCORED, Row, read_certification, read_results, read_settings
 from calbench.shards import merge_shards
 
 REFERENCE_METHOD = "coop-ce"
