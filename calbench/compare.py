@@ -31,7 +31,7 @@ from calbench.methods import (
     parse_method,
     resolved_settings,
 )
-from calbench.metrics import METRICS, bootstrap_ece, evaluate
+from calbench.metrics import MAX_RESAMPLES, METRICS, bootstrap_ece, evaluate
 from calbench.plots import reliability_diagram
 from calbench.report.results import dataset_labels, diagram_stem
 from calbench.results import SCORED, ResultsStore, Row
@@ -67,8 +67,8 @@ class Grid:
             twice = sorted({str(v) for v in values if values.count(v) > 1})
             if twice:  # a repeat would count one run as two seeds and pool its predictions twice
                 raise CalbenchError(f"{option} names {', '.join(twice)} more than once; name each once")
-        if self.bootstrap < 0:
-            raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {self.bootstrap}")
+        if not 0 <= self.bootstrap <= MAX_RESAMPLES:
+            raise CalbenchError(f"--bootstrap takes 0 (no interval) to {MAX_RESAMPLES} resamples, got {self.bootstrap}")
         check_method_params(self.method_params)
         self.extras.check()
 

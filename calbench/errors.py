@@ -145,3 +145,29 @@ def naming(path: Union[str, Path]) -> Iterator[None]:
         if exc.filename is None:
             exc.filename = str(path)
         raise
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give a process (Linux's MemAvailable, else its physical
+    memory), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse up front what would need more memory than the machine has: past that the kernel kills the
+    process with no word (exit 137), or numpy fails each run with a MemoryError, after the work before it."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise CalbenchError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB of memory and this machine has {free / 2**30:.1f} GiB free; {fix}"
+        )

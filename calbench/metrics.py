@@ -156,6 +156,13 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, np.
     }
 
 
+#: calbench: the most bootstrap resamples a run may ask for, 100 times `compare`'s 1,000: a bound on the
+#: time a run takes (its memory is bounded by the blocks below at any count)
+MAX_RESAMPLES = 100_000
+#: calbench: resampled test items held at once (about 100 MB of int64 draws and float64 weights)
+_BOOTSTRAP_CHUNK = 4_000_000
+
+
 def bootstrap_ece(
     probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_bins: int = 10, level: float = 0.95
 ) -> tuple[float, float]:
@@ -164,17 +171,23 @@ def bootstrap_ece(
     All resamples are binned at once: bin ids are offset by resample so one bincount
     gives every resample's per-bin sums.
     """
+    if not 1 <= n_boot <= MAX_RESAMPLES:
+        raise ValueError(f"n_boot must be in [1, {MAX_RESAMPLES}], got {n_boot}")
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
     bins = _bin_ids(conf, n_bins)
     n = len(y)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    slots = (bins[draws] + n_bins * np.arange(n_boot)[:, None]).ravel()
-    size = n_boot * n_bins
-    conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
-    hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
-    values = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum over bins of count * |acc - conf|, over n
+    values = np.empty(n_boot)
+    step = max(1, _BOOTSTRAP_CHUNK // max(n, 1))  # resamples per block: memory stays bounded at any n_boot
+    for start in range(0, n_boot, step):  # the generator's stream, drawn in blocks, is the same draws as at once
+        count = min(step, n_boot - start)
+        draws = rng.integers(0, n, size=(count, n))
+        slots = (bins[draws] + n_bins * np.arange(count)[:, None]).ravel()
+        size = count * n_bins
+        conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(count, n_bins)
+        hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(count, n_bins)
+        values[start : start + count] = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum of count * |acc - conf|, / n
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
