@@ -210,7 +210,7 @@ def test_a_failed_jobs_row_with_too_few_or_many_cells_is_left_out_with_a_warning
     (tmp_path / "failed_jobs.csv").write_text(header + damaged + "m,f,77_0,TIMEOUT,/logs/77.err,time limit\n")
     with pytest.warns(CalbenchWarning, match=r"failed_jobs.csv line 2 is damaged \(not one cell per column\)"):
         _, page = write_results_report(tmp_path)
-    assert [row["job_id"] for row in read_failed_jobs(tmp_path)] == ["77_0"]
+        assert [row["job_id"] for row in read_failed_jobs(tmp_path)] == ["77_0"]
     assert "77_0" in page.read_text()
 
 
