@@ -526,3 +526,17 @@ def test_warnings_show_even_under_pythonwarnings_ignore(finished, tmp_path, cach
         f"warning: predictions file {npy} is damaged (unreadable: No data left in file); computing its run again"
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_a_warning_every_run_of_a_grid_gives_is_shown_once(tmp_path, cache_dir):
+    """Six validation cases cannot calibrate sets at alpha 0.1 (nine are needed): said once, not once per run."""
+    result = _cli(
+        "compare", "--methods", "zero-shot,zero-shot+ts", "--seeds", "1,2", "--shots", "2", "--val-shots", "1",
+        "--bootstrap", "0", "--out", tmp_path / "out", "--cache-dir", cache_dir,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: --conformal-alpha 0.1 needs at least 9 validation cases and this run has 6: no finite threshold, "
+        "so every conformal set holds every class; pass more --val-shots or a larger --conformal-alpha"
+    ]
