@@ -31,7 +31,7 @@ from calbench.atomic import save_safetensors_atomic
 from calbench.data.folder import ImageFolderDataset
 from calbench.data.pixels import default_workers, view_batches
 from calbench.data.transforms import describe, uses_run_seed
-from calbench.errors import warn
+from calbench.errors import check_memory, warn
 from calbench.models.base import VLMBackend
 
 
@@ -230,6 +230,12 @@ class FeatureCache:
             need = "needs the run seed" if seed is None else "is the same for every run; pass no seed"
             raise ValueError(f"transform kind {kind!r} {need}")
         wanted = np.asarray(indices, dtype=np.int64)
+        views = list(views)
+        check_memory(  # the stacked result and the views' files it is read from
+            2 * len(views) * len(wanted) * self.vlm.embed_dim * 4,
+            f"{len(views)} view(s) of {len(wanted)} {split} image(s)",
+            "pass fewer --views (epoch e reads view e mod --views) or train fewer epochs",
+        )
         files: dict[int, _ViewFile] = {}
         jobs: dict[int, list[int]] = {}  # image index -> views to encode
         for view in dict.fromkeys(views):

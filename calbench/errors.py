@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import operator
+import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -94,6 +95,21 @@ def _blocker(path: Path) -> Optional[Path]:
     return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
+def _broken_link(path: Path) -> Optional[str]:
+    """What is wrong when ``path`` is a symbolic link that leads nowhere ("" -> None when it is not one)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so
+        return "it is a symbolic link loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "it is a symbolic link loop"
+        return f"it is a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def describe_os_error(exc: OSError, option: Optional[str] = None) -> str:
     """One line for a file-system failure: which path, why, and what to do (``option``: the
     command-line option that named the path, e.g. ``--out``)."""
@@ -107,6 +123,9 @@ def describe_os_error(exc: OSError, option: Optional[str] = None) -> str:
     )
     fallback = ("use", (exc.strerror or str(exc)).lower(), "check the path")
     action, reason, hint = _OS_REASONS.get(exc.errno or 0, fallback)
+    link = _broken_link(path) if path is not None else None
+    if link is not None:  # mkdir on a dangling link says "file exists", on a loop "too many levels of links"
+        return f"cannot use {path}: {link}; remove the link, or {where} elsewhere"
     if "{blocker}" in reason:
         blocker = _blocker(path) if path is not None else None
         if blocker is None:
@@ -126,3 +145,29 @@ def naming(path: Union[str, Path]) -> Iterator[None]:
         if exc.filename is None:
             exc.filename = str(path)
         raise
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give a process (Linux's MemAvailable, else its physical
+    memory), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(nbytes: int, what: str, fix: str) -> None:
+    """Refuse up front what would need more memory than the machine has: past that the kernel kills the
+    process with no word (exit 137), or numpy fails each run with a MemoryError, after the work before it."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise CalbenchError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB of memory and this machine has {free / 2**30:.1f} GiB free; {fix}"
+        )

@@ -8,7 +8,9 @@ multiply by 100). Binning follows Guo et al. (2017): equal-width bins
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 
@@ -154,6 +156,13 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, np.
     }
 
 
+#: calbench: the most bootstrap resamples a run may ask for, 100 times `compare`'s 1,000: a bound on the
+#: time a run takes (its memory is bounded by the blocks below at any count)
+MAX_RESAMPLES = 100_000
+#: calbench: resampled test items held at once (about 100 MB of int64 draws and float64 weights)
+_BOOTSTRAP_CHUNK = 4_000_000
+
+
 def bootstrap_ece(
     probs: Any, labels: Any, n_boot: int = 1000, seed: int = 0, n_bins: int = 10, level: float = 0.95
 ) -> tuple[float, float]:
@@ -162,17 +171,59 @@ def bootstrap_ece(
     All resamples are binned at once: bin ids are offset by resample so one bincount
     gives every resample's per-bin sums.
     """
+    if not 1 <= n_boot <= MAX_RESAMPLES:
+        raise ValueError(f"n_boot must be in [1, {MAX_RESAMPLES}], got {n_boot}")
     p, y = _as_numpy(probs, labels)
     conf, hits = _top_label(p, y)
     bins = bin_ids(conf, n_bins)
     n = len(y)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(n_boot, n))
-    slots = (bins[draws] + n_bins * np.arange(n_boot)[:, None]).ravel()
-    size = n_boot * n_bins
-    conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
-    hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(n_boot, n_bins)
-    values = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum over bins of count * |acc - conf|, over n
+    values = np.empty(n_boot)
+    step = max(1, _BOOTSTRAP_CHUNK // max(n, 1))  # resamples per block: memory stays bounded at any n_boot
+    for start in range(0, n_boot, step):  # the generator's stream, drawn in blocks, is the same draws as at once
+        count = min(step, n_boot - start)
+        draws = rng.integers(0, n, size=(count, n))
+        slots = (bins[draws] + n_bins * np.arange(count)[:, None]).ravel()
+        size = count * n_bins
+        conf_sum = np.bincount(slots, weights=conf[draws].ravel(), minlength=size).reshape(count, n_bins)
+        hit_sum = np.bincount(slots, weights=hits[draws].ravel(), minlength=size).reshape(count, n_bins)
+        values[start : start + count] = np.abs(hit_sum - conf_sum).sum(axis=1) / n  # sum of count * |acc - conf|, / n
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample std over seeds, NaNs (failed runs) left out; std is None for one value."""
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if array.size == 0:
+        return float("nan"), None
+    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
+
+
+def format_mean_std(values: Iterable[float], scale: float = 100.0, sep: str = " ± ", missing: str = "–") -> str:
+    """``mean ± std`` of ``values * scale`` to two decimals (``mean`` alone for one value)."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return missing
+    return f"{scale * mean:.2f}" if std is None else f"{scale * mean:.2f}{sep}{scale * std:.2f}"
+
+
+#: the values each column of a shift row can take: fractions, and the NLL of probabilities (>= 0)
+SHIFT_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "ece": (0.0, 1.0),
+    "smooth_ece": (0.0, 1.0),
+    "aurc": (0.0, 1.0),
+    "nll": (0.0, math.inf),
+}
+
+
+def shift_damage(row: Mapping[str, Any]) -> str:
+    """Why a shift row's numbers cannot be a run's ("" when they can): a metric outside its range (NaN,
+    1e309), or a severity below 1 (every corruption has severities 1-5, checked by whoever knows them)."""
+    for key, (low, high) in SHIFT_RANGES.items():
+        value = float(row[key])
+        if not (low <= value <= high and math.isfinite(value)):  # NaN fails the comparison
+            return f"{key} {row[key]!r} is not a finite number in [{low:g}, {high:g}]"
+    return "" if int(row["severity"]) >= 1 else f"severity {row['severity']!r} is below 1"

@@ -190,6 +190,8 @@ def load_prompt(path: Path, vlm: VLMBackend) -> PromptLearner:
     if info["model"] != vlm.fingerprint:
         raise CalbenchError(f"{path} was trained on model {info['model']}, not {vlm.fingerprint}; load the same model")
     with safe_open(str(path), framework="pt") as f:
+        if "ctx" not in f.keys():
+            raise CalbenchError(f"{path} holds no learned context (tensor 'ctx'); train it again with `calbench train`")
         ctx = f.get_tensor("ctx")
     learner = PromptLearner(
         vlm,
@@ -199,6 +201,19 @@ def load_prompt(path: Path, vlm: VLMBackend) -> PromptLearner:
         class_specific=info["class_specific"] == "True",
         learned=int(info["n_ctx"]),  # a context of a phrase's first tokens comes back as such
     )
+    _check_context(path, ctx, tuple(learner.ctx.shape))
     with torch.no_grad():
         learner.ctx.copy_(ctx.to(learner.ctx.device))
     return learner
+
+
+def _check_context(path: Path, ctx: Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a stored context that cannot be this file's prompts: ``copy_`` would broadcast a (W,) context
+    over every token or fail deep in the text tower, and a NaN context scores every image alike."""
+    if tuple(ctx.shape) != shape:
+        raise CalbenchError(
+            f"{path} holds a context of shape {tuple(ctx.shape)}, but its model and settings need {shape}; "
+            "the file is damaged: train it again with `calbench train`"
+        )
+    if not ctx.is_floating_point() or not bool(torch.isfinite(ctx).all()):
+        raise CalbenchError(f"{path} holds a context that is not finite numbers; train it again with `calbench train`")

@@ -8,6 +8,7 @@ features ahead of time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from calbench.base import Calibrated, Method, base_of
 from calbench.baselines.posthoc import TemperatureScaling
 from calbench.cache import CacheStats
 from calbench.calibprompt import PromptMethod
+from calbench.data import DATASETS
 from calbench.deferral import deferral_metrics, test_only_metrics
-from calbench.errors import CalbenchError, check_seed, check_seeds
+from calbench.errors import CalbenchError, check_seed, check_seeds, warn
 from calbench.methods import METHODS, list_methods, make_method, parse_method, resolve
 from calbench.metrics import evaluate
 from calbench.prompts import load_prompt, read_prompt_info, save_prompt
@@ -66,12 +68,16 @@ def train_one(
         "seed": seed,
         "shots": fewshot.shots,
         "val_shots": fewshot.val,  # with data, seed and shots: the validation split `evaluate` fits thresholds on
-        "data": data,
+        # a folder by its absolute path and every dataset by its train files' fingerprint, so that `evaluate`
+        # finds the validation split from any working folder
+        "data": data if data in DATASETS else str(Path(data).expanduser().resolve()),
+        "train_fingerprint": session.dataset.fingerprint("train"),
     }
     if isinstance(trained, Calibrated) and isinstance(trained.calibrator, TemperatureScaling):
         extra["temperature"] = trained.calibrator.temperature
     path = Path(out) / f"{method.replace('+', '_')}-{model}-{session.dataset.name}-seed{seed}.safetensors"
-    save_prompt(path, prompt.learner, asdict(prompt.config), extra)
+    # the shots this prompt was trained on, not the trainer's recommended default
+    save_prompt(path, prompt.learner, {**asdict(prompt.config), "shots": fewshot.shots}, extra)
     with torch.no_grad():  # smoothed methods are judged on noisy validation copies, as at test time
         metrics = evaluate(
             trained.predict_proba(fit.val_inputs(trained)).double().cpu().numpy(), fit.val_labels.cpu().numpy()
@@ -112,13 +118,28 @@ def restore_method(info: dict[str, Any], session: Session, path: Path) -> tuple[
         return name, method, ""
     if calibrator == "ts" and "temperature" in extra:
         scaling = TemperatureScaling()
-        scaling.temperature = float(extra["temperature"])
+        scaling.temperature = _temperature(extra["temperature"], path)
         return name, Calibrated(method, scaling, base_is_fitted=True), ""
     return (
         base_name,
         method,
         f"the +{calibrator} calibrator is not stored in prompt files; scored {base_name} without it",
     )
+
+
+def _temperature(value: object, path: Path) -> float:
+    """A stored temperature: fitted temperatures are positive and finite (fitted as exp(log T)); any other
+    value would score silently wrong (T = -1 inverts every confidence, T = 0 or NaN makes them NaN)."""
+    try:
+        temperature = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if not (0.0 < temperature < math.inf):
+        raise CalbenchError(
+            f"{path} stores temperature {value!r}; a fitted temperature is a positive finite number, so the file "
+            "is damaged: train it again with `calbench train`"
+        )
+    return temperature
 
 
 def evaluate_prompt(
@@ -143,26 +164,30 @@ def evaluate_prompt(
     with torch.no_grad():
         probs = method.predict_proba(session.test_features(method)).double().cpu().numpy()
     trained_on = str(info["extra"].get("dataset", "?"))
-    deferral, missing = _deferral(info, method, probs, session, context)
-    note = "; ".join(part for part in (note, missing) if part)
+    deferral = _deferral(info, method, probs, session, context, Path(prompt))
     return Evaluation(name, trained_on, session, {**evaluate(probs, session.test_labels), **deferral}, note)
 
 
 def _deferral(
-    info: dict[str, Any], method: Method, probs: Any, session: Session, context: RunContext
-) -> tuple[dict[str, float], str]:
+    info: dict[str, Any], method: Method, probs: Any, session: Session, context: RunContext, path: Path
+) -> dict[str, float]:
     """The deferral measures of a scored prompt, with the threshold and conformal sets fitted on the
     validation split it was trained with (its dataset, seed and shots), as a deployment would fit them
-    before meeting another site; and a note when that split cannot be rebuilt (test-only measures then)."""
+    before meeting another site; test-only measures, with a warning, when that split cannot be rebuilt."""
     extra, labels = info["extra"], session.test_labels
     try:
-        source = extra.get("data", extra["dataset"])
-        home = session if source in (session.dataset.name, str(session.dataset.root)) else None
-        home = home or Session(session.model, str(source), context)
+        source = str(extra.get("data", extra["dataset"]))
+        same = extra.get("train_fingerprint") == session.dataset.fingerprint("train")
+        home = session if same or source in (session.dataset.name, str(session.dataset.root)) else None
+        home = home or Session(session.model, source, context)
         shots = int(extra["shots"])
         fit = home.fit_data(int(extra["seed"]), FewShot(shots, int(extra.get("val_shots", shots))), method, True)
     except (CalbenchError, KeyError, ValueError) as exc:
-        return test_only_metrics(probs, labels), f"no validation split to fit a threshold or conformal sets on ({exc})"
+        warn(
+            f"no validation split to fit a threshold or conformal sets on for {path} ({exc}); the threshold and "
+            "conformal columns are left out: evaluate where its training data is found, or train it again"
+        )
+        return test_only_metrics(probs, labels)
     with torch.no_grad():
         val = method.predict_proba(fit.val_inputs(method)).double().cpu().numpy()
-    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels), ""
+    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels)

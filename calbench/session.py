@@ -30,7 +30,7 @@ from calbench.errors import CalbenchError
 from calbench.models import VLMBackend, load_vlm
 from calbench.online import OnlineViews
 from calbench.published import default
-from calbench.train import TrainConfig
+from calbench.train import MAX_EPOCHS, TrainConfig
 
 #: the roles (:func:`calbench.data.transforms.role_of`; None: no random view) each kind of image may take:
 #: only few-shot training images get training views, and validation images are only ever scored
@@ -77,8 +77,11 @@ class FewShot:
             raise CalbenchError(
                 f"--val-shots must be at least 1 (post-hoc calibrators fit on the validation split), got {self.val_shots}"
             )
-        if self.views is not None and self.views < 1:
-            raise CalbenchError(f"--views must be at least 1, got {self.views}")
+        if self.views is not None and not 1 <= self.views <= MAX_EPOCHS:  # epoch e reads view e mod views
+            raise CalbenchError(
+                f"--views takes 1 to {MAX_EPOCHS} (the most epochs a run may train, and views past the last "
+                f"epoch are never read); got {self.views}"
+            )
 
     @property
     def val(self) -> int:

@@ -56,6 +56,9 @@ class Range:
 
 
 AT_LEAST_ONE = Range(1)
+#: calbench: 50 times the longest published schedule (CoOp's 200 epochs, KaiyangZhou/CoOp
+#: configs/trainers/CoOp/rn50.yaml:17); finite, as a run caches one augmented view per epoch by default
+MAX_EPOCHS = 10_000
 POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 
@@ -74,7 +77,7 @@ class TrainConfig:
     """The trainer's options and the range each may take; their defaults (the papers' configs, with
     sources) live in the one table, :mod:`calbench.published`."""
 
-    epochs: int = _option(_table("epochs"), AT_LEAST_ONE)
+    epochs: int = _option(_table("epochs"), Range(1, MAX_EPOCHS, high_open=False))
     batch_size: int = _option(_table("batch_size"), AT_LEAST_ONE)
     lr: float = _option(_table("lr"), POSITIVE)
     momentum: float = _option(_table("momentum"), Range(0, 1))  # SGD momentum 1 never forgets a gradient

@@ -48,12 +48,20 @@ def _option_paths(values: Mapping[str, Any], names: Mapping[str, str]) -> list[t
     return found
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` made absolute, its links followed where they lead somewhere (a link loop stays as it is)."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError):  # a symbolic-link loop: Python < 3.13 raises RuntimeError
+        return path.expanduser().absolute()
+
+
 def option_of(path: Path, values: Mapping[str, Any], names: Mapping[str, str]) -> Optional[str]:
     """The option whose path is ``path`` or holds it (the most specific one), if any."""
-    resolved = path.expanduser().resolve()
+    resolved = _resolved(path)
     matches = []
     for label, value in _option_paths(values, names):
-        root = value.expanduser().resolve()
+        root = _resolved(value)
         if resolved == root or root in resolved.parents:
             matches.append((len(root.parts), label))
     return max(matches)[1] if matches else None

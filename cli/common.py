@@ -76,7 +76,7 @@ def _fail(message: str) -> typer.Exit:
 def user_errors(fn: F) -> F:
     """The CLI's error boundary: user errors, file-system errors and running out of memory become
     one red line and exit code 2, never a traceback; calbench's warnings are always shown, one
-    line each. Anything else is a bug and stays a traceback (``main`` adds how to report it)."""
+    line each, each text once per command (a grid's runs on one split warn alike). Anything else is a bug and stays a traceback (``main`` adds how to report it)."""
 
     names = option_names(fn)
 
@@ -84,7 +84,14 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("always", CalbenchWarning)  # takes precedence over PYTHONWARNINGS=ignore
-            warnings.showwarning = _one_line_warning
+            shown: set[str] = set()
+
+            def once(message: Any, *rest: Any, **options: Any) -> None:
+                if str(message) not in shown:
+                    shown.add(str(message))
+                    _one_line_warning(message, *rest, **options)
+
+            warnings.showwarning = once
             try:
                 return fn(*args, **kwargs)
             except CalbenchError as exc:
@@ -149,7 +156,8 @@ def read_params(params: Optional[Path]) -> dict[str, dict[str, object]]:
 
 def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Mean ± std over seeds per method: percentages for rates, raw values for NLL and Brier."""
-    from calbench.results import SCORED, format_mean_std
+    from calbench.metrics import format_mean_std
+    from calbench.results import SCORED
 
     columns = [
         ("accuracy", "Acc %", 100),

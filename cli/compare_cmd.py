@@ -106,11 +106,12 @@ def _skipped(model: str, data: str, missing: str) -> None:
 
 def _render_deferral(out: Path, rows: list[dict[str, Any]], pair: str) -> None:
     """The deferral measures of a pair's runs and, where `--shift` scored them, their shift table."""
+    from calbench.data.corruptions import CONDITIONS
     from calbench.results import ResultsStore, read_shift
 
     console.print(deferral_table(rows, f"{pair} · when to defer: fitted on validation, measured on test (mean)"))
     keys = {ResultsStore.key(r) for r in rows}
-    shifted = [r for r in read_shift(out) if ResultsStore.key(r) in keys]
+    shifted = [r for r in read_shift(out, CONDITIONS) if ResultsStore.key(r) in keys]
     if shifted:
         console.print(shift_table(rows, shifted, f"{pair} · Acc % / ECE % on corrupted test copies (mean)"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -30,6 +31,13 @@ def methods(
 
     if (model is None) != (data is None):
         raise typer.BadParameter("give --model and --data together (or neither)")
+    if model is not None and data is not None:  # a typo would show another pair's defaults as if they were its own
+        from calbench.data import DATASETS
+        from calbench.models import MODELS
+
+        MODELS.get(model)
+        if not Path(data).expanduser().is_dir():
+            DATASETS.get(data)
     table = Table(title="methods" + (f" on {model} · {data}" if model else ""))
     for column in ("id", "kind", "defaults", "description"):
         table.add_column(column, overflow="fold")

@@ -60,10 +60,12 @@ def test_second_compare_reuses_the_cache_and_repeats_the_numbers(demo):
         (["compare", "--seeds", "1,x"], "error: --seeds takes comma-separated integers"),
         (["train", "--method", "zero-shot"], "error: zero-shot learns no prompt"),
         (["compare", "--val-shots", "0"], "error: --val-shots must be at least 1"),
-        (["compare", "--views", "0"], "error: --views must be at least 1"),
+        (["compare", "--views", "0"], "error: --views takes 1 to 10000"),
+        (["compare", "--views", "1000000000"], "error: --views takes 1 to 10000"),
         (["train", "--shots", "0"], "error: --shots must be at least 1"),
-        (["cache", "--views", "-1"], "error: --views must be at least 1"),
-        (["compare", "--bootstrap", "-1"], "error: --bootstrap must be 0"),
+        (["cache", "--views", "-1"], "error: --views takes 1 to 10000"),
+        (["compare", "--bootstrap", "-1"], "error: --bootstrap takes 0 (no interval) to 100000 resamples"),
+        (["compare", "--bootstrap", "100000000"], "error: --bootstrap takes 0 (no interval) to 100000 resamples"),
         (["compare", "--methods", ""], "error: --methods is empty"),
         (["compare", "--device", "foo"], "error: unknown device 'foo'"),
         (["compare", "--params", "/no/such.json"], "error: parameter file /no/such.json does not exist"),
@@ -109,3 +111,41 @@ def test_rerunning_into_the_same_folder_computes_nothing(demo, cache_dir):
     assert again.exit_code == 0
     assert "nothing to compute: every run is already in" in again.output
     assert "0 run(s) computed, 7 reused" in again.output
+
+
+def test_epochs_no_machine_can_hold_are_one_line_before_any_work(tmp_path, cache_dir):
+    """1e12 epochs asked for 1e12 cached views: the kernel killed the run at 22 GB with no output (exit 137)."""
+    params = tmp_path / "params.json"
+    params.write_text('{"coop-ce": {"epochs": 1e12}}')
+    out = tmp_path / "out"
+    result = _run(
+        "compare",
+        "--methods",
+        "coop-ce",
+        "--params",
+        str(params),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache_dir / "cli"),
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        result.output.strip() == "error: coop-ce epochs=1000000000000 is outside [1, 10000]; pass a value in that range"
+    )
+    assert not out.exists()
+
+
+def test_views_that_do_not_fit_in_memory_are_refused_before_encoding(tmp_path, monkeypatch, session):
+    import calbench.errors
+    from calbench.errors import CalbenchError
+    from calbench.session import FewShot
+
+    monkeypatch.setattr(calbench.errors, "available_memory", lambda: 2**20)  # 1 MiB free
+    encoded = session.cache.stats.encoded
+    with pytest.raises(
+        CalbenchError,
+        match=r"^50 view\(s\) of 48 train image\(s\) needs 0.0 GiB of memory and this machine has 0.0 GiB free; pass fewer --views",
+    ):
+        session.fit_data(7, FewShot(8, views=50))
+    assert session.cache.stats.encoded == encoded

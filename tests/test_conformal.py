@@ -144,3 +144,48 @@ def test_half_split_set_size_uses_validation_only_and_is_seeded():
     assert size == halves_set_size(probs, labels, 0.1, seed=1) and 1.0 <= size <= C
     sure = np.eye(C)[np.arange(80) % C]
     assert halves_set_size(sure, np.arange(80) % C, 0.1) == 1.0  # every label right and certain: singletons
+
+
+@pytest.mark.parametrize(("alpha", "n"), [(0.1, 9), (0.05, 19), (0.2, 4), (0.5, 1), (0.999, 1), (0.01, 99)])
+def test_the_fewest_calibration_cases_give_a_finite_threshold(alpha, n):
+    from calbench.deferral import min_calibration_size
+
+    assert min_calibration_size(alpha) == n
+    assert quantile_index(n, alpha) <= n
+    if n > 1:
+        assert quantile_index(n - 1, alpha) > n - 1
+
+
+@pytest.mark.parametrize(("alpha", "classes", "shots"), [(1e-9, 5, 8), (0.1, 2, 2)])
+def test_too_few_calibration_cases_warn_and_record_no_level(alpha, classes, shots):
+    """k > n: no score bounds the coverage, every set is every class; the level k / n (1.08, 1.25) is no level."""
+    from calbench.deferral import DeferralSettings, deferral_metrics
+    from calbench.errors import CalbenchWarning
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(classes), size=classes * shots)
+    labels = np.repeat(np.arange(classes), shots)
+    with pytest.warns(CalbenchWarning, match=rf"--conformal-alpha {alpha:g} needs at least \d+ validation cases"):
+        row = deferral_metrics(probs, labels, probs, labels, DeferralSettings(alpha=alpha))
+    assert math.isnan(row["conformal_level"]) and row["conformal_n"] == classes * shots
+    assert row["lac_size"] == row["aps_size"] == row["raps_size"] == classes
+
+
+def test_enough_calibration_cases_record_the_level_without_a_warning():
+    import warnings
+
+    from calbench.deferral import DeferralSettings, deferral_metrics
+
+    probs, labels = sample(np.random.default_rng(1), 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = deferral_metrics(probs, labels, probs, labels, DeferralSettings(alpha=0.1))
+    assert row["conformal_level"] == 1.0  # k = ceil(10 * 0.9) = 9 of n = 9
+
+
+def test_the_report_prints_one_minus_alpha_at_every_alpha_and_skips_runs_without_a_level(tmp_path):
+    from calbench.report.deferral import _finite_sample
+
+    rows = {("m", "d", "x"): []}
+    text = " ".join(b.text for b in _finite_sample(rows, {(1000.0, 0.001): 0.999, (900.0, 0.9): 0.1}))
+    assert "1 - alpha = 0.001)" in text and "1 - alpha = 0.9)" in text and "0.00)" not in text

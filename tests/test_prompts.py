@@ -40,3 +40,39 @@ def test_cutting_tokens_after_eot_leaves_features_unchanged(tiny):
     full = tiny.encode_embeddings(tiny.embed_tokens(full_ids), type(tokens)(full_ids, tokens.eot))
     cut = tiny.encode_embeddings(tiny.embed_tokens(tokens.ids), tokens)
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)
+
+
+def _saved(tiny, tmp_path, **tensors):
+    """A prompt file of a 4-token context on ``tiny`` whose tensors are replaced by ``tensors``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from calbench.prompts import save_prompt
+
+    path = tmp_path / "p.safetensors"
+    save_prompt(path, PromptLearner(tiny, CLASSNAMES, n_ctx=4, seed=0), {})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(path), meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"ctx": torch.zeros(4, 5)}, r"context of shape \(4, 5\), but its model and settings need \(4, 128\)"),
+        ({"ctx": torch.zeros(128)}, r"context of shape \(128,\), but .* need \(4, 128\)"),  # copy_ would broadcast it
+        ({"ctx": torch.zeros(2, 128)}, r"context of shape \(2, 128\)"),
+        ({"ctx": torch.zeros(3, 4, 128)}, r"context of shape \(3, 4, 128\)"),
+        ({"other": torch.zeros(4, 128)}, r"holds no learned context \(tensor 'ctx'\)"),
+        ({"ctx": torch.full((4, 128), float("nan"))}, "holds a context that is not finite numbers"),
+        ({"ctx": torch.full((4, 128), float("inf"))}, "holds a context that is not finite numbers"),
+    ],
+)
+def test_a_damaged_context_is_refused_with_one_line(tiny, tmp_path, tensors, message):
+    from calbench.errors import CalbenchError
+    from calbench.prompts import load_prompt
+
+    with pytest.raises(CalbenchError, match=message):
+        load_prompt(_saved(tiny, tmp_path, **tensors), tiny)
+    assert load_prompt(_saved(tiny, tmp_path, ctx=torch.ones(4, 128)), tiny).ctx.sum() == 4 * 128

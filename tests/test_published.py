@@ -279,6 +279,21 @@ def test_methods_command_prints_defaults_with_their_sources(monkeypatch):
     assert "published per-pair settings" in out.output and "27.51" in out.output
 
 
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        ("plp", "pannuke", "unknown model 'plp'; choose one of: "),
+        ("plip", "pannuk", "unknown dataset 'pannuk'; choose one of: "),
+    ],
+)
+def test_methods_command_refuses_an_unknown_model_or_dataset(model, data, message):
+    from calbench.cli.app import app
+
+    out = CliRunner().invoke(app, ["methods", "--model", model, "--data", data])
+    assert out.exit_code == 2 and out.output.startswith(f"error: {message}") and "Traceback" not in out.output
+    assert "published per-pair settings" not in out.output
+
+
 def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
     from calbench.report.blocks import Table
     from calbench.report.results import build_blocks

@@ -70,6 +70,20 @@ def test_a_file_in_the_path_names_the_file_and_the_option(tmp_path, cache_dir, o
     assert line.endswith(f"move that file away or pass {option} elsewhere")
 
 
+@pytest.mark.parametrize("command", [["compare", *FAST], ["train", "--method", "coop-ce", "--shots", "1"]])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_an_out_that_is_a_broken_symbolic_link_is_one_line(tmp_path, cache_dir, command, link):
+    if link == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        why = "it is a symbolic link loop"
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "nowhere" / "x")
+        why = f"it is a symbolic link to {tmp_path / 'nowhere' / 'x'}, which does not exist"
+    result = _cli(*command, "--out", tmp_path / "a", "--cache-dir", cache_dir)
+    _one_error(result, f"cannot use {tmp_path / 'a'}: {why}; remove the link, or pass --out elsewhere")
+
+
 @pytest.mark.e2e
 def test_read_only_out_folder_is_refused_before_any_work(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "ro"
@@ -512,3 +526,17 @@ def test_warnings_show_even_under_pythonwarnings_ignore(finished, tmp_path, cach
         f"warning: predictions file {npy} is damaged (unreadable: No data left in file); computing its run again"
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_a_warning_every_run_of_a_grid_gives_is_shown_once(tmp_path, cache_dir):
+    """Six validation cases cannot calibrate sets at alpha 0.1 (nine are needed): said once, not once per run."""
+    result = _cli(
+        "compare", "--methods", "zero-shot,zero-shot+ts", "--seeds", "1,2", "--shots", "2", "--val-shots", "1",
+        "--bootstrap", "0", "--out", tmp_path / "out", "--cache-dir", cache_dir,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: --conformal-alpha 0.1 needs at least 9 validation cases and this run has 6: no finite threshold, "
+        "so every conformal set holds every class; pass more --val-shots or a larger --conformal-alpha"
+    ]

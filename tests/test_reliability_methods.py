@@ -149,7 +149,9 @@ def test_compare_on_a_two_class_dataset_gives_ok_rows_for_every_calibrator(tmp_p
 
 NAN, INF = float("nan"), float("inf")
 OUT_OF_RANGE = [
-    ("coop-ce", {"epochs": 0}, "coop-ce epochs=0 is outside [1, inf)"),
+    ("coop-ce", {"epochs": 0}, "coop-ce epochs=0 is outside [1, 10000]"),
+    ("coop-ce", {"epochs": 1e12}, "coop-ce epochs=1000000000000 is outside [1, 10000]"),  # killed at 22 GB
+    ("calibprompt", {"epochs": 10_001}, "calibprompt epochs=10001 is outside [1, 10000]"),
     ("coop-ce", {"n_ctx": 0}, "coop-ce n_ctx=0 is outside [1, inf)"),
     ("coop-ce", {"batch_size": 0}, "coop-ce batch_size=0 is outside [1, inf)"),
     ("coop-ce", {"shots": 0}, "coop-ce shots=0 is outside [1, inf)"),
@@ -175,12 +177,12 @@ OUT_OF_RANGE = [
     ("calibprompt", {"alpha": 1.5}, "calibprompt alpha=1.5 is outside [0, 1)"),
     ("calibprompt", {"w_smac": -1.0}, "calibprompt w_smac=-1.0 is outside [0, inf)"),
     ("calibprompt", {"w_as": NAN}, "calibprompt w_as=nan is outside [0, inf)"),
-    ("calibprompt", {"epochs": 0}, "calibprompt epochs=0 is outside [1, inf)"),
+    ("calibprompt", {"epochs": 0}, "calibprompt epochs=0 is outside [1, 10000]"),
     ("promptsmooth", {"sigma": 0.0}, "promptsmooth sigma=0.0 is outside (0, inf)"),
     ("promptsmooth", {"train_sigmas": [0.25, -1.0]}, "promptsmooth train_sigmas=-1.0 is outside (0, inf)"),
     ("promptsmooth", {"n_samples": 0}, "promptsmooth n_samples=0 is outside [1, inf)"),
     ("promptsmooth-zs", {"adapt_samples": 0}, "promptsmooth-zs adapt_samples=0 is outside [1, inf)"),
-    ("promptsmooth", {"epochs": 0}, "promptsmooth epochs=0 is outside [1, inf)"),
+    ("promptsmooth", {"epochs": 0}, "promptsmooth epochs=0 is outside [1, 10000]"),
     ("promptsmooth-as", {"w_as": -0.01}, "promptsmooth-as w_as=-0.01 is outside [0, inf)"),
     ("promptsmooth-zs", {"tta_lr": 0.0}, "promptsmooth-zs tta_lr=0.0 is outside (0, inf)"),
     ("promptsmooth-zs", {"tta_steps": -1}, "promptsmooth-zs tta_steps=-1 is outside [0, inf)"),
@@ -207,7 +209,7 @@ def test_counts_must_be_whole_numbers():
 def test_a_training_config_built_directly_is_checked_too():
     with pytest.raises(CalbenchError) as caught:
         TrainConfig(epochs=0)
-    assert str(caught.value) == "training option epochs=0 is outside [1, inf); pass a value in that range"
+    assert str(caught.value) == "training option epochs=0 is outside [1, 10000]; pass a value in that range"
 
 
 def test_every_default_lies_inside_its_declared_range():

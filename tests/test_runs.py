@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.methods import list_calibrators, list_methods, make_method
 from calbench.metrics import evaluate
 from calbench.runs import evaluate_prompt, train_one
@@ -113,3 +115,63 @@ def test_evaluate_and_methods_commands(tmp_path, cache_dir):
         assert name in listed.output
     assert ", ".join(list_calibrators()) in listed.output.replace("\n", " ")
     assert "smoothed over 32 noisy copies" in listed.output and "tunes at test time" in listed.output
+
+
+def _with_extra(path, tmp_path, **changes):
+    """A copy of prompt file ``path`` with its ``extra`` record changed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, ctx = f.metadata(), f.get_tensor("ctx")
+    meta["extra"] = json.dumps({**json.loads(meta["extra"]), **changes})
+    copy = tmp_path / f"changed-{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file({"ctx": ctx}, str(copy), meta)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def ts_prompt(tmp_path_factory, context):
+    folder = tmp_path_factory.mktemp("ts")
+    return train_one("coop-ce+ts", "tiny", "synthetic", 1, FewShot(2, views=1), context, folder, {"epochs": 1})[0]
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), 0.0, -1.0, float("inf"), "hot"])
+def test_a_stored_temperature_that_no_fit_gives_is_refused(tmp_path, context, ts_prompt, temperature):
+    damaged = _with_extra(ts_prompt, tmp_path, temperature=temperature)
+    with pytest.raises(CalbenchError, match="stores temperature .*a fitted temperature is a positive finite number"):
+        evaluate_prompt(damaged, "synthetic", context=context)
+
+
+def test_a_prompt_file_records_the_shots_it_was_trained_on(context, ts_prompt):
+    from calbench.prompts import read_prompt_info
+
+    info = read_prompt_info(ts_prompt)
+    assert json.loads(info["train_config"])["shots"] == 2 and info["extra"]["shots"] == 2
+
+
+def test_evaluate_from_another_folder_keeps_the_threshold_and_conformal_columns(
+    tmp_path, context, synthetic, monkeypatch
+):
+    shutil.copytree(synthetic.root, tmp_path / "data" / "site-a")
+    monkeypatch.chdir(tmp_path / "data")
+    path, _ = train_one("coop-ce", "tiny", "site-a", 1, FewShot(2, views=1), context, tmp_path / "p", {"epochs": 1})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalbenchWarning)
+        scored = evaluate_prompt(path, str(tmp_path / "data" / "site-a"), context=context)
+    assert "lac_size" in scored.metrics and "sel_threshold" in scored.metrics
+    # the validation split is found by the dataset's identity, not only by its path
+    shutil.move(tmp_path / "data" / "site-a", tmp_path / "moved")
+    assert "lac_size" in evaluate_prompt(path, str(tmp_path / "moved"), context=context).metrics
+
+
+def test_a_missing_validation_split_is_a_warning(tmp_path, context, ts_prompt):
+    gone = _with_extra(ts_prompt, tmp_path, data=str(tmp_path / "gone"), train_fingerprint="0" * 16)
+    with pytest.warns(CalbenchWarning, match="no validation split to fit a threshold or conformal sets on for"):
+        scored = evaluate_prompt(gone, "synthetic", context=context)
+    assert "lac_size" not in scored.metrics and "aurc" in scored.metrics and scored.note == ""

@@ -5,10 +5,11 @@ import builtins
 import json
 import math
 import os
+import re
 
 import pytest
 
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.jobs import Launcher, executor, failure_reason
 from calbench.report import write_results_report
 from calbench.results import (
@@ -213,3 +214,40 @@ def test_a_jobs_shift_rows_go_to_its_own_shard_and_merge_into_shift_csv(tmp_path
     merge_shards(tmp_path)
     assert sorted((r["seed"], r["ece"]) for r in read_shift(tmp_path)) == [(1, 0.3), (2, 0.2)]
     assert not list((tmp_path / "shards" / "shift").glob("*.csv"))
+
+
+@pytest.mark.parametrize("damaged", ["m,e,123\n", "m,e,1,FAILED,log,error,extra\n", ",,,,,\n"])
+def test_a_failed_jobs_row_with_too_few_or_many_cells_is_left_out_with_a_warning(tmp_path, damaged):
+    ShardStore(tmp_path, "m", "d").put_rows([_row()])
+    header = "model,dataset,job_id,state,log,error\n"
+    (tmp_path / "failed_jobs.csv").write_text(header + damaged + "m,f,77_0,TIMEOUT,/logs/77.err,time limit\n")
+    with pytest.warns(CalbenchWarning, match=r"failed_jobs.csv line 2 is damaged \(not one cell per column\)"):
+        _, page = write_results_report(tmp_path)
+        assert [row["job_id"] for row in read_failed_jobs(tmp_path)] == ["77_0"]
+    assert "77_0" in page.read_text()
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff garbage\n", b"a,b,c\n1,2,3\n"])
+def test_a_damaged_shard_is_kept_aside_and_the_grid_goes_on(tmp_path, content):
+    ShardStore(tmp_path, "m", "d").put_rows([_row()])
+    bad = shard_path(tmp_path, "m", "e")
+    bad.write_bytes(content)
+    message = re.escape(f"results shard {bad} is not a calbench results file; moved it aside as {bad}.damaged")
+    with pytest.warns(CalbenchWarning, match=message):
+        assert len(ShardStore(tmp_path, "m", "f").rows) == 1  # a job reading the folder goes on
+    assert bad.with_name(bad.name + ".damaged").read_bytes() == content and not bad.exists()
+    bad.write_bytes(content)
+    with pytest.warns(CalbenchWarning, match=message):
+        assert merge_shards(tmp_path) == 1  # and so does a merge: no hidden claimed file is left behind
+    assert [r["dataset"] for r in read_results(tmp_path / "results.csv")] == ["d"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [bad.name + ".damaged"]
+    merge_shards(tmp_path)  # the next merge has nothing left to stop at
+
+
+def test_a_damaged_shift_shard_is_kept_aside(tmp_path):
+    shift = tmp_path / "shards" / "shift" / "m__d.csv"
+    shift.parent.mkdir(parents=True)
+    shift.write_text("not,a,shift,file\n")
+    with pytest.warns(CalbenchWarning, match=re.escape(f"results shard {shift} is not a calbench results file")):
+        merge_shards(tmp_path)
+    assert shift.with_name("m__d.csv.damaged").is_file() and not (tmp_path / "shift.csv").exists()

@@ -180,3 +180,63 @@ def test_compare_shift_logs_reports_and_resumes(mini, cache_dir, tmp_path):
         CompareRequest(model="tiny-random", data=str(mini), grid=grid, context=context, out=tmp_path / "p")
     )
     assert shifted_now.computed == 2 and len(read_shift(tmp_path / "p")) == len(shifted)
+
+
+def _shift_line(corruption="jpeg", severity=1, accuracy="0.5", ece="0.1", seed=1):
+    return f"tiny,synthetic,coop-ce,{seed},c1,{corruption},{severity},{accuracy},{ece},0.1,1.2,0.3\n"
+
+
+def test_shift_rows_are_validated_when_read(tmp_path):
+    from calbench.data.corruptions import CONDITIONS
+    from calbench.errors import CalbenchWarning
+    from calbench.results import SHIFT_COLUMNS
+
+    lines = [
+        _shift_line(),
+        _shift_line(),  # the same run, corruption and severity again
+        _shift_line(severity=2, accuracy="1e309"),
+        _shift_line(severity=3, ece="nan"),
+        _shift_line(severity=4, accuracy="-0.1"),
+        _shift_line(corruption="snow"),
+        _shift_line(severity=99),
+        _shift_line(severity=0),
+        _shift_line(severity=5),
+    ]
+    (tmp_path / "shift.csv").write_text(",".join(SHIFT_COLUMNS) + "\n" + "".join(lines))
+    with pytest.warns(CalbenchWarning) as caught:
+        rows = read_shift(tmp_path, CONDITIONS)
+    assert [(r["corruption"], r["severity"]) for r in rows] == [("jpeg", 1), ("jpeg", 5)]
+    reasons = [str(w.message).split("is damaged (")[1].split(");")[0] for w in caught]
+    assert reasons == [
+        "repeats line 2's run, corruption and severity",
+        "accuracy '1e309' is not a finite number in [0, 1]",
+        "ece 'nan' is not a finite number in [0, 1]",
+        "accuracy '-0.1' is not a finite number in [0, 1]",
+        "no corruption 'snow' at severity 1 is known",
+        "no corruption 'jpeg' at severity 99 is known",
+        "no corruption 'jpeg' at severity 0 is known",
+    ]
+    with pytest.warns(CalbenchWarning):  # the report reads it again
+        report = write_results_report_of_shift(tmp_path)
+    assert "snow" not in report and "severity 99" not in report
+
+
+def write_results_report_of_shift(folder):
+    """The report's shift section of ``folder``'s shift.csv for one logged coop-ce run."""
+    from calbench.report.blocks import render_markdown
+    from calbench.report.deferral import shift_blocks
+
+    run = {"model": "tiny", "dataset": "synthetic", "method": "coop-ce", "seed": 1, "config": "c1", "status": "ok"}
+    return render_markdown(shift_blocks([{**run, "accuracy": 0.6, "ece": 0.1}], {}, folder), folder)
+
+
+def test_a_run_with_an_unknown_condition_in_place_of_a_known_one_is_not_done(tmp_path):
+    from calbench.results import SHIFT_COLUMNS, ResultsStore
+    from calbench.scoring import shift_done
+
+    known = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
+    lines = [_shift_line(c, s) for c, s in known[:-1]] + [_shift_line("snow", 1)]
+    (tmp_path / "shift.csv").write_text(",".join(SHIFT_COLUMNS) + "\n" + "".join(lines))
+    assert shift_done(ResultsStore(tmp_path)) == set()
+    (tmp_path / "shift.csv").write_text(",".join(SHIFT_COLUMNS) + "\n" + "".join(_shift_line(c, s) for c, s in known))
+    assert shift_done(ResultsStore(tmp_path)) == {("tiny", "synthetic", "coop-ce", "1", "c1")}

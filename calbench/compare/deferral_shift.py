@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from calbench.base import Method
-from calbench.data.corruptions import CORRUPTIONS, SEVERITIES, shift_kind
+from calbench.data.corruptions import CONDITIONS, CORRUPTIONS, SEVERITIES, shift_kind
 from calbench.deferral import DeferralSettings, deferral_metrics
 from calbench.deferral.selective import aurc
 from calbench.deferral.smooth_ece import smooth_ece
@@ -97,6 +97,8 @@ def shift_done(store: ResultsStore) -> set[tuple[str, ...]]:
     """Keys of the runs whose every corruption and severity is logged (shift.csv, and a job's shards)."""
     counts: dict[tuple[str, ...], int] = {}
     for row in store.shift_rows():
+        if (row["corruption"], row["severity"]) not in CONDITIONS:  # not a condition `--shift` scores
+            continue
         key = ResultsStore.key(row)
         counts[key] = counts.get(key, 0) + 1
     return {key for key, count in counts.items() if count >= len(CORRUPTIONS) * len(SEVERITIES)}

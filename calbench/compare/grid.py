@@ -11,6 +11,7 @@ from typing import Any, Optional
 from calbench.compare.deferral_shift import DeferralShiftOptions
 from calbench.errors import CalbenchError, check_seeds
 from calbench.methods import DEFAULT_METHODS, ResolvedMethod, check_method_params, parse_method, resolve_grid
+from calbench.metrics import MAX_RESAMPLES
 from calbench.session import FewShot, RunContext
 
 
@@ -43,8 +44,8 @@ class Grid:
             twice = sorted({str(v) for v in values if values.count(v) > 1})
             if twice:  # a repeat would count one run as two seeds and pool its predictions twice
                 raise CalbenchError(f"{option} names {', '.join(twice)} more than once; name each once")
-        if self.bootstrap < 0:
-            raise CalbenchError(f"--bootstrap must be 0 (no interval) or more, got {self.bootstrap}")
+        if not 0 <= self.bootstrap <= MAX_RESAMPLES:
+            raise CalbenchError(f"--bootstrap takes 0 (no interval) to {MAX_RESAMPLES} resamples, got {self.bootstrap}")
         check_method_params(self.method_params)
         self.extras.check()
 

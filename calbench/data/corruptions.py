@@ -45,6 +45,8 @@ IMAGENET_C = {
 STAIN = (0.0125, 0.025, 0.05, 0.1, 0.2)
 PARAMETERS = {**IMAGENET_C, "stain": STAIN}
 CORRUPTIONS = tuple(PARAMETERS)
+#: every (corruption, severity) a `--shift` run scores: what a row of shift.csv may name
+CONDITIONS = frozenset((corruption, severity) for corruption in CORRUPTIONS for severity in SEVERITIES)
 #: bump when a corruption's code changes, so cached features of the old version are not reused
 VERSION = "1"
 

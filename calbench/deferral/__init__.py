@@ -12,6 +12,7 @@ quantile) is fitted on the validation split and only applied to test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from calbench.deferral.selective import (
     threshold_for_risk,
 )
 from calbench.deferral.smooth_ece import smooth_ece
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, warn
 
 #: coverages at which accuracy is reported, as the issue that added them asked (calbench)
 COVERAGES = (0.80, 0.90, 0.95)
@@ -88,5 +89,19 @@ def deferral_metrics(
         model = SplitConformal(score, settings.alpha).fit(val_probs, val_labels)
         measured = set_metrics(model.predict(test_probs), test_labels)
         row.update({f"{score}_{key}": value for key, value in measured.items()})
-        row["conformal_alpha"], row["conformal_n"], row["conformal_level"] = settings.alpha, float(model.n), model.level
+        level = model.level if model.k <= model.n else math.nan  # k > n: no score bounds the coverage
+        row["conformal_alpha"], row["conformal_n"], row["conformal_level"] = settings.alpha, float(model.n), level
+    if math.isnan(row["conformal_level"]):
+        warn(
+            f"--conformal-alpha {settings.alpha:g} needs at least {min_calibration_size(settings.alpha)} validation "
+            f"cases and this run has {len(val_labels)}: no finite threshold, so every conformal set holds every "
+            "class; pass more --val-shots or a larger --conformal-alpha"
+        )
     return row
+
+
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration cases n whose order statistic k = ceil((n + 1)(1 - alpha)) is at most n,
+    i.e. n >= (1 - alpha) / alpha: with fewer, split conformal sets are every label (9 at alpha 0.1). The
+    1e-9 is :func:`~calbench.deferral.conformal.quantile_index`'s rounding tolerance (0.9 / 0.1 is 9.000000000000002)."""
+    return max(1, math.ceil((1.0 - alpha - 1e-9) / alpha - 1e-9))

@@ -8,9 +8,11 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from calbench.data.corruptions import CONDITIONS
 from calbench.deferral import COVERAGES, SCORES
+from calbench.metrics import format_mean_std
 from calbench.report.blocks import Block, Heading, Image, Table, Text
-from calbench.results import SCORED, Row, format_mean_std, logged_shift
+from calbench.results import SCORED, Row, logged_shift
 
 READING = (
     "How to read this section. AURC is the mean error rate among the most confident cases over every "
@@ -62,7 +64,7 @@ def _finite_sample(groups: Mapping[tuple[str, str, str], list[Row]], alpha_of: M
         low, high = beta.ppf([0.05, 0.95], k, n + 1 - k)
         lines.append(
             f"n = {n:.0f} validation cases: the sets use score number {k} in increasing order (level {level:.3f} >= "
-            f"1 - alpha = {1 - alpha:.2f}); the coverage of one calibrated run is Beta({k}, {n + 1 - k:.0f}) "
+            f"1 - alpha = {1 - alpha:g}); the coverage of one calibrated run is Beta({k}, {n + 1 - k:.0f}) "
             f"distributed, 90% of validation draws giving between {100 * low:.1f}% and {100 * high:.1f}%."
         )
     return [Text(line) for line in lines]
@@ -91,7 +93,7 @@ def deferral_blocks(rows: Sequence[Row], results_dir: Path) -> list[Block]:
         (float(r["conformal_n"]), float(r["conformal_level"])): float(r["conformal_alpha"])
         for runs in groups.values()
         for r in runs
-        if not math.isnan(float(r.get("conformal_n", math.nan)))
+        if not math.isnan(float(r.get("conformal_n", math.nan))) and not math.isnan(float(r["conformal_level"]))
     }
     blocks: list[Block] = [
         Heading("Deferral: when to hand a case to a clinician"),
@@ -127,7 +129,7 @@ def shift_blocks(rows: Sequence[Row], names: Mapping[str, str], results_dir: Pat
     """Accuracy and ECE by corruption severity per method, ECE per corruption, and the shift plots."""
     shown = {_key(r, names): r for r in rows if r["status"] in SCORED}
     by: dict[tuple[str, str, str], dict[tuple[str, int], list[Row]]] = {}
-    for shifted in logged_shift(results_dir):
+    for shifted in logged_shift(results_dir, CONDITIONS):
         row = shown.get(tuple(str(shifted[k]) for k in ("model", "dataset", "method", "seed", "config")))
         if row is not None:
             cell = by.setdefault((str(row["model"]), str(row["dataset"]), str(row["method"])), {})

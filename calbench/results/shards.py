@@ -25,12 +25,12 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from calbench.atomic import write_csv_atomic, write_text_atomic
-from calbench.errors import naming, warn
+from calbench.errors import CalbenchError, naming, warn
 from calbench.results.store import (
     RESULT_COLUMNS,
     SHIFT_COLUMNS,
@@ -83,14 +83,14 @@ class ShardStore(ResultsStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         logged = read_results(self.out / "results.csv")
         for shard in sorted((self.out / SHARDS).glob("*.csv")):
-            logged += read_results(shard)
+            logged += _shard_rows(read_results, shard)
         self.rows = list(_by_key(logged).values())
         self._damaged: set[Path] = set()
 
     def put_rows(self, rows: Sequence[Row]) -> None:
         """Add or replace ``rows`` (by run key) in this job's shard, atomically."""
         new = _by_key(rows)
-        own = [row for row in read_results(self.path) if self.key(row) not in new] + list(new.values())
+        own = [row for row in _shard_rows(read_results, self.path) if self.key(row) not in new] + list(new.values())
         with naming(self.path):  # rows written again move to the end, as in results.csv
             write_csv_atomic(own, self.path, RESULT_COLUMNS)
         self.rows = [row for row in self.rows if self.key(row) not in new] + list(new.values())
@@ -101,14 +101,17 @@ class ShardStore(ResultsStore):
             return
         path = _shift_path(self.path)
         new = {_shift_key(r): r for r in rows}
-        own = [r for r in read_shift_file(path) if _shift_key(r) not in new] + list(new.values())
+        own = [r for r in _shard_rows(read_shift_file, path) if _shift_key(r) not in new] + list(new.values())
         with naming(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_csv_atomic(own, path, SHIFT_COLUMNS)
 
     def shift_rows(self) -> list[Row]:
         """Every shift row logged so far: shift.csv, then every job's shift shard."""
-        return logged_shift(self.out)
+        rows = read_shift(self.out)
+        for shard in sorted((self.out / SHARDS / "shift").glob("*.csv")):
+            rows += _shard_rows(read_shift_file, shard)
+        return list({_shift_key(r): r for r in rows}.values())
 
     def put_settings(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """This job's settings records (config -> settings), into its own settings shard."""
@@ -120,6 +123,10 @@ class ShardStore(ResultsStore):
 
 def _shift_path(shard: Path) -> Path:
     return shard.parent / "shift" / shard.name
+
+
+def _condition(row: Mapping[str, Any]) -> tuple[str, int]:
+    return str(row["corruption"]), int(row["severity"])
 
 
 def _shift_key(row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -134,8 +141,28 @@ def _merge_shift_shards(out: Path) -> None:
             shard.replace(claimed)
         except FileNotFoundError:  # another merge took it
             continue
-        put_shift(out, read_shift_file(claimed))
+        put_shift(out, _shard_rows(read_shift_file, claimed, shard))
         claimed.unlink(missing_ok=True)
+
+
+def _shard_rows(read: Callable[[Path], list[Row]], path: Path, shard: Optional[Path] = None) -> list[Row]:
+    """The rows of shard file ``path`` (``shard``: the shard it was claimed from, when renamed for a merge).
+    A file that is not a results file at all (garbage, another header) is moved aside as
+    ``<shard>.damaged`` with a warning and gives no rows, so its pair is computed again instead of
+    every later `compare` and `report` on the folder stopping at it."""
+    shard = shard or path
+    try:
+        return read(path)
+    except CalbenchError:  # its message would name the merge's hidden claim, not the shard
+        aside = shard.with_name(f"{shard.name}.damaged")
+        try:
+            path.replace(aside)
+        except FileNotFoundError:  # another process moved it meanwhile
+            return []
+        warn(
+            f"results shard {shard} is not a calbench results file; moved it aside as {aside}, its runs are computed again"
+        )
+        return []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -193,7 +220,7 @@ def merge_shards(out: Path, order: Sequence[Path] = ()) -> int:
     rows: list[Row] = []
     settings: dict[str, Any] = {}
     for path in claimed:
-        rows += read_results(path)
+        rows += _shard_rows(read_results, path, folder / _CLAIMED.match(path.name)["name"])  # type: ignore[index]
         settings.update(_read_json(path.with_name(path.name + ".settings.json")))
     store = ResultsStore(Path(out))
     if rows:
@@ -217,9 +244,19 @@ def logged_rows(out: Path) -> list[Row]:
     results folder, so a report can be rendered while jobs still write their shards."""
     rows = read_results(Path(out) / "results.csv")
     for shard in _shards(out):
-        new = _by_key(read_results(shard))
+        new = _by_key(_readable(read_results, shard))
         rows = [row for row in rows if ResultsStore.key(row) not in new] + list(new.values())
     return rows
+
+
+def _readable(read: Callable[[Path], list[Row]], shard: Path) -> list[Row]:
+    """A shard's rows for a read-only view; one that is not a results file is left out with a warning
+    (the next merge moves it aside, see :func:`_shard_rows`)."""
+    try:
+        return read(shard)
+    except CalbenchError:
+        warn(f"results shard {shard} is not a calbench results file; its runs are left out")
+        return []
 
 
 def logged_settings(out: Path) -> dict[str, Any]:
@@ -230,11 +267,12 @@ def logged_settings(out: Path) -> dict[str, Any]:
     return settings
 
 
-def logged_shift(out: Path) -> list[Row]:
-    """shift.csv with every job's shift shard folded in, read only (see :func:`logged_rows`)."""
-    rows = read_shift(out)
+def logged_shift(out: Path, conditions: Collection[tuple[str, int]] = ()) -> list[Row]:
+    """shift.csv with every job's shift shard folded in, read only (see :func:`logged_rows`); given
+    ``conditions``, rows of an unknown (corruption, severity) are left out with a warning."""
+    rows = read_shift(out, conditions)
     for shard in sorted((Path(out) / SHARDS / "shift").glob("*.csv")):
-        rows += read_shift_file(shard)
+        rows += [r for r in _readable(read_shift_file, shard) if not conditions or _condition(r) in conditions]
     return list({_shift_key(r): r for r in rows}.values())
 
 
@@ -244,7 +282,14 @@ def read_failed_jobs(out: Path) -> list[Row]:
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8", errors="replace")
-    return [row for row in csv.DictReader(io.StringIO(text)) if None not in row and row.get("model")]
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for row in reader:
+        if None in row or None in row.values() or not row.get("model"):
+            warn(f"{path} line {reader.line_num} is damaged (not one cell per column); left out of the failed jobs")
+            continue
+        rows.append(row)
+    return rows
 
 
 def record_jobs(out: Path, ran: Sequence[tuple[str, str]], failed: Sequence[Row]) -> Path:

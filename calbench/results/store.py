@@ -13,9 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ import numpy as np
 from calbench.atomic import save_npy_atomic, write_bytes_atomic, write_csv_atomic, write_text_atomic
 from calbench.deferral import DEFERRAL_COLUMNS
 from calbench.errors import CalbenchError, naming, warn
-from calbench.metrics import METRICS
+from calbench.metrics import METRICS, shift_damage
 
 try:
     import fcntl
@@ -184,22 +183,6 @@ def read_certification(path: Path) -> list[Row]:
     return _load_certification(path)[0]
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, Optional[float]]:
-    """Mean and sample std over seeds, NaNs (failed runs) left out; std is None for one value."""
-    array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
-    if array.size == 0:
-        return float("nan"), None
-    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
-
-
-def format_mean_std(values: Iterable[float], scale: float = 100.0, sep: str = " ± ", missing: str = "–") -> str:
-    """``mean ± std`` of ``values * scale`` to two decimals (``mean`` alone for one value)."""
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return missing
-    return f"{scale * mean:.2f}" if std is None else f"{scale * mean:.2f}{sep}{scale * std:.2f}"
-
-
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -355,7 +338,7 @@ SHIFT_COLUMNS = [*KEY, "corruption", "severity", "accuracy", "ece", "smooth_ece"
 SHIFT_KEY = (*KEY, "corruption", "severity")
 
 
-def _load_shift(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
+def _load_shift(path: Path, quiet: bool = False, conditions: Collection[tuple[str, int]] = ()) -> tuple[list[Row], int]:
     if not Path(path).is_file():
         return [], 0
     fields, parsed = _parse_csv(path)
@@ -365,15 +348,24 @@ def _load_shift(path: Path, quiet: bool = False) -> tuple[list[Row], int]:
         )
     floats = SHIFT_COLUMNS[len(SHIFT_KEY) :]
     parsed = [(line, row, damage or _bad_number(row, ["seed", "severity"], floats)) for line, row, damage in parsed]
+    seen: dict[tuple[str, ...], int] = {}  # a repeated key would count twice towards a run's 30 conditions
+    for i, (line, row, damage) in enumerate(parsed):
+        if not damage and conditions and (row["corruption"], int(row["severity"])) not in conditions:
+            damage = f"no corruption {row['corruption']!r} at severity {row['severity']} is known"
+        if not damage and not (damage := shift_damage(row)):
+            first = seen.setdefault(tuple(str(row[k]) for k in SHIFT_KEY), line)
+            damage = "" if first == line else f"repeats line {first}'s run, corruption and severity"
+        parsed[i] = (line, row, damage)
     rows, damaged = _sound_rows(path, parsed, quiet, "so its run is computed again with --shift")
     for row in rows:
         row.update(seed=int(row["seed"]), severity=int(row["severity"]), **{k: float(row[k]) for k in floats})
     return rows, damaged
 
 
-def read_shift(out: Path) -> list[Row]:
-    """Rows of ``out``/shift.csv with numbers parsed back ([] when there is none); damaged rows are left out."""
-    return _load_shift(Path(out) / "shift.csv")[0]
+def read_shift(out: Path, conditions: Collection[tuple[str, int]] = ()) -> list[Row]:
+    """Rows of ``out``/shift.csv with numbers parsed back ([] when there is none); damaged rows (and, given
+    ``conditions``, the known (corruption, severity) pairs, rows of any other) are left out with a warning."""
+    return _load_shift(Path(out) / "shift.csv", conditions=conditions)[0]
 
 
 def read_shift_file(path: Path) -> list[Row]:

@@ -23,8 +23,9 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
 from calbench.atomic import save_figure_atomic  # noqa: E402
+from calbench.metrics import format_mean_std  # noqa: E402
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report  # noqa: E402
-from calbench.results import Row, format_mean_std  # noqa: E402
+from calbench.results import Row  # noqa: E402
 from calbench.tune.config import is_feasible  # noqa: E402
 from calbench.tune.space import pair_key, reference_params  # noqa: E402
 from calbench.tune.study import SearchResult  # noqa: E402
