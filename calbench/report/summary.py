@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from calbench.results import SCORED, Row, dataset_labels, mean_std
+from calbench.metrics import mean_std
+from calbench.results import SCORED, Row, dataset_labels
 
 Pair = tuple[str, str]
 Stats = dict[str, tuple[float, Optional[float]]]

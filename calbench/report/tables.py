@@ -19,9 +19,9 @@ from calbench import published
 from calbench.atomic import write_csv_atomic, write_text_atomic
 from calbench.deferral import DEFERRAL_COLUMNS
 from calbench.errors import CalbenchError
-from calbench.metrics import METRICS
+from calbench.metrics import METRICS, mean_std
 from calbench.report.summary import Pair, Summary, pct, published_model
-from calbench.results import logged_rows, mean_std
+from calbench.results import logged_rows
 
 #: LaTeX's special characters in text mode and what typesets each as itself
 _LATEX = {
