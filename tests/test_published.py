@@ -77,6 +77,17 @@ PAIRS = [
     ("medclip", "rsna18", 0.2, f"{MC_CFG}:48", 1.0, f"{MC_CFG}:52", f"{MC_CFG}:54", 17.21, 17.14),
 ]  # fmt: skip
 
+#: (model, alpha, its line, w_as, its line, w_smac line): what the published code gives a dataset outside its
+#: pairs. PLIP and QuiltNet: the `*)` case of the run script's per-dataset `case` (`*)  SMAC_ALPHA=0.2;
+#: AS_WEIGHT=0.1 ;;` and `*)  SMAC_ALPHA=0.01; AS_WEIGHT=1.0 ;;`, line 54 of each); BiomedCLIP and MedCLIP:
+#: their run scripts pass no per-dataset options, so the CoOp config's LS ALPHA / AS WEIGHT / SMAC WEIGHT
+FALLBACKS = [
+    ("plip", 0.2, "run/classification/fewshot/all_fewshot_plip.sh:54", 0.1, "run/classification/fewshot/all_fewshot_plip.sh:54", f"{PLIP_CFG}:57"),
+    ("quiltnet", 0.01, "run/classification/fewshot/all_fewshot_quiltnet.sh:54", 1.0, "run/classification/fewshot/all_fewshot_quiltnet.sh:54", f"{QN_CFG}:57"),
+    ("biomedclip", 0.1, f"{BM_CFG}:47", 3.0, f"{BM_CFG}:51", f"{BM_CFG}:53"),
+    ("medclip", 0.2, f"{MC_CFG}:48", 1.0, f"{MC_CFG}:52", f"{MC_CFG}:54"),
+]  # fmt: skip
+
 #: the published zero-shot template per dataset: trainers/classification/zsclip.py, CUSTOM_TEMPLATES
 TEMPLATES = [
     ("kather", "An H&E image of {}.", 41),
@@ -111,6 +122,49 @@ def test_there_are_exactly_the_ten_published_pairs():
     assert {(r.model, r.dataset) for r in published.pairs()} == {(p[0], p[1]) for p in PAIRS}
 
 
+@pytest.mark.parametrize(("model", "alpha", "a_at", "w_as", "w_at", "smac_at"), FALLBACKS)
+def test_each_model_falls_back_to_its_published_setting_outside_the_pairs(model, alpha, a_at, w_as, w_at, smac_at):
+    entry = published.fallback(model)
+    assert {k: (e.value, e.source.split(" — ")[0]) for k, e in entry.items()} == {
+        "alpha": (alpha, f"{CP} {a_at}"),
+        "w_as": (w_as, f"{CP} {w_at}"),
+        "w_smac": (1.0, f"{CP} {smac_at}"),
+    }
+    for dataset in ("pneumoniamnist", "/data/my_folder"):  # MedMNIST, a user's folder
+        assert params_for("calibprompt", None, model, dataset) == {
+            "alpha": alpha,
+            "w_as": w_as,
+            **({"warmup_lr": 1e-3} if model == "medclip" else {}),
+        }
+        assert params_for("coop-ls", None, model, dataset).get("alpha") == alpha
+    assert params_for("coop-mmce", None, model, "pneumoniamnist") in ({}, {"warmup_lr": 1e-3})  # takes none of it
+
+
+def test_variants_take_their_models_fallback_and_the_demo_model_calbenchs_own():
+    assert pair_defaults("calibprompt", "biomedclip-published", "pneumoniamnist") == {"alpha": 0.1, "w_as": 3.0}
+    assert pair_defaults("ls+as", "medclip-masked", "chestmnist") == {"alpha": 0.2, "w_as": 1.0, "warmup_lr": 1e-3}
+    assert pair_defaults("calibprompt", "biomedclip", "covid") == {"alpha": 0.1, "w_as": 3.0}  # the pair's own row
+    from calbench.methods import resolved_settings
+
+    demo = resolved_settings("calibprompt", "tiny", "synthetic", {})
+    assert {k: demo[k][0] for k in ("alpha", "w_as", "w_smac")} == {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0}
+    assert all(demo[k][1].startswith("calbench: the demo model") for k in ("alpha", "w_as", "w_smac"))
+
+
+def test_methods_command_shows_the_published_fallback(monkeypatch):
+    from calbench.cli import common
+    from calbench.cli.app import app
+
+    monkeypatch.setattr(common.console, "width", 400)
+    out = CliRunner().invoke(app, ["methods", "--model", "biomedclip", "--data", "pneumoniamnist"])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if line.startswith("│ calibprompt "))
+    assert "alpha 0.1, w_smac 1, w_as 3" in row
+    sources = [line for line in out.output.splitlines() if "│ calibprompt " in line and "│ w_as " in line]
+    assert "vit_b32_biomedclip_c16_ep50_batch16.yaml:51" in sources[0] and "│ 3 " in sources[0]
+    assert "biomedclip · any other dataset" in out.output
+
+
 @pytest.mark.parametrize(("dataset", "template", "line"), TEMPLATES)
 def test_templates_are_the_published_zero_shot_prompts(dataset, template, line):
     from calbench.data.official import OFFICIAL
@@ -133,7 +187,9 @@ def test_every_entry_names_a_source_and_every_citation_a_published_repository():
     repos = {"iabh1shekbasu/CalibPrompt", "nhussein/promptsmooth", "KaiyangZhou/CoOp"}
     entries = [e for s in published.sections() for e in published.section(s).values()]
     entries += [e for r in published.pairs() for e in r.settings.values()]
-    entries += [e for m in ("medclip",) for e in published.model_overrides(m).values()]
+    models = ("plip", "quiltnet", "quiltnet-b16", "biomedclip", "medclip", "tiny")
+    entries += [e for m in models for e in published.model_overrides(m).values()]
+    entries += [e for m in models for e in {**published.fallback(m), **published.architecture(m)}.values()]
     for entry in entries:
         assert entry.ours or entry.citation is not None or entry.source.startswith(("Basu", "Hussein")), entry
         if entry.citation is not None:
