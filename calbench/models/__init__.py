@@ -163,9 +163,11 @@ def _open_clip_builder(
     name: str, config: str, overrides: Optional[dict] = None, embed_twice: bool = False
 ) -> Callable[[Optional[Path], torch.device], VLMBackend]:
     def build(path: Optional[Path], device: torch.device) -> VLMBackend:
+        from calbench import published
         from calbench.models.open_clip_backend import load_open_clip
 
-        return load_open_clip(name, path, config, device, overrides, embed_twice=embed_twice)
+        architecture = published.architecture(name)  # what the published runs used (QuiltNet's QuickGELU)
+        return load_open_clip(name, path, config, device, overrides, embed_twice, published=architecture)
 
     return build
 
