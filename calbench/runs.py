@@ -166,4 +166,4 @@ def _deferral(
         return test_only_metrics(probs, labels), f"no validation split to fit a threshold or conformal sets on ({exc})"
     with torch.no_grad():
         val = method.predict_proba(fit.val_inputs(method)).double().cpu().numpy()
-    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels), ""
+    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels, seed=int(extra["seed"])), ""

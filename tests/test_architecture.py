@@ -15,6 +15,7 @@ FOLDERS = {"calbench": "calbench", "baselines": "calbench.baselines", "cli": "ca
 #: component -> layer; a module may import lower layers and its own component only (docs/architecture.md)
 LAYERS = {
     "calbench.errors": 0,
+    "calbench.streams": 0,
     "calbench.atomic": 1,
     "calbench.registry": 1,
     "calbench.metrics": 1,
