@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from calbench import streams
+
 
 def _as_numpy(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(probs, "detach"):
@@ -166,7 +168,7 @@ def bootstrap_ece(
     conf, hits = _top_label(p, y)
     bins = _bin_ids(conf, n_bins)
     n = len(y)
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("bootstrap", seed)  # not the few-shot split's draws of the same seed
     draws = rng.integers(0, n, size=(n_boot, n))
     slots = (bins[draws] + n_bins * np.arange(n_boot)[:, None]).ravel()
     size = n_boot * n_bins
