@@ -1,6 +1,6 @@
 """Many prompt learners, one text-tower pass: the prompt methods of a grid, or parallel trials, fitted together.
 
-Runs on one model and dataset (methods x seeds in `compare`, trials in `tune --batch-trials`)
+Runs on one model and dataset (each method's seeds in `compare`, trials in `tune --batch-trials`)
 learn their own context vectors through the same frozen text tower. Trained together
 (:func:`calbench.train.train_together`), each step runs the tower once over all their prompts
 (R runs x C classes) instead of R times over C, which keeps a GPU busy and saves a little on a
@@ -158,11 +158,25 @@ def prefit_grid(
                 raise
             except Exception:  # noqa: BLE001 - fitted alone later, which reports the error in its row
                 continue
-    if len(methods) < 2:
+    groups = by_method(keys)
+    if not any(len(group) > 1 for group in groups):
         return {}
-    log(f"{session.model} · {session.dataset.name}: {len(methods)} prompt runs share text-tower passes")
+    log(f"{session.model} · {session.dataset.name}: each method's {len(todos)} seeds share text-tower passes")
     fitted: dict[int, dict[str, Method]] = {}
-    for (seed, base), outcome in zip(keys, fit_together(methods, data, limit)):
-        if not isinstance(outcome, Exception):
-            fitted.setdefault(seed, {})[base] = outcome
+    for group in groups:
+        outcomes = fit_together([methods[i] for i in group], [data[i] for i in group], limit)
+        for (seed, base), outcome in zip([keys[i] for i in group], outcomes):
+            if not isinstance(outcome, Exception):
+                fitted.setdefault(seed, {})[base] = outcome
     return fitted
+
+
+def by_method(keys: Sequence[tuple[int, str]]) -> list[list[int]]:
+    """Indices of the (seed, method) runs of a grid in one group per method: a run shares its passes with
+    its own method's other seeds only, never with other methods. The rounding of a shared pass depends
+    on its shape (how the CPU's threads split its reductions), so a run trained beside whatever methods
+    ``--methods`` lists would get numbers that depend on that list; grouped by method, they do not."""
+    groups: dict[str, list[int]] = {}
+    for index, (_, base) in enumerate(keys):
+        groups.setdefault(base, []).append(index)
+    return list(groups.values())
