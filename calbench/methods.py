@@ -170,17 +170,30 @@ def with_pair_defaults(
     """``params`` (one method's, e.g. from --params) over the published defaults of (model, dataset);
     ``dataset`` may be a folder path, whose name is the dataset's name."""
     name = Path(dataset).name if dataset else dataset
-    return {**pair_defaults(parse_method(method)[0], model, name), **dict(params)}
+    return {**pair_defaults(parse_method(method)[0], model, name, params), **dict(params)}
 
 
-def pair_defaults(method: str, model: Optional[str], dataset: Optional[str]) -> dict[str, object]:
+def pair_defaults(
+    method: str, model: Optional[str], dataset: Optional[str], given: Optional[Mapping[str, object]] = None
+) -> dict[str, object]:
     """What the published runs set differently on (model, dataset) for base ``method``: a pair's
     CalibPrompt alpha / w_as for the methods that take them, a model's training options (MedCLIP's
-    warm-up lr) for the methods that learn a prompt."""
+    warm-up lr) for the methods that learn a prompt with the ``given`` parameters (promptsmooth-zs
+    with init=fewshot does)."""
     own = published.section(method)
-    trains = METHODS.get(method).factory().capabilities.learns_prompt
+    trains = _trains(method, given)
     resolved = published.resolve(method, published_model(model), dataset, trains)
     return {k: s.value for k, s in resolved.items() if k not in own or own[k].value != s.value}
+
+
+def _trains(method: str, given: Optional[Mapping[str, object]]) -> bool:
+    """Whether base ``method`` built with ``given`` trains over the few-shot images (a prompt learner, or
+    promptsmooth-zs's inner few-shot prompt with init=fewshot); parameters it does not take are ignored
+    here (building it with them reports them)."""
+    try:
+        return METHODS.get(method).factory(**dict(given or {})).capabilities.epochs > 0
+    except (CalbenchError, TypeError, ValueError):
+        return METHODS.get(method).factory().capabilities.epochs > 0
 
 
 def published_model(model: Optional[str]) -> Optional[str]:
@@ -197,7 +210,7 @@ def resolved_settings(
     defaults, the trainer's for a method that learns a prompt, the pair's published row, ``--params``
     (``given``, as :func:`params_for` returns them, published values included)."""
     base = parse_method(method)[0]
-    trains = METHODS.get(base).factory().capabilities.learns_prompt
+    trains = _trains(base, given)
     table = {
         **(published.section("train") if trains else {}),
         **published.resolve(base, published_model(model), dataset, trains),
