@@ -320,7 +320,14 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
     from calbench.results import ResultsStore
 
     store = ResultsStore(tmp_path)
-    for pair, config in ((("plip", "pannuke"), "c1"), (("medclip", "covid"), "c2")):
+    runs = (
+        (("plip", "pannuke"), "c1"),
+        (("medclip", "covid"), "c2"),
+        (("biomedclip", "rsna18"), "c3"),
+        (("biomedclip-published", "rsna18"), "c4"),
+        (("quiltnet", "kather"), "c5"),
+    )
+    for pair, config in runs:
         row = {"model": pair[0], "dataset": pair[1], "method": "calibprompt", "seed": 1, "config": config}
         metrics = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5, "status": "ok", "error": ""}
         store.put({**row, **metrics})
@@ -333,6 +340,15 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
     assert "alpha 0.2 (all_fewshot_plip.sh:52)" in text
     assert "warmup_lr 0.001 (vit_b32_medclip_c16_ep50_batch16.yaml:22)" in text
     assert "alpha 0.2, w_as 0.1, w_smac 1 (published)" in text  # next to the published numbers
+    # "(published)" only where the model runs as the published code runs it: not BiomedCLIP embedding its
+    # prompt tokens once; its published-embedding variant and QuiltNet (QuickGELU) do
+    rows = {r[0]: r[-1] for t in tables for r in t.rows if len(r) == 6}
+    assert rows["biomedclip · rsna18"] == (
+        "alpha 0.1, w_as 3, w_smac 1 (published setting; prompt tokens embedded once; the published learner "
+        "embeds them twice (biomedclip-published))"
+    )
+    assert rows["biomedclip-published · rsna18"].endswith("w_smac 1 (published)")
+    assert rows["quiltnet · kather"].endswith("w_smac 1 (published)")
 
 
 def test_readme_method_table_matches_the_table():
