@@ -297,6 +297,7 @@ def promptsmooth_as(**params: Any) -> Method:
     "zero-shot PromptSmooth: test-time prompt tuning on noisy copies (Hussein et al., MICCAI 2024)",
     LIST_PARAMS,
     params={name: RANGES.get(name) for name in ZEROSHOT_PARAMS},
+    trains_inner=({"init": "fewshot"}, FEWSHOT),
 )
 def promptsmooth_zs(**params: Any) -> Method:
     init = params.get("init", default_of(ZEROSHOT, "init"))

@@ -251,11 +251,28 @@ class MethodSpec:
     params: Mapping[str, Optional[Range]] = field(default_factory=dict)
     #: learns a prompt with the trainer, so every :class:`TrainConfig` field is one of its settings
     learns_prompt: bool = False
+    #: (parameters, method): with these parameters a method that learns no prompt itself trains that method's
+    #: prompt inside (promptsmooth-zs with init=fewshot trains a few-shot PromptSmooth prompt first)
+    trains_inner: Optional[tuple[Mapping[str, Any], str]] = None
 
-    def defaults(self) -> dict[str, Setting]:
-        """Every setting the method runs with when nothing overrides it, each with its source: the trainer's
-        (for a prompt learner), then the method's own section of the one table."""
-        return {**(published.section("train") if self.learns_prompt else {}), **published.section(self.name)}
+    def trainer(self, values: Mapping[str, Any]) -> Optional[str]:
+        """The method whose trainer options apply with ``values`` (this one's, or the one it trains inside); None
+        when it trains no prompt."""
+        if self.learns_prompt:
+            return self.name
+        if self.trains_inner is not None and all(values.get(k) == v for k, v in self.trains_inner[0].items()):
+            return self.trains_inner[1]
+        return None
+
+    def defaults(self, values: Optional[Mapping[str, Any]] = None) -> dict[str, Setting]:
+        """Every setting the method runs with under ``values`` (its own defaults when None), each with its
+        source: the trainer's options where it trains a prompt, then the method's own section of the table."""
+        own = published.section(self.name)
+        trainer = self.trainer({**{k: s.value for k, s in own.items()}, **dict(values or {})})
+        if trainer is None:
+            return own
+        options = {**published.section("train"), **published.section(trainer)}
+        return {**{k: options[k] for k in TRAIN_OPTIONS}, **own}
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -268,11 +285,15 @@ def register_method(
     list_params: tuple[str, ...] = (),
     params: Optional[Mapping[str, Optional[Range]]] = None,
     learns_prompt: bool = False,
+    trains_inner: Optional[tuple[Mapping[str, Any], str]] = None,
 ) -> Callable[[Callable[..., Method]], Callable[..., Method]]:
     """Register a method factory under ``name`` with its declared parameters (see :class:`MethodSpec`)."""
 
     def add(factory: Callable[..., Method]) -> Callable[..., Method]:
-        METHODS.add(name, MethodSpec(name, description, factory, tuple(list_params), dict(params or {}), learns_prompt))
+        spec = MethodSpec(
+            name, description, factory, tuple(list_params), dict(params or {}), learns_prompt, trains_inner
+        )
+        METHODS.add(name, spec)
         return factory
 
     return add

@@ -1,6 +1,6 @@
 """Many prompt learners, one text-tower pass: the prompt methods of a grid, or parallel trials, fitted together.
 
-Runs on one model and dataset (methods x seeds in `compare`, trials in `tune --batch-trials`)
+Runs on one model and dataset (each method's seeds in `compare`, trials in `tune --batch-trials`)
 learn their own context vectors through the same frozen text tower. Trained together
 (:func:`calbench.train.train_together`), each step runs the tower once over all their prompts
 (R runs x C classes) instead of R times over C, which keeps a GPU busy and saves a little on a
@@ -149,9 +149,9 @@ def fit_grid(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[int, dict[str, FitOutcome]]:
     """Fit every method of every seed ({seed: {name: built method}}) on its few-shot data: the one fitting
-    scheduler of a grid. Prompt learners share text-tower passes where two or more of them run (``limit``:
+    scheduler of a grid. A prompt learner's seeds share text-tower passes (:func:`by_method`; ``limit``:
     prompts per pass, default :func:`max_prompts` of the model's device; 0: each alone); the others, and
-    a lone prompt learner, are fitted alone. A method whose data or fit fails gets that error as its
+    a method run on one seed, are fitted alone. A method whose data or fit fails gets that error as its
     outcome; a full or read-only disk under the cache stops the grid (it is the machine's, not the method's)."""
     keys: list[tuple[int, str]] = []
     data: list[FitData] = []
@@ -165,12 +165,31 @@ def fit_grid(
                 raise
             except Exception as exc:  # noqa: BLE001 - this method's data: its row says why
                 outcomes[seed][name] = FitOutcome(error=exc)
-    chosen = [methods[seed][name] for seed, name in keys]
-    shared = sum(isinstance(method, PromptMethod) for method in chosen)
-    if shared >= 2 and limit != 0:
-        log(f"{session.model} · {session.dataset.name}: {shared} prompt runs share text-tower passes")
-    for (seed, name), outcome in zip(keys, fit_together(chosen, data, limit if shared >= 2 else 0)):
-        if isinstance(outcome.error, OSError):
-            raise outcome.error
-        outcomes[seed][name] = outcome
+    groups = [group for group in by_method(keys) if group]
+    if any(_shares(group, keys, methods, limit) for group in groups):
+        log(f"{session.model} · {session.dataset.name}: each method's seeds share text-tower passes")
+    for group in groups:
+        chosen = [methods[keys[i][0]][keys[i][1]] for i in group]
+        alone = 0 if not _shares(group, keys, methods, limit) else limit
+        for i, outcome in zip(group, fit_together(chosen, [data[i] for i in group], alone)):
+            if isinstance(outcome.error, OSError):
+                raise outcome.error
+            outcomes[keys[i][0]][keys[i][1]] = outcome
     return outcomes
+
+
+def _shares(group: Sequence[int], keys: Sequence[tuple[int, str]], methods: Mapping, limit: Optional[int]) -> bool:
+    """Whether a method's runs train in shared passes: two or more prompt learners, passes allowed."""
+    prompts = sum(isinstance(methods[keys[i][0]][keys[i][1]], PromptMethod) for i in group)
+    return prompts >= 2 and limit != 0
+
+
+def by_method(keys: Sequence[tuple[int, str]]) -> list[list[int]]:
+    """Indices of the (seed, method) runs of a grid in one group per method: a run shares its passes with
+    its own method's other seeds only, never with other methods. The rounding of a shared pass depends
+    on its shape (how the CPU's threads split its reductions), so a run trained beside whatever methods
+    ``--methods`` lists would get numbers that depend on that list; grouped by method, they do not."""
+    groups: dict[str, list[int]] = {}
+    for index, (_, base) in enumerate(keys):
+        groups.setdefault(base, []).append(index)
+    return list(groups.values())

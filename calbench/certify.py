@@ -24,6 +24,7 @@ import torch
 from scipy.stats import norm
 from torch import Tensor
 
+from calbench import streams
 from calbench.atomic import write_csv_atomic
 from calbench.base import Method, base_of
 from calbench.cache import CacheStats
@@ -37,8 +38,6 @@ from calbench.results import open_folder, put_certification
 from calbench.session import FewShot, RunContext, Session
 
 ITEM_COLUMNS = ["index", "label", "predicted", "radius", "correct"]
-#: first seed word of the test-subset generator, apart from few-shot split seeds
-SUBSET_STREAM = 7
 #: cached views classified per chunk, bounding memory at (chunk, subset, D) features
 VIEW_CHUNK = 100
 
@@ -59,7 +58,7 @@ class CertifyResult:
 
 def certify_subset(n_test: int, size: int, seed: int) -> np.ndarray:
     """Sorted indices of ``size`` test images drawn without replacement, reproducible from ``seed``."""
-    rng = np.random.default_rng([SUBSET_STREAM, seed])
+    rng = streams.rng("certify-subset", seed)
     return np.sort(rng.choice(n_test, size=min(size, n_test), replace=False))
 
 

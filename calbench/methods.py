@@ -216,10 +216,11 @@ def resolve(
     base = parse_method(method)[0]
     spec = METHODS.get(base)
     name = dataset_name(dataset)
-    own = spec.defaults()
-    table = {**own, **published.resolve(base, published_model(model), name, spec.learns_prompt)}
-    settings = dict(table)
     given = dict(overrides or {})
+    own = spec.defaults(given)
+    trains = spec.trainer({**{k: s.value for k, s in own.items()}, **given}) is not None
+    table = {**own, **published.resolve(base, published_model(model), name, trains)}
+    settings = dict(table)
     for key, value in given.items():
         if key not in table or table[key].value != value:
             settings[key] = Setting(value, "--params")

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from calbench import streams
+
 
 def _as_numpy(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(probs, "detach"):
@@ -177,7 +179,7 @@ def bootstrap_ece(
     conf, hits = _top_label(p, y)
     bins = bin_ids(conf, n_bins)
     n = len(y)
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("bootstrap", seed)  # not the few-shot split's draws of the same seed
     values = np.empty(n_boot)
     step = max(1, _BOOTSTRAP_CHUNK // max(n, 1))  # resamples per block: memory stays bounded at any n_boot
     for start in range(0, n_boot, step):  # the generator's stream, drawn in blocks, is the same draws as at once

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from calbench import streams
 from calbench.atomic import save_safetensors_atomic
 from calbench.errors import CalbenchError
 from calbench.models.base import TokenBatch, VLMBackend, can_share_prefix
@@ -63,7 +64,10 @@ class PromptLearner(nn.Module):
         else:
             width = vlm.embed_tokens(vlm.tokenize([PLACEHOLDER]).ids).shape[-1]
             shape = (len(self.classnames), n_ctx, width) if class_specific else (n_ctx, width)
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            # the context's own stream: not the batch order's draws of the same run seed
+            generator = (
+                torch.Generator().manual_seed(streams.torch_seed("context-init", seed)) if seed is not None else None
+            )
             ctx = torch.randn(shape, generator=generator) * 0.02  # CoOp's N(0, 0.02^2)
             prefix = " ".join([PLACEHOLDER] * n_ctx)
         self.n_ctx = n_ctx

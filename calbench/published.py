@@ -8,8 +8,9 @@ a ``value`` and a ``source``: ``"<owner>/<repo> <path>:<line>"`` (optionally fol
 stated in a paper, or ``"calbench: <why>"`` for a value of our own.
 
 Resolution (:func:`resolve`): a method's section, then the model's training overrides
-(MedCLIP's warm-up lr), then the pair's published row for the methods that row names; a
-user's ``--params`` go on top of that (in :mod:`calbench.methods`).
+(MedCLIP's warm-up lr), then the pair's published row for the methods that row names (on a
+dataset outside the published pairs, the model's published fallback); a user's ``--params``
+go on top of that (in :mod:`calbench.methods`).
 """
 
 from __future__ import annotations
@@ -100,10 +101,27 @@ def default(section_name: str, name: str) -> Any:
     return setting(section_name, name).value
 
 
+def _model_part(model: Optional[str], part: str) -> dict[str, Setting]:
+    models = _table().get("models") or {}
+    return _settings((models.get(model) or {}).get(part) or {}, f"models.{model}.{part}") if model else {}
+
+
 def model_overrides(model: Optional[str]) -> dict[str, Setting]:
     """Training options the published runs set differently for ``model`` (e.g. MedCLIP's warm-up lr)."""
-    models = _table().get("models") or {}
-    return _settings((models.get(model) or {}).get("train") or {}, f"models.{model}.train") if model else {}
+    return _model_part(model, "train")
+
+
+def fallback(model: Optional[str]) -> dict[str, Setting]:
+    """CalibPrompt's alpha / w_as / w_smac that the published code gives ``model`` on a dataset it was
+    not tuned on (a run script's ``*)`` case, or the model's config where the script sets none); empty
+    for a model without one, which then takes the generic setting."""
+    return _model_part(model, "fallback")
+
+
+def architecture(model: Optional[str]) -> dict[str, Setting]:
+    """Architecture settings the published runs used for ``model`` that its weights' own config may
+    not say (QuiltNet's QuickGELU)."""
+    return _model_part(model, "architecture")
 
 
 def pair(model: Optional[str], dataset: Optional[str]) -> Optional[PairRow]:
@@ -146,11 +164,13 @@ def resolve(
 ) -> dict[str, Setting]:
     """Every default of ``method`` on (model, dataset): the method's own, then (for a method that
     ``trains`` a prompt) the model's training overrides, then the pair's published setting where
-    ``method`` takes it. Training options (``train`` section) are included only where the model or
+    ``method`` takes it, or, on a dataset outside the published pairs, the model's published
+    :func:`fallback`. Training options (``train`` section) are included only where the model or
     the method changes them."""
     own = section(method)
     out = {**own, **(model_overrides(model) if trains else {})}
     row = pair(model, dataset)
-    if row is not None and method in row.methods:
-        out.update({name: value for name, value in row.settings.items() if name in own})
+    taken = row.settings if row is not None else fallback(model) if dataset is not None else {}
+    if method in _table()["pair_methods"]:
+        out.update({name: value for name, value in taken.items() if name in own})
     return out

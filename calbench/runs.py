@@ -190,4 +190,4 @@ def _deferral(
         return test_only_metrics(probs, labels)
     with torch.no_grad():
         val = method.predict_proba(fit.val_inputs(method)).double().cpu().numpy()
-    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels)
+    return deferral_metrics(val, fit.val_labels.cpu().numpy(), probs, labels, seed=int(extra["seed"]))

@@ -18,6 +18,7 @@ from typing import Any, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
+from calbench import streams
 from calbench.errors import CalbenchError
 from calbench.losses import Objective
 from calbench.prompts import PromptLearner, text_features_together
@@ -183,7 +184,7 @@ class _Progress:
         self.optimizer = torch.optim.SGD(
             [run.learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.generator = torch.Generator().manual_seed(run.seed)
+        self.generator = torch.Generator().manual_seed(streams.torch_seed("batch-order", run.seed))
         self.steps = steps_per_epoch(self.labels.shape[0], cfg.batch_size)
         self.epoch, self.step, self.seen = 0, 0, 0
         self.order = self.labels.new_zeros(0)

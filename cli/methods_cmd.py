@@ -86,4 +86,9 @@ def _pairs_table(published) -> Table:  # noqa: ANN001 - the calbench.published m
             f"{row.published_ece['calibprompt']:.2f}",
             s["alpha"].source,
         )
+    for model in sorted({row.model for row in published.pairs()}):
+        s = published.fallback(model)
+        if s:  # the published code's answer for a dataset it was not tuned on
+            values = [_value(s[k].value) for k in ("alpha", "w_as", "w_smac")]
+            pairs.add_row(f"{model} · any other dataset", *values, "–", "–", s["alpha"].source)
     return pairs

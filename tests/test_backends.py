@@ -9,6 +9,7 @@ pooling as the published CalibPrompt code runs it, and as MedCLIP's own code doe
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -94,6 +95,52 @@ def _open_clip_replica(root: Path, quick_gelu: bool, file_only: bool):
             json.dumps({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}})
         )
     return path, 32, lambda texts: model.encode_text(open_clip.tokenize(texts)), model.encode_image
+
+
+QUILT_SMALL = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("layout", "key", "quick"),
+    [("openai-file", None, True), ("hub", None, True), ("hub", True, True), ("hub", False, False)],
+)
+def test_quiltnet_runs_the_activation_of_the_published_runs(layout, key, quick, tmp_path, monkeypatch):
+    """The published QuiltNet numbers come from OpenAI CLIP's build_model, whose blocks use QuickGELU:
+    calbench's features are those of open_clip built with QuickGELU, unless the weights' own config says
+    otherwise (then with one warning), and differ from those of the other activation."""
+    from calbench.errors import CalbenchWarning
+
+    torch.manual_seed(0)
+    models = {q: open_clip.CLIP(**QUILT_SMALL, quick_gelu=q).eval() for q in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())  # the same weights, the other activation
+    if layout == "openai-file":  # quiltnet_b32.pt as the published code loads it: calbench's shipped architecture
+        monkeypatch.setattr("calbench.models.open_clip_backend.shipped_config", lambda _: {"model_cfg": QUILT_SMALL})
+        path = tmp_path / "quiltnet_b32.pt"
+        torch.save(models[True].state_dict(), path)
+    else:
+        path = tmp_path
+        torch.save(models[True].state_dict(), path / "open_clip_pytorch_model.bin")
+        cfg = QUILT_SMALL if key is None else dict(QUILT_SMALL, quick_gelu=key)
+        (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vlm = load_vlm("quiltnet", weights=path)
+    said = [str(w.message) for w in caught if issubclass(w.category, CalbenchWarning)]
+    assert said == ([] if quick else [said[0]]) and all("quick_gelu False" in m and "model.py:175" in m for m in said)
+    texts, pixels = [f"{HAND} {c}." for c in CLASSNAMES], _pixels(32)
+    with torch.no_grad():
+        for q, model in models.items():
+            want = (
+                F.normalize(model.encode_text(open_clip.tokenize(texts)), dim=-1),
+                F.normalize(model.encode_image(pixels), dim=-1),
+            )
+            got = (vlm.encode_texts(texts), vlm.encode_images(pixels))
+            gaps = [float((a - b).abs().max()) for a, b in zip(got, want)]
+            assert all(g < 1e-5 for g in gaps) if q == quick else all(g > 1e-3 for g in gaps), (q, gaps)
 
 
 def _biomedclip(root: Path):
@@ -230,7 +277,7 @@ def _medclip(root: Path, masked: bool = False):
 REPLICAS = {
     "plip": lambda root: _plip_hf(root),
     "plip-openai-file": lambda root: _open_clip_replica(root, quick_gelu=True, file_only=True),
-    "quiltnet": lambda root: _open_clip_replica(root, quick_gelu=False, file_only=False),
+    "quiltnet": lambda root: _open_clip_replica(root, quick_gelu=True, file_only=False),
     "clip-b32": lambda root: _open_clip_replica(root, quick_gelu=True, file_only=False),
     "biomedclip": _biomedclip,
     "medclip": _medclip,

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from calbench import streams
 from calbench.metrics import bootstrap_ece, ece
 
 
@@ -15,7 +16,7 @@ def _probs(seed: int, n: int = 200, c: int = 4):
 def test_vectorised_bootstrap_equals_the_resampling_loop(seed):
     probs, labels = _probs(seed)
     low, high = bootstrap_ece(probs, labels, n_boot=300, seed=7)
-    draws = np.random.default_rng(7).integers(0, len(labels), size=(300, len(labels)))
+    draws = streams.rng("bootstrap", 7).integers(0, len(labels), size=(300, len(labels)))  # its own stream
     values = [ece(probs[d], labels[d]) for d in draws]
     assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)
     assert low < ece(probs, labels) < high

@@ -28,6 +28,11 @@ def test_scores_by_hand():
     np.testing.assert_allclose(score_matrix(p, "aps"), [[0.5, 0.8, 1.0], [0.8, 0.8, 1.0]])
     # raps with k_reg 1, lambda 0.2: + 0.2 per label ahead beyond the first
     np.testing.assert_allclose(score_matrix(p, "raps", k_reg=1, lam=0.2), [[0.5, 1.0, 1.4], [1.0, 1.0, 1.4]])
+    # randomized (Romano et al. eq. 5): mass ranked ahead + u * p_y; a tie is ranked by label index
+    u = np.array([0.5, 0.25])
+    np.testing.assert_allclose(score_matrix(p, "aps", u=u), [[0.25, 0.65, 0.9], [0.1, 0.5, 0.85]])
+    # + lambda * (rank - k_reg)^+ (Angelopoulos et al. eq. 4), the penalty not scaled by u
+    np.testing.assert_allclose(score_matrix(p, "raps", k_reg=1, lam=0.2, u=u), [[0.25, 0.85, 1.3], [0.1, 0.7, 1.25]])
     with pytest.raises(ValueError):
         score_matrix(p, "naive")
 
@@ -53,9 +58,9 @@ def test_set_metrics_by_hand():
 
 def test_aps_and_raps_sets_always_hold_the_top_label_and_lac_may_be_empty():
     p = np.array([[0.9, 0.05, 0.05]])
-    for score in ("aps", "raps"):
-        model = SplitConformal(score, 0.5)
-        model.threshold = 0.1  # below the top label's own score
+    for score, randomized in (("aps", False), ("raps", False), ("aps", True), ("raps", True)):
+        model = SplitConformal(score, 0.5, randomized, k_reg=1, lam=0.2)
+        model.threshold = 0.01  # below the top label's own score (randomized: unless u < 0.011)
         assert model.predict(p).tolist() == [[True, False, False]]
     lac = SplitConformal("lac", 0.5)
     lac.threshold = 0.05
@@ -98,7 +103,7 @@ def test_quantile_and_sets_match_mapie(score):
     rng = np.random.default_rng(0)
     cal, (test, _) = sample(rng, 200), sample(rng, 500)
     scored, theirs = mapie_sets(score, cal, test, alpha=0.1)
-    ours = SplitConformal(score, 0.1).fit(*cal)
+    ours = SplitConformal(score, 0.1, randomized=False).fit(*cal)
     assert ours.threshold == pytest.approx(float(scored.quantiles_[0]), abs=1e-12)
     np.testing.assert_array_equal(ours.predict(test), theirs)
 
@@ -110,14 +115,86 @@ def test_raps_matches_mapie_at_its_tuned_parameters():
     cal, (test, _) = sample(rng, 400), sample(rng, 500)
     scored, theirs = mapie_sets("raps", cal, test, alpha=0.1)
     held = np.isin(cal[0], scored.X_raps).all(axis=1)
-    ours = SplitConformal("raps", 0.1, k_reg=int(scored.k_star[0]), lam=float(scored.lambda_star))
+    ours = SplitConformal("raps", 0.1, False, k_reg=int(scored.k_star[0]), lam=float(scored.lambda_star))
     ours.fit(cal[0][~held], cal[1][~held])
     assert ours.threshold == pytest.approx(float(scored.quantiles_[0]), abs=1e-12)
     np.testing.assert_array_equal(ours.predict(test), theirs)
 
 
+class Fed(np.random.RandomState):
+    """MAPIE's uniform draws, fed in: the calibration draws first, then the test draws."""
+
+    def __init__(self, *draws):
+        super().__init__(0)
+        self.draws = list(draws)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self.draws.pop(0).reshape(size)
+
+
+def test_randomized_aps_matches_mapie_given_the_same_draws():
+    """MAPIE's randomized APS (its calibration score: mass up to y minus v * p_y; its test sets keep the last
+    label when mass - v * p <= threshold) is Romano et al.'s with u = 1 - v: same quantile, same sets."""
+    rng = np.random.default_rng(5)
+    cal, (test, _) = sample(rng, 300), sample(rng, 400)
+    v_cal, v_test = rng.uniform(size=300), rng.uniform(size=400)
+    model = SplitConformalClassifier(
+        Cached().fit(*cal), confidence_level=0.9, conformity_score="aps", random_state=Fed(v_cal, v_test)
+    ).conformalize(*cal)
+    _, theirs = model.predict_set(test, conformity_score_params={"include_last_label": "randomized"})
+    theirs = theirs[:, :, 0]
+    ours = SplitConformal("aps", 0.1).fit(*cal, u=1 - v_cal)
+    assert ours.threshold == pytest.approx(
+        float(model._mapie_classifier.conformity_score_function_.quantiles_[0]), abs=1e-12
+    )
+    sets = ours.predict(test, u=1 - v_test)
+    theirs[np.arange(len(test)), test.argmax(axis=1)] = (
+        True  # MAPIE may return an empty set; calbench keeps the top label
+    )
+    np.testing.assert_array_equal(sets, theirs)
+    assert 1.0 < sets.sum(axis=1).mean() < SplitConformal("aps", 0.1, False).fit(*cal).predict(test).sum(axis=1).mean()
+
+
+def test_randomized_sets_are_seeded_on_their_own_stream_and_tune_raps_as_the_authors_code():
+    rng = np.random.default_rng(6)
+    cal, (test, _) = sample(rng, 100), sample(rng, 50)
+    one, same, other = (SplitConformal("raps", 0.1, seed=s).fit(*cal) for s in (1, 1, 2))
+    assert one.threshold == same.threshold and np.array_equal(one.predict(test), same.predict(test))
+    assert one.threshold != other.threshold
+    # tuned on a 30-case hold-out (ceil(0.3 * 100)), calibrated on the other 70
+    assert one.n == 70 and one.k_reg >= 1 and one.lam in (0.001, 0.01, 0.1, 0.2, 0.5)
+    given = SplitConformal("raps", 0.1, seed=1, k_reg=2, lam=0.1).fit(*cal)
+    assert (given.n, given.k_reg, given.lam) == (100, 2, 0.1)
+
+
+def test_randomized_aps_sets_of_an_overconfident_model_are_informative():
+    """A model whose float32 softmax saturates (the top logit 40 ahead), right 95% of the time, as CoOp-CE on
+    the demo: every label's deterministic APS score is 1 up to rounding, so the threshold is 1 and every set
+    holds all 6 labels. Randomized, a right answer's score is u * p_top, spread over [0, 1]: singletons, with
+    the coverage promised and the same sets as LAC."""
+    rng = np.random.default_rng(7)
+    n, c = 2000, 6
+    top = rng.integers(c, size=n)
+    logits = rng.normal(size=(n, c))
+    logits[np.arange(n), top] += 40.0
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    labels = np.where(rng.uniform(size=n) < 0.95, top, (top + 1 + rng.integers(c - 1, size=n)) % c)
+    cal, test = slice(0, 1000), slice(1000, None)
+    measured = {
+        r: set_metrics(
+            SplitConformal("aps", 0.1, r, seed=3).fit(probs[cal], labels[cal]).predict(probs[test]), labels[test]
+        )
+        for r in (False, True)
+    }
+    assert (measured[False]["size"], measured[False]["coverage"]) == (6.0, 1.0)
+    lac = set_metrics(SplitConformal("lac", 0.1).fit(probs[cal], labels[cal]).predict(probs[test]), labels[test])
+    assert measured[True]["size"] == 1.0 and measured[True]["coverage"] == lac["coverage"] == 0.949
+
+
+@pytest.mark.parametrize("randomized", [True, False])
 @pytest.mark.parametrize("score", ["lac", "aps", "raps"])
-def test_coverage_is_at_least_one_minus_alpha_over_random_splits(score):
+def test_coverage_is_at_least_one_minus_alpha_over_random_splits(score, randomized):
     """Split conformal's guarantee: E[coverage] >= 1 - alpha (here k / (n + 1) = 37/41 for n = 40). Over T
     splits the mean coverage has variance Var / T, Var = the Beta(k, n + 1 - k) variance of one split's
     coverage plus the binomial variance of its m test cases; the test allows 4 standard deviations."""
@@ -128,8 +205,9 @@ def test_coverage_is_at_least_one_minus_alpha_over_random_splits(score):
     for t in range(trials):
         part = slice(t * (n + m), (t + 1) * (n + m))
         probs, labels = pool_probs[part], pool_labels[part]
-        model = SplitConformal(score, alpha).fit(probs[:n], labels[:n])
+        model = SplitConformal(score, alpha, randomized, seed=t).fit(probs[:n], labels[:n])
         coverages.append(set_metrics(model.predict(probs[n:]), labels[n:])["coverage"])
+    n = model.n  # RAPS calibrates on what its tuning hold-out leaves
     k = quantile_index(n, alpha)
     variance = k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2)) + alpha * (1 - alpha) / m
     tolerance = 4 * math.sqrt(variance / trials)

@@ -79,7 +79,9 @@ def test_quiltnet_state_dict(monkeypatch, tmp_path):
     state = _published(lambda: open_clip.CLIP(**open_clip.get_model_config("ViT-B-32")))
     assert len(state) > 150 and state["positional_embedding"].shape == (77, 512)
     folder = _placeholder(tmp_path / "quiltnet", "open_clip_pytorch_model.bin")
-    _check_loaded(_load_with(monkeypatch, "open_clip_backend", state, "quiltnet", folder), state)
+    vlm = _load_with(monkeypatch, "open_clip_backend", state, "quiltnet", folder)
+    _check_loaded(vlm, state)
+    assert vlm.model.visual.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"  # as published
 
 
 def test_biomedclip_state_dict(monkeypatch, tmp_path):

@@ -281,3 +281,16 @@ def test_certify_command(tmp_path, cache_dir):
     assert "certified acc %" in result.output and (tmp_path / "certification.csv").is_file()
     bad = runner.invoke(app, [*args, "--alpha", "2"], catch_exceptions=False)
     assert bad.exit_code == 2 and bad.output.strip() == "error: --alpha must be in (0, 1), got 2.0"
+
+
+def test_zero_shot_promptsmooth_from_the_few_shot_prompt_takes_the_models_published_training_options():
+    """init=fewshot trains an inner few-shot prompt: on MedCLIP it warms up at the published 1e-3, as every
+    other prompt learner there; init=hand trains nothing, so it takes no training option."""
+    from calbench.methods import resolve
+
+    fewshot = resolve("promptsmooth-zs", "medclip", "covid", {"init": "fewshot"})
+    assert fewshot.params == {"init": "fewshot", "warmup_lr": 1e-3}
+    assert fewshot.build().fewshot.config.warmup_lr == 1e-3
+    assert fewshot.sources["warmup_lr"].endswith("vit_b32_medclip_c16_ep50_batch16.yaml:22")
+    assert fewshot.values["n_ctx"] == 5  # the inner few-shot PromptSmooth's trainer options, not CoOp's
+    assert resolve("promptsmooth-zs", "medclip", "covid").params == {}

@@ -78,6 +78,17 @@ PAIRS = [
     ("medclip", "rsna18", 0.2, f"{MC_CFG}:48", 1.0, f"{MC_CFG}:52", f"{MC_CFG}:54", 17.21, 17.14),
 ]  # fmt: skip
 
+#: (model, alpha, its line, w_as, its line, w_smac line): what the published code gives a dataset outside its
+#: pairs. PLIP and QuiltNet: the `*)` case of the run script's per-dataset `case` (`*)  SMAC_ALPHA=0.2;
+#: AS_WEIGHT=0.1 ;;` and `*)  SMAC_ALPHA=0.01; AS_WEIGHT=1.0 ;;`, line 54 of each); BiomedCLIP and MedCLIP:
+#: their run scripts pass no per-dataset options, so the CoOp config's LS ALPHA / AS WEIGHT / SMAC WEIGHT
+FALLBACKS = [
+    ("plip", 0.2, "run/classification/fewshot/all_fewshot_plip.sh:54", 0.1, "run/classification/fewshot/all_fewshot_plip.sh:54", f"{PLIP_CFG}:57"),
+    ("quiltnet", 0.01, "run/classification/fewshot/all_fewshot_quiltnet.sh:54", 1.0, "run/classification/fewshot/all_fewshot_quiltnet.sh:54", f"{QN_CFG}:57"),
+    ("biomedclip", 0.1, f"{BM_CFG}:47", 3.0, f"{BM_CFG}:51", f"{BM_CFG}:53"),
+    ("medclip", 0.2, f"{MC_CFG}:48", 1.0, f"{MC_CFG}:52", f"{MC_CFG}:54"),
+]  # fmt: skip
+
 #: the published zero-shot template per dataset: trainers/classification/zsclip.py, CUSTOM_TEMPLATES
 TEMPLATES = [
     ("kather", "An H&E image of {}.", 41),
@@ -112,6 +123,47 @@ def test_there_are_exactly_the_ten_published_pairs():
     assert {(r.model, r.dataset) for r in published.pairs()} == {(p[0], p[1]) for p in PAIRS}
 
 
+@pytest.mark.parametrize(("model", "alpha", "a_at", "w_as", "w_at", "smac_at"), FALLBACKS)
+def test_each_model_falls_back_to_its_published_setting_outside_the_pairs(model, alpha, a_at, w_as, w_at, smac_at):
+    entry = published.fallback(model)
+    assert {k: (e.value, e.source.split(" — ")[0]) for k, e in entry.items()} == {
+        "alpha": (alpha, f"{CP} {a_at}"),
+        "w_as": (w_as, f"{CP} {w_at}"),
+        "w_smac": (1.0, f"{CP} {smac_at}"),
+    }
+    for dataset in ("pneumoniamnist", "/data/my_folder"):  # MedMNIST, a user's folder
+        assert resolve("calibprompt", model, dataset).params == {
+            "alpha": alpha,
+            "w_as": w_as,
+            **({"warmup_lr": 1e-3} if model == "medclip" else {}),
+        }
+        assert resolve("coop-ls", model, dataset).params.get("alpha") == alpha
+    assert resolve("coop-mmce", model, "pneumoniamnist").params in ({}, {"warmup_lr": 1e-3})  # takes none of it
+
+
+def test_variants_take_their_models_fallback_and_the_demo_model_calbenchs_own():
+    assert resolve("calibprompt", "biomedclip-published", "pneumoniamnist").params == {"alpha": 0.1, "w_as": 3.0}
+    assert resolve("ls+as", "medclip-masked", "chestmnist").params == {"alpha": 0.2, "w_as": 1.0, "warmup_lr": 1e-3}
+    assert resolve("calibprompt", "biomedclip", "covid").params == {"alpha": 0.1, "w_as": 3.0}  # the pair's own row
+    demo = resolve("calibprompt", "tiny", "synthetic").settings
+    assert {k: demo[k].value for k in ("alpha", "w_as", "w_smac")} == {"alpha": 0.05, "w_as": 0.01, "w_smac": 1.0}
+    assert all(demo[k].source.startswith("calbench: the demo model") for k in ("alpha", "w_as", "w_smac"))
+
+
+def test_methods_command_shows_the_published_fallback(monkeypatch):
+    from calbench.cli import common
+    from calbench.cli.app import app
+
+    monkeypatch.setattr(common.console, "width", 400)
+    out = CliRunner().invoke(app, ["methods", "--model", "biomedclip", "--data", "pneumoniamnist"])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if line.startswith("│ calibprompt "))
+    assert "alpha 0.1, w_smac 1, w_as 3" in row
+    sources = [line for line in out.output.splitlines() if "│ calibprompt " in line and "│ w_as " in line]
+    assert "vit_b32_biomedclip_c16_ep50_batch16.yaml:51" in sources[0] and "│ 3 " in sources[0]
+    assert "biomedclip · any other dataset" in out.output
+
+
 @pytest.mark.parametrize(("dataset", "template", "line"), TEMPLATES)
 def test_templates_are_the_published_zero_shot_prompts(dataset, template, line):
     from calbench.data.prepare import OFFICIAL
@@ -135,7 +187,9 @@ def test_every_entry_names_a_source_and_every_citation_a_published_repository():
     repos = {"iabh1shekbasu/CalibPrompt", "nhussein/promptsmooth", "KaiyangZhou/CoOp"}
     entries = [e for s in published.sections() for e in published.section(s).values()]
     entries += [e for r in published.pairs() for e in r.settings.values()]
-    entries += [e for m in ("medclip",) for e in published.model_overrides(m).values()]
+    models = ("plip", "quiltnet", "quiltnet-b16", "biomedclip", "medclip", "tiny")
+    entries += [e for m in models for e in published.model_overrides(m).values()]
+    entries += [e for m in models for e in {**published.fallback(m), **published.architecture(m)}.values()]
     for entry in entries:
         assert entry.ours or entry.citation is not None or entry.source.startswith(("Basu", "Hussein")), entry
         if entry.citation is not None:
@@ -300,7 +354,14 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
     from calbench.results import ResultsStore
 
     store = ResultsStore(tmp_path)
-    for pair, config in ((("plip", "pannuke"), "c1"), (("medclip", "covid"), "c2")):
+    runs = (
+        (("plip", "pannuke"), "c1"),
+        (("medclip", "covid"), "c2"),
+        (("biomedclip", "rsna18"), "c3"),
+        (("biomedclip-published", "rsna18"), "c4"),
+        (("quiltnet", "kather"), "c5"),
+    )
+    for pair, config in runs:
         row = {"model": pair[0], "dataset": pair[1], "method": "calibprompt", "seed": 1, "config": config}
         metrics = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5, "status": "ok", "error": ""}
         store.put({**row, **metrics})
@@ -311,6 +372,15 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
     assert "alpha 0.2 (all_fewshot_plip.sh:52)" in text
     assert "warmup_lr 0.001 (vit_b32_medclip_c16_ep50_batch16.yaml:22)" in text
     assert "alpha 0.2, w_as 0.1, w_smac 1 (published)" in text  # next to the published numbers
+    # "(published)" only where the model runs as the published code runs it: not BiomedCLIP embedding its
+    # prompt tokens once; its published-embedding variant and QuiltNet (QuickGELU) do
+    rows = {r[0]: r[-1] for t in tables for r in t.rows if len(r) == 6}
+    assert rows["biomedclip · rsna18"] == (
+        "alpha 0.1, w_as 3, w_smac 1 (published setting; prompt tokens embedded once; the published learner "
+        "embeds them twice (biomedclip-published))"
+    )
+    assert rows["biomedclip-published · rsna18"].endswith("w_smac 1 (published)")
+    assert rows["quiltnet · kather"].endswith("w_smac 1 (published)")
 
 
 def test_the_methods_page_table_matches_the_table():

@@ -292,3 +292,61 @@ def test_the_trainer_reads_view_e_mod_v_in_epoch_e(tiny):
         per_view = [tiny.logit_scale * views[v, 0] @ learner.text_features().T for v in range(3)]
     used = [min(range(3), key=lambda v: float((logits[0] - per_view[v]).abs().max())) for logits in objective.seen]
     assert used == [0, 1, 2, 0, 1]
+
+
+# --- one stream per (role, run seed) -------------------------------------------------------------
+
+
+def test_stream_words_keep_roles_apart_and_are_not_padded_into_each_other():
+    from calbench import streams
+
+    first = {role: streams.rng(role, 7).integers(0, 2**62, size=4).tolist() for role in streams.ROLES}
+    assert len({tuple(v) for v in first.values()}) == len(streams.ROLES)
+    # numpy pads short entropy with zeros: default_rng([7, 0]) is default_rng(7); the value count keeps them apart
+    assert np.random.default_rng([7, 0]).random() == np.random.default_rng(7).random()
+    assert streams.rng("conformal", 7, 0).random() != streams.rng("conformal", 7).random()
+    assert streams.rng("certify-subset", 0).random() != np.random.default_rng(7).random()
+    assert streams.torch_seed("context-init", 1) != streams.torch_seed("batch-order", 1)
+    with pytest.raises(ValueError, match="unknown random stream"):
+        streams.rng("shuffle", 1)
+
+
+def test_context_init_and_batch_order_draw_from_streams_of_their_own(tiny):
+    """Before, both were torch.Generator().manual_seed(seed): the context's N(0, 1) draws and the first
+    epoch's permutation came from one sequence."""
+    from calbench import streams
+    from calbench.train import TrainRun, _Progress
+
+    learner = PromptLearner(tiny, ["a", "b", "c"], n_ctx=4, seed=3)
+    shared = torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(3)) * 0.02
+    own = torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(streams.torch_seed("context-init", 3)))
+    assert not torch.allclose(learner.ctx.detach(), shared)
+    torch.testing.assert_close(learner.ctx.detach(), own * 0.02)
+    run = TrainRun(
+        learner, Objective({"ce": Term("cross_entropy")}), torch.zeros(1, 6, 8), torch.arange(6) % 3, TrainConfig(), 3
+    )
+    assert _Progress(run).generator.initial_seed() == streams.torch_seed("batch-order", 3)
+
+
+def test_few_shot_split_and_bootstrap_draw_from_streams_of_their_own(monkeypatch):
+    """Before, both were default_rng(seed): the split's permutations and the bootstrap's resamples were one sequence."""
+    from calbench import streams
+    from calbench.data.folder import few_shot_split
+    from calbench.metrics import bootstrap_ece
+
+    labels = np.repeat(np.arange(3), 10)
+    train, val = few_shot_split(labels, 2, 2, seed=5)
+    rng, expect = streams.rng("fewshot-split", 5), []
+    for c in range(3):
+        expect.append(rng.permutation(np.flatnonzero(labels == c))[:4])
+    assert [sorted(e) for e in expect] == [
+        sorted([*train[2 * c : 2 * c + 2], *val[2 * c : 2 * c + 2]]) for c in range(3)
+    ]
+    old = np.random.default_rng(5)
+    assert [sorted(old.permutation(np.flatnonzero(labels == c))[:4]) for c in range(3)] != [sorted(e) for e in expect]
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=30)
+    asked = []
+    real = streams.rng
+    monkeypatch.setattr(streams, "rng", lambda role, *values: asked.append((role, *values)) or real(role, *values))
+    bootstrap_ece(probs, labels, 20, seed=5)
+    assert asked == [("bootstrap", 5)]

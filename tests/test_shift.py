@@ -231,8 +231,8 @@ def write_results_report_of_shift(folder):
 
 
 def test_a_run_with_an_unknown_condition_in_place_of_a_known_one_is_not_done(tmp_path):
+    from calbench.compare.deferral_shift import shift_done
     from calbench.results import SHIFT_COLUMNS, ResultsStore
-    from calbench.scoring import shift_done
 
     known = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
     lines = [_shift_line(c, s) for c, s in known[:-1]] + [_shift_line("snow", 1)]

@@ -60,7 +60,7 @@ def deferral_row(
     """The deferral columns of a fitted method: fitted on its validation probabilities, measured on test."""
     fit = session.fit_data(seed, fewshot, method, score_val=True)  # smoothed: noisy validation copies, as on test
     val_probs = _probs(method, fit.val_inputs(method))
-    return deferral_metrics(val_probs, fit.val_labels.cpu().numpy(), test_probs, session.test_labels, settings)
+    return deferral_metrics(val_probs, fit.val_labels.cpu().numpy(), test_probs, session.test_labels, settings, seed)
 
 
 def shifted_inputs(session: Session, method: Method, corruption: str, severity: int) -> torch.Tensor:

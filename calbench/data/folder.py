@@ -41,6 +41,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from calbench import streams
 from calbench.atomic import write_text_atomic
 from calbench.data.classnames import read_classnames
 from calbench.errors import CalbenchError, warn
@@ -359,7 +360,7 @@ def few_shot_split(
     Seeded and reproducible. The test split is never touched here: validation is
     carved out of the train pool so that nothing tuned ever sees test images.
     """
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("fewshot-split", seed)
     train, val = [], []
     for c in range(int(labels.max()) + 1):
         pool = np.flatnonzero(labels == c)

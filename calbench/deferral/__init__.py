@@ -41,6 +41,9 @@ class DeferralSettings:
     alpha: float = 0.1
     #: error rate the automated cases may have (calbench: 5%, a common clinical tolerance and the issue's default)
     target_error: float = 0.05
+    #: APS and RAPS randomized as Romano et al. (2020) and Angelopoulos et al. (2021) define them (their
+    #: code's default: conformal_classification conformal.py:17, randomized=True); False: deterministic scores
+    randomized: bool = True
 
     def check(self) -> None:
         if not 0.0 < self.alpha < 1.0:  # NaN fails too
@@ -59,7 +62,7 @@ DEFERRAL_COLUMNS = [
     "sel_coverage",  # share of test cases it automates
     "sel_error",  # their error rate (the target is met on test when this is <= target_error)
     "conformal_alpha",  # the miscoverage the sets are calibrated for
-    "conformal_n",  # validation cases the sets are calibrated on
+    "conformal_n",  # validation cases the lac and aps sets are calibrated on (raps: 70% of them, after its tuning)
     "conformal_level",  # k / n: the quantile level with the finite-sample correction
     *(f"{score}_{what}" for score in SCORES for what in ("coverage", "size", "singleton", "worst_class")),
 ]
@@ -79,18 +82,21 @@ def deferral_metrics(
     test_probs: np.ndarray,
     test_labels: np.ndarray,
     settings: DeferralSettings = DeferralSettings(),
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Every column of :data:`DEFERRAL_COLUMNS` for one run: fitted on validation, measured on test."""
+    """Every column of :data:`DEFERRAL_COLUMNS` for one run: fitted on validation, measured on test;
+    ``seed`` (the run's) names the stream of the randomized sets' draws."""
     row = test_only_metrics(test_probs, test_labels)
     threshold = threshold_for_risk(val_probs, val_labels, settings.target_error)
     row["sel_target"], row["sel_threshold"] = settings.target_error, threshold
     row["sel_coverage"], row["sel_error"] = selective_at(test_probs, test_labels, threshold)
     for score in SCORES:
-        model = SplitConformal(score, settings.alpha).fit(val_probs, val_labels)
+        model = SplitConformal(score, settings.alpha, settings.randomized, seed).fit(val_probs, val_labels)
         measured = set_metrics(model.predict(test_probs), test_labels)
         row.update({f"{score}_{key}": value for key, value in measured.items()})
-        level = model.level if model.k <= model.n else math.nan  # k > n: no score bounds the coverage
-        row["conformal_alpha"], row["conformal_n"], row["conformal_level"] = settings.alpha, float(model.n), level
+        if score == "lac":  # lac and aps calibrate on every validation case; raps on what its tuning leaves
+            level = model.level if model.k <= model.n else math.nan  # k > n: no score bounds the coverage
+            row["conformal_alpha"], row["conformal_n"], row["conformal_level"] = settings.alpha, float(model.n), level
     if math.isnan(row["conformal_level"]):
         warn(
             f"--conformal-alpha {settings.alpha:g} needs at least {min_calibration_size(settings.alpha)} validation "

@@ -62,6 +62,9 @@ class ModelSpec:
     #: the model this entry runs differently (same weights, its own name in results and cache
     #: keys); `compare --all` and modality-wide tuning run the models, not their variants
     variant_of: str = ""
+    #: how it runs differently from the published CalibPrompt code (empty: as published, or not a published
+    #: model); the report marks a pair's numbers "(published)" only where this is empty
+    unlike_published: str = ""
 
     @property
     def weights_name(self) -> str:
@@ -163,9 +166,11 @@ def _open_clip_builder(
     name: str, config: str, overrides: Optional[dict] = None, embed_twice: bool = False
 ) -> Callable[[Optional[Path], torch.device], VLMBackend]:
     def build(path: Optional[Path], device: torch.device) -> VLMBackend:
+        from calbench import published
         from calbench.models.open_clip_backend import load_open_clip
 
-        return load_open_clip(name, path, config, device, overrides, embed_twice=embed_twice)
+        architecture = published.architecture(name)  # what the published runs used (QuiltNet's QuickGELU)
+        return load_open_clip(name, path, config, device, overrides, embed_twice, published=architecture)
 
     return build
 
@@ -282,6 +287,7 @@ MODELS.add(
         resolution=224,
         description="BiomedCLIP (Zhang et al., NEJM AI 2024): ViT-B/16 + PubMedBERT (256 tokens) trained on PMC-15M.",
         build=_open_clip_builder("biomedclip", "biomedclip"),
+        unlike_published="prompt tokens embedded once; the published learner embeds them twice (biomedclip-published)",
         sources=(
             HubSource(
                 "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
@@ -334,6 +340,7 @@ MODELS.add(
         ),
         build=_open_clip_builder("biomedclip-published", "biomedclip", embed_twice=True),
         variant_of="biomedclip",
+        unlike_published="",
     ),
 )
 MODELS.add(
@@ -347,6 +354,7 @@ MODELS.add(
         ),
         build=_medclip_builder("medclip-masked", variant="medclip-masked"),
         variant_of="medclip",
+        unlike_published="MedCLIP's own pooling, pixel statistics and clamp, not the published code's (medclip)",
     ),
 )
 for _name, _repo, _patch in (

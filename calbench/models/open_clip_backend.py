@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from calbench.errors import CalbenchError
+from calbench.errors import CalbenchError, warn
 from calbench.models.base import PreprocessConfig, TokenBatch
 from calbench.models.shared_prefix import Block, open_clip_blocks, run_blocks
 from calbench.models.text import bert_tokenizer, bert_tokens, clip_tokens
 from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
+from calbench.published import Setting
 
 __all__ = [
     "OpenClipBackend",
@@ -296,6 +297,23 @@ def text_config_folder(name: str, folder: Optional[Path]) -> str:
     return name
 
 
+def with_published_architecture(name: str, model_cfg: dict, published: Mapping[str, Setting]) -> dict:
+    """``model_cfg`` with the architecture settings the published runs used where it does not say
+    (QuiltNet's QuickGELU: its Hub config omits the key, open_clip then builds GELU). A key the
+    weights' own config sets explicitly is honoured, with a warning where it contradicts the
+    published run: the user's file is the better witness of how those weights were trained."""
+    out = dict(model_cfg)
+    for key, setting in published.items():
+        if key not in out:
+            out[key] = setting.value
+        elif out[key] != setting.value:
+            warn(
+                f"{name}: the weights' {CONFIG_NAME} sets {key} {out[key]}, the published runs used "
+                f"{setting.value} ({setting.source.split(' — ')[0]}); running as the weights' config says"
+            )
+    return out
+
+
 def load_open_clip(
     name: str,
     path: Path,
@@ -303,13 +321,15 @@ def load_open_clip(
     device: torch.device,
     overrides: Optional[dict] = None,
     embed_twice: bool = False,
+    published: Optional[Mapping[str, Setting]] = None,
 ) -> OpenClipBackend:
     """Load from a folder in open_clip's Hub layout (``open_clip_config.json`` + weights) or a state-dict file.
 
     Without ``open_clip_config.json`` the architecture shipped with calbench is used;
     ``overrides`` are model settings a model's source fixes outside its config file
-    (OpenAI CLIP's QuickGELU); ``embed_twice`` is the published BiomedCLIP prompt
-    embedding (see :class:`OpenClipBertBackend`), part of the cache key.
+    (OpenAI CLIP's QuickGELU); ``published`` are those the published runs used where the
+    config does not say (:func:`with_published_architecture`); ``embed_twice`` is the
+    published BiomedCLIP prompt embedding (see :class:`OpenClipBertBackend`), part of the cache key.
     """
     folder = path if path.is_dir() else None
     weights = first_file(path, WEIGHT_NAMES) if folder else path
@@ -322,7 +342,8 @@ def load_open_clip(
         if folder and (path / CONFIG_NAME).is_file()
         else shipped_config(default_config)
     )
-    config = dict(raw["model_cfg"], **(overrides or {}), preprocess_cfg=raw.get("preprocess_cfg", {}))
+    model_cfg = with_published_architecture(name, raw["model_cfg"], published or {})
+    config = dict(model_cfg, **(overrides or {}), preprocess_cfg=raw.get("preprocess_cfg", {}))
     # before local paths are filled in: moving the folder keeps cache keys
     config_id = _config_id(dict(config, embed_twice=True) if embed_twice else config)
     text_cfg = dict(config.get("text_cfg", {}))

@@ -28,6 +28,22 @@ __all__ = ["build_blocks", "write_results_report"]
 REFERENCE_METHOD = "coop-ce"
 
 
+def _published_note(ran: Mapping[str, Any], same: bool, unlike: str) -> str:
+    """ "(published)" only for the published setting on a model run as the published code runs it."""
+    if not ran:
+        return ""
+    if not same:
+        return " (differs from the published)"
+    return f" (published setting; {unlike})" if unlike else " (published)"
+
+
+def _unlike_published(model: str) -> str:
+    """How ``model`` runs differently from the published code ('' where it runs as published)."""
+    from calbench.models import MODELS
+
+    return MODELS.get(model).unlike_published if model in MODELS else "not a registered model"
+
+
 def _modality(model: str, dataset: str) -> str:
     from calbench.data import DATASETS
     from calbench.models import MODELS
@@ -118,7 +134,7 @@ def _published_table(res: Summary, settings: Mapping[str, Mapping[str, Any]]) ->
         ran = settings.get(res.config_of(pair, "calibprompt") or "", {}).get("settings", {})
         same = all(ran.get(k, [None])[0] == v.value for k, v in row.settings.items())
         setting = ", ".join(f"{k} {_short(ran[k][0])}" for k in row.settings if k in ran)
-        note = "" if not ran else " (published)" if same else " (differs from the published)"
+        note = _published_note(ran, same, _unlike_published(pair[0]))
         rows.append(
             [
                 f"{pair[0]} · {pair[1]}",
