@@ -22,8 +22,7 @@ from calbench.cli.app import app
 from calbench.compare import CompareRequest, Grid, degenerate_reason, run_compare, score
 from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.methods import CALIBRATORS, list_calibrators, list_methods, make_method, read_params_file
-from calbench.report.results import dataset_labels
-from calbench.results import RESULT_COLUMNS, read_results
+from calbench.results import RESULT_COLUMNS, dataset_labels, read_results
 from calbench.session import FewShot, RunContext, Session
 from calbench.train import TRAIN_RANGES, TrainConfig
 
