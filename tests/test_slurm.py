@@ -11,6 +11,7 @@ Without the binaries or root the tests skip with the reason; under CI (.ci/run i
 and sets CALBENCH_REQUIRE_SLURM) they fail instead.
 """
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,12 @@ import threading
 import time
 import warnings
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+from postgres_server import REQUIRED as PG_REQUIRED
+from postgres_server import PostgresServer
+from postgres_server import Unavailable as PgUnavailable
 from slurm_cluster import PARTITION, REQUIRED, SlurmCluster, Unavailable
 from typer.testing import CliRunner
 
@@ -34,6 +40,8 @@ from calbench.report import write_results_report
 from calbench.results import read_results
 from calbench.session import FewShot, RunContext
 from calbench.shards import read_failed_jobs
+from calbench.tune.config import counts_toward_total
+from calbench.tune.storage import open_storage
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-random"  # the fastest model: these tests are about jobs, not calibration
@@ -174,3 +182,82 @@ def test_a_job_gets_python_and_environment_from_calbench_not_from_the_shell(clus
     expected["CALBENCH_WEIGHTS"] = str(tmp_path / "weights")
     assert {name: environ.get(name) for name in expected} == expected
     assert "HF_TOKEN" not in environ and "VIRTUAL_ENV" not in environ  # --export=NONE held for everything else
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    try:
+        with PostgresServer() as server:
+            yield server
+    except PgUnavailable as exc:
+        if os.environ.get(PG_REQUIRED):
+            pytest.fail(f"PostgreSQL is required here ({PG_REQUIRED} is set) but unavailable: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+def _job_of(worker):
+    """The Slurm array task a search worker ("host:pid") runs in, from its process's environment."""
+    pid = int(worker.rsplit(":", 1)[1])
+    environ = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+    return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+
+
+def test_tune_workers_on_slurm_finish_a_postgresql_study_when_one_is_killed_with_scancel(
+    cluster, postgres, synthetic, cache_dir, tmp_path
+):
+    storage, out = postgres.database("slurm_tune"), tmp_path / "out"
+    args = ["tune", "--model", MODEL, "--trials", "4", "--epochs", "20", "--shots", "4", "--views", "2"]
+    args += ["--storage", storage, "--study", "shared", "--final-seeds", "1", "--heartbeat", "1", "--pruner", "none"]
+    args += [
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache_dir),
+        "--out",
+        str(out),
+        "--launcher",
+        "slurm",
+        "--workers",
+        "2",
+    ]
+    killed = {}
+
+    def kill_a_worker_mid_trial():
+        """Freeze the worker of a running trial (scontrol suspend: SIGSTOP), check the trial is still
+        running, then scancel it; a trial that finished meanwhile lets its worker go on, and we look again."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            try:
+                running = [t for t in _trials(storage) if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                running = []
+            for trial in running[:1]:
+                job = _job_of(trial.user_attrs["worker"])
+                subprocess.run(["scontrol", "suspend", job], check=True)
+                if [t for t in _trials(storage) if t.number == trial.number][0].state == TrialState.RUNNING:
+                    cluster.scancel(job)
+                    killed.update(job=job, trial=trial.number)
+                else:
+                    subprocess.run(["scontrol", "resume", job], check=True)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
+    killer.start()
+    run = CliRunner().invoke(app, args)
+    killer.join(timeout=10)
+    assert run.exit_code == 0, run.output
+    assert killed, "no trial was seen running"
+    assert f"failed job: job {killed['job']} (worker" in run.output and "state: CANCELLED" in run.output
+    trials = _trials(storage)
+    assert sum(counts_toward_total(t) for t in trials) == 4
+    [lost] = [t for t in trials if t.number == killed["trial"]]
+    assert lost.state == TrialState.FAIL
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == lost.params  # the same setting, run to the end
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["study"] == "shared" and (out / "report.md").is_file()
+    assert {r["method"] for r in read_results(out / "results.csv")} >= {"coop-ce", "calibprompt:tuned"}
+
+
+def _trials(storage):
+    return optuna.load_study(study_name="shared", storage=open_storage(storage, 1)).get_trials()
