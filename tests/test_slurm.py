@@ -142,6 +142,7 @@ def test_a_job_killed_with_scancel_is_a_failed_job_and_the_rerun_computes_only_w
 
     _wait(second_task_running, 120, "the second task to start")
     [job] = [j for j, state in cluster.squeue().items() if j.endswith("_1") and state == "RUNNING"]
+    assert _scontrol(job)["ArrayTaskThrottle"] == "1"  # --array-parallelism reached Slurm
     cluster.scancel(job)
     thread.join(timeout=120)
     [failed] = done["run"].failed_jobs
