@@ -244,7 +244,10 @@ def _squeue_watcher() -> type:
             unfinished = self._registered - self._finished
             arrays = sorted({job.split("_")[0] for job in unfinished})
             squeue = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N"]
-            done = subprocess.run([*squeue, f"--jobs={','.join(arrays)}"], capture_output=True, text=True)
+            try:
+                done = subprocess.run([*squeue, f"--jobs={','.join(arrays)}"], capture_output=True, text=True)
+            except OSError:  # no squeue here: the states stay as they were, the result files still tell
+                done = subprocess.CompletedProcess(squeue, 1, "", "")
             if done.returncode == 0 or "Invalid job id" in done.stderr:  # else slurmctld is busy: ask again later
                 known = squeue_states(done.stdout)
                 for job in unfinished:
