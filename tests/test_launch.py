@@ -4,15 +4,14 @@ the same code path as `--launcher slurm` (pickled calls, one process per job, lo
 A grid's jobs write shards that merge into the results a single process writes (same rows, same
 numbers, same report); a failed job is in the report with its id and log until its pair runs again;
 N tune workers share one study and a final job writes best_params.json and the report.
+`--launcher slurm` itself runs on a real single-node Slurm in tests/test_slurm.py.
 """
 
 import csv
 import json
-import os
 import re
 import shutil
 
-import fake_slurm
 import numpy as np
 import optuna
 import pytest
@@ -128,37 +127,6 @@ def test_tune_workers_share_one_study_and_a_final_job_writes_the_results(synthet
     assert f"study 'shared': {len(trials)} trials in the study" in run.output
     surplus = len(trials) - 4
     assert (f"{surplus} scored trial(s) beyond --trials 4" in run.output) == (surplus > 0)
-
-
-@pytest.fixture
-def slurm(tmp_path, monkeypatch):
-    """A stand-in Slurm (tests/fake_slurm.py) first on PATH: sbatch, srun and sacct on this machine."""
-    fake_slurm.install(tmp_path / "slurm-bin")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'slurm-bin'}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path / "slurm-state"))
-    return tmp_path / "slurm-state"
-
-
-def test_a_grid_on_slurm_is_one_job_array_with_the_options_given(slurm, synthetic, cache_dir, tmp_path):
-    missing = tmp_path / "absent"
-    pairs = [(MODEL, "synthetic"), (MODEL, str(missing))]
-    launcher = Launcher("slurm", partition="debug", gpus=0, time=30, array_parallelism=1, cpus=2)
-    context = RunContext(device="cpu", cache_dir=cache_dir)
-    out = tmp_path / "results"
-    result = run_compare(CompareRequest(grid=GRID, context=context, out=out, pairs=pairs), launcher)
-    [submitted] = [json.loads(p.read_text()) for p in slurm.glob("*.sbatch.json")]  # one sbatch: one array
-    assert {k: submitted[k] for k in ("partition", "time", "array", "cpus-per-task", "job-name")} == {
-        "partition": "debug",
-        "time": "30",
-        "array": "0-1%1",
-        "cpus-per-task": "2",
-        "job-name": "calbench-compare",
-    }
-    assert result.computed == 2 and {r["dataset"] for r in result.rows} == {"synthetic"}
-    [failed] = read_failed_jobs(out)
-    assert failed["job_id"] == "1000_1" and failed["log"] == str(out / "jobs" / "1000_1_0_log.err")
-    assert str(missing) in failed["error"] and str(missing) in open(failed["log"]).read()
-    assert "1000_1" in (write_results_report(out)[1]).read_text()
 
 
 def test_workers_need_a_launcher_and_slurm_refuses_sqlite(tmp_path):

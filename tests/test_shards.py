@@ -9,8 +9,9 @@ import re
 
 import pytest
 
+import calbench.jobs
 from calbench.errors import CalbenchError, CalbenchWarning
-from calbench.jobs import Launcher, executor, failure_reason
+from calbench.jobs import GONE, Launcher, executor, failure_reason, job_environment, slurm_states
 from calbench.report import write_results_report
 from calbench.results import (
     RESULT_COLUMNS,
@@ -194,6 +195,80 @@ def test_a_failed_job_is_told_by_the_exception_it_died_of():
         + "\nslurmstepd: oom_kill\n"
     )
     assert failure_reason(RuntimeError(oom)) == "ended without a result (state: OUT_OF_MEMORY): slurmstepd: oom_kill"
+
+
+def test_a_timed_out_job_is_told_as_such_naming_the_limit():
+    killed = "Job 77_3 (task: 0) with path /l/77_3_0_result.pkl\nhas not produced any output (state: TIMEOUT)"
+    said = "timed out: the job ran into its time limit ({}); give it more with --slurm-time"
+    assert failure_reason(RuntimeError(killed), 30) == said.format("30 min")
+    assert failure_reason(RuntimeError(killed)) == said.format("the partition's limit")
+    # submitit ends a job itself when Slurm warns it of the limit (SIGUSR2) and it cannot checkpoint
+    ended = (
+        "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call last):\n"
+        "submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out and not checkpointable.\n\n"
+        "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /l/1_0_log.err"
+    )
+    assert failure_reason(RuntimeError(ended), 1) == said.format("1 min")
+
+
+def test_the_job_environment_is_exported_with_absolute_paths_and_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    environ = {
+        "CALBENCH_CACHE": "cache",
+        "HF_HUB_OFFLINE": "1",
+        "HF_TOKEN": "secret",
+        "CALBENCH_DATA": "",
+        "PATH": "/x",
+    }
+    assert job_environment(environ) == [f"export CALBENCH_CACHE={tmp_path / 'cache'}", "export HF_HUB_OFFLINE=1"]
+    assert job_environment({"HF_HOME": "/a b/it's"}) == ["export HF_HOME='/a b/it'\"'\"'s'"]
+
+
+def _commands(folder, **scripts):
+    folder.mkdir(exist_ok=True)
+    for name, script in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+        (folder / name).chmod(0o755)
+
+
+def test_without_job_accounting_job_states_come_from_squeue_with_one_warning(tmp_path, monkeypatch):
+    """sacct fails as on a cluster without slurmdbd: one warning in words, then squeue's states, and a
+    job squeue no longer lists (Slurm forgot it after it ended) counts as ended, not as running forever."""
+    pytest.importorskip("submitit")
+    listed = tmp_path / "listed"
+    listed.write_text("5_0|RUNNING|node1\n5_1|PENDING|\n")
+    bin_ = tmp_path / "bin"
+    _commands(bin_, sacct='echo "Slurm accounting storage is disabled" >&2; exit 1', squeue=f'cat "{listed}"')
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.setattr(calbench.jobs, "_STATES", [])
+    states = slurm_states()
+    for job in ("5_0", "5_1"):
+        states.register_job(job)
+    with pytest.warns(CalbenchWarning) as caught:
+        states.update()
+        assert [states.get_state(job, mode="cache") for job in ("5_0", "5_1")] == ["RUNNING", "PENDING"]
+        listed.write_text("5_0|CANCELLED|node1\n")
+        states.update()
+    assert [states.get_state(job, mode="cache") for job in ("5_0", "5_1")] == ["CANCELLED", GONE]
+    assert states.is_done("5_0", mode="cache") and states.is_done("5_1", mode="cache")
+    assert [str(w.message) for w in caught] == [
+        "this Slurm cluster keeps no job accounting (sacct: Slurm accounting storage is disabled), so job states "
+        "cannot come from sacct; calbench follows its jobs with squeue instead, and still reports jobs that end "
+        "without a result"
+    ]
+    assert slurm_states() is states  # one poller per process: the warning is not repeated by later grids
+
+
+def test_with_job_accounting_job_states_come_from_sacct(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_ = tmp_path / "bin"
+    _commands(bin_, sacct='echo "JobID|State|NodeList"; echo "8_0|COMPLETED|n1"', squeue="exit 3")
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.setattr(calbench.jobs, "_STATES", [])
+    states = slurm_states()
+    states.register_job("8_0")
+    states.update()
+    assert states.get_state("8_0", mode="cache") == "COMPLETED" and states.accounting
 
 
 def _shift(seed=1, corruption="gaussian_noise", severity=1, ece=0.2):
