@@ -167,7 +167,7 @@ def fit_grid(
                 outcomes[seed][name] = FitOutcome(error=exc)
     groups = [group for group in by_method(keys) if group]
     if any(_shares(group, keys, methods, limit) for group in groups):
-        log(f"{session.model} · {session.dataset.name}: each method's seeds share text-tower passes")
+        log(f"{session.model} · {session.dataset.name}: each method's {len(methods)} seeds share text-tower passes")
     for group in groups:
         chosen = [methods[keys[i][0]][keys[i][1]] for i in group]
         alone = 0 if not _shares(group, keys, methods, limit) else limit

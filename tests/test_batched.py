@@ -162,7 +162,7 @@ def test_a_runs_numbers_do_not_depend_on_the_methods_trained_beside_it(cache_dir
     method, coop-logitnorm's runs share passes with its own seeds only, so its probabilities are the same
     bits whatever --methods lists beside it (before: 1e-7 of its context, up to 8e-4 of a probability
     on the demo, LogitNorm amplifying the rounding)."""
-    from calbench.compare import Grid, run_compare
+    from calbench.compare import CompareRequest, Grid, run_compare
     from calbench.results import ResultsStore
     from calbench.session import FewShot, RunContext
 
@@ -176,7 +176,7 @@ def test_a_runs_numbers_do_not_depend_on_the_methods_trained_beside_it(cache_dir
         methods = ["coop-logitnorm", *others]
         params = {m: {"epochs": 4, "n_ctx": 16} for m in methods}
         grid = Grid(methods, (1,), FewShot(shots=8, views=4), bootstrap=0, method_params=params)
-        run = run_compare("tiny", "synthetic", grid, context, tmp_path / label)
+        run = run_compare(CompareRequest(grid, "tiny", "synthetic", context=context, out=tmp_path / label))
         assert not run.failures
         store = ResultsStore(tmp_path / label)
         probs[label] = next(store.predictions(r) for r in run.rows if r["method"] == "coop-logitnorm")

@@ -1,7 +1,6 @@
 """Issue 11 for methods: calibrators on two and on many classes, declared parameter ranges,
 degenerate runs, --params shapes, and two datasets that share a name."""
 
-import csv
 import json
 import math
 import shutil
@@ -22,7 +21,7 @@ from calbench.cli.app import app
 from calbench.compare import CompareRequest, Grid, degenerate_reason, run_compare, score
 from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.methods import CALIBRATORS, list_calibrators, list_methods, make_method, read_params_file
-from calbench.results import RESULT_COLUMNS, dataset_labels, read_results
+from calbench.results import dataset_labels, read_results
 from calbench.session import FewShot, RunContext, Session
 from calbench.train import TRAIN_RANGES, TrainConfig
 
@@ -433,22 +432,6 @@ def test_exact_copies_are_one_dataset(tmp_path, binary_folder, cache_dir):
     _compare(a, out, cache_dir)
     assert "0 run(s) computed, 2 reused" in _one_line(_compare(b, out, cache_dir).output)
     assert "| method | tiny · data |" in (out / "report.md").read_text()
-
-
-@pytest.mark.e2e
-def test_results_written_before_the_identity_column_are_reused_and_get_it(tmp_path, binary_folder, cache_dir):
-    out = tmp_path / "out"
-    _compare(binary_folder, out, cache_dir)
-    with open(out / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    old_columns = [c for c in RESULT_COLUMNS if c != "dataset_id"]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, old_columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    assert {r["dataset_id"] for r in read_results(out / "results.csv")} == {""}
-    assert "0 run(s) computed, 2 reused" in _one_line(_compare(binary_folder, out, cache_dir).output)
-    assert {r["dataset_id"] for r in read_results(out / "results.csv")} == {rows[0]["dataset_id"]}
 
 
 def test_dataset_labels_name_a_dataset_plainly_unless_another_shares_its_name():
