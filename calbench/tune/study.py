@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Optional
 
 import optuna
@@ -20,6 +21,7 @@ from calbench.session import RunContext
 from calbench.train import TrainingDiverged
 from calbench.tune.batch import finished_elsewhere, run_batch, trials_to_ask
 from calbench.tune.config import OBJECTIVES, PRUNERS, TuneConfig, counts_toward_total, is_feasible, select_best
+from calbench.tune.selection import Judged, judge, reference_trial
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import open_storage, stale_after
 from calbench.tune.worker import Surplus, Worker, places_taken, queue_lost_retries
@@ -40,9 +42,19 @@ class SearchResult:
     def trials(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
 
+    @cached_property
+    def judged(self) -> Optional[Judged]:
+        """The selection rule (:mod:`calbench.tune.selection`) on the study's completed trials."""
+        trials = self.trials
+        hits = self.study.user_attrs.get("reference_hits", {})
+        return judge(trials, self.config, hits, reference_trial(trials, self.config))
+
     @property
     def best(self) -> Optional[FrozenTrial]:
-        return select_best(self.trials, self.config.objective)
+        """The setting handed back: the hand-set one unless a trial beats it beyond the noise."""
+        if self.judged is None:
+            return select_best(self.trials, self.config.objective)
+        return next(t for t in self.trials if t.number == self.judged.verdict.chosen)
 
 
 def open_study(
@@ -255,6 +267,20 @@ def _pareto_front(result: SearchResult) -> list[dict[str, Any]]:
     ]
 
 
+def selection_document(judged: Judged) -> dict[str, Any]:
+    """The rule's verdict as best_params.json and the report state it."""
+    v = judged.verdict
+    return {
+        "chosen": v.chosen,
+        "best": v.best,
+        "reference": v.reference,
+        "kept_reference": v.kept,
+        "confidence": v.confidence,
+        "threshold": v.threshold,
+        "reason": v.reason(),
+    }
+
+
 def best_params_document(result: SearchResult) -> dict[str, Any]:
     """best_params.json: {"method", "params"} as `train --params` / `compare --params` read it, plus provenance."""
     best = result.best
@@ -262,6 +288,7 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
         raise CalbenchError(f"study {result.study.study_name!r} has no completed trial yet; run more --trials")
     c = result.config
     front = _pareto_front(result) if c.objective == "pareto" else []
+    judged = result.judged
     return {
         "method": c.method,
         "params": method_params(best.params, c.epochs),
@@ -269,7 +296,8 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
         "trial": best.number,
         "objective": c.objective,
         "val": best.user_attrs.get("val", {}),
-        "feasible": is_feasible(best),
+        "feasible": judged.summaries[best.number].feasible if judged else is_feasible(best),
+        **({"selection": selection_document(judged)} if judged else {}),
         "reference_accuracy": result.study.user_attrs.get("reference_accuracy", {}),
         "per_pair": _per_pair_optima(result, best),
         **({"pareto_front": front} if front else {}),
