@@ -189,7 +189,10 @@ def test_demo_writes_study_best_params_test_table_and_reports(demo):
         assert (out / name).is_file()
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and "plots/" not in html
-    assert "## Best setting" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Best setting" in report and "## Did the search help?" in report and "Verdict: " in report
+    assert "trials (validation)" in report and "Parallel coordinates" not in report
+    assert "## Validation to test" in report
 
 
 @pytest.mark.e2e

@@ -12,6 +12,7 @@ from calbench.metrics import ece, ece_weighted
 from calbench.session import FewShot, RunContext
 from calbench.tune import TuneConfig, search
 from calbench.tune.config import auto_split_seeds, parse_val_shift
+from calbench.tune.report_verdict import worse_on_test
 from calbench.tune.selection import (
     Plan,
     Predictions,
@@ -236,3 +237,17 @@ def test_val_shift_copies_are_read_once_scored_and_never_trained_on(monkeypatch,
     trial = result.trials[-1]
     assert set(trial.user_attrs["conditions"]) == {"clean", "stain-2", "gaussian_blur-2"}
     assert trial.value == pytest.approx(np.mean([c["ece"] for c in trial.user_attrs["conditions"].values()]))
+
+
+def test_a_tuned_setting_worse_on_test_gets_a_plain_warning():
+    rows = [
+        {"method": method, "seed": seed, "ece": value}
+        for method, values in (("coop-ls:tuned", (0.06, 0.08)), ("coop-ls:default", (0.05, 0.05)))
+        for seed, value in zip((1, 2), values)
+    ]
+    warning = worse_on_test(rows, "coop-ls", "coop-ls:default")
+    assert warning.startswith("the tuned setting calibrates worse on the test split than the hand-set one")
+    assert "(test ECE 7.00% vs 5.00%)" in warning
+    assert worse_on_test(rows[2:] + rows[2:], "coop-ls", "coop-ls:default") is None  # no tuned rows
+    better = [{**r, "ece": 0.01} if r["method"].endswith(":tuned") else r for r in rows]
+    assert worse_on_test(better, "coop-ls", "coop-ls:default") is None
