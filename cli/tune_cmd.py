@@ -239,6 +239,8 @@ def _render(run: Any) -> None:
     for name, value in best.params.items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+    if result.judged is not None:
+        console.print(f"chosen by the rule: {result.judged.verdict.reason()}")
     for model_name, dataset in run.search.config.pairs:
         rows = [r for r in run.test_rows if r["model"] == model_name and r["dataset"] == dataset]
         if rows:

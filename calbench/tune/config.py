@@ -1,5 +1,6 @@
-"""What defines a study (:class:`TuneConfig`) and how its trials are judged: objectives,
-pruners, the accuracy constraint against CoOp-CE, and the choice of the best trial."""
+"""What defines a study (:class:`TuneConfig`: with its folds, split seeds and shifted validation
+copies) and how its trials are judged: objectives, pruners, the accuracy constraint against CoOp-CE.
+Which setting is handed back is :mod:`calbench.tune.selection`'s rule."""
 
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 def select_best(trials: Sequence[FrozenTrial], objective: str) -> Optional[FrozenTrial]:
     """Lowest validation objective among trials meeting the accuracy constraint (pareto: lowest ECE
-    there, which is the front's low-ECE end); if none meets it, the smallest violation."""
+    there, which is the front's low-ECE end); if none meets it, the smallest violation. The leader the
+    progress bar shows while trials run; the setting handed back is the rule's (:mod:`calbench.tune.selection`)."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
         return None

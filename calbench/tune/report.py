@@ -147,9 +147,15 @@ def _overview(result: SearchResult) -> list[Block]:
         ),
         Text(
             f"Study {result.study.study_name} · objective {c.objective} on the validation split "
-            f"(accuracy at most {c.acc_tolerance:g} point(s) below CoOp-CE) · {c.shots} shots, "
-            f"{c.val_shots or c.shots} validation shots per class · split seeds {', '.join(map(str, c.split_seeds))} · "
-            f"{c.train_epochs} epochs · pruner {c.pruner if c.objective != 'pareto' else 'none (multi-objective)'}."
+            f"(accuracy not below CoOp-CE's by more than {c.acc_tolerance:g} point(s) beyond the noise) · {c.shots} "
+            f"shots, {c.val_shots or c.shots} validation shots per class · split seeds "
+            f"{', '.join(map(str, c.split_seeds))} x {c.folds} fold(s) · "
+            + (
+                f"shifted validation copies {', '.join(c.conditions[1:])} ({c.shift_objective}) · "
+                if c.val_shift
+                else ""
+            )
+            + f"{c.train_epochs} epochs · pruner {c.pruner if c.objective != 'pareto' else 'none (multi-objective)'}."
         ),
         Text(f"Pairs: {', '.join(pair_key(p) for p in c.pairs)}. The test split was not loaded during the search."),
         Heading("Trials"),
