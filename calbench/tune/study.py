@@ -66,9 +66,7 @@ def open_study(
     workers interleave in their own order, which no seed fixes."""
     backend = open_storage(storage, heartbeat)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)  # reads the constraint each trial sets
-    pruner = PRUNERS[config.pruner](
-        config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
-    )
+    pruner = PRUNERS[config.pruner](config.train_epochs, config.train_epochs * len(config.pairs) * len(config.splits()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints_func
         try:
