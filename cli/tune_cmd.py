@@ -34,6 +34,7 @@ from calbench.cli.launcher import (
     make_launcher,
     print_failed_jobs,
 )
+from calbench.published import default
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality.")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset name or folder (default: synthetic); or use --modality.")
@@ -56,8 +57,8 @@ AccToleranceOpt = typer.Option(
 SplitSeedsOpt = typer.Option(
     None,
     "--split-seeds",
-    help="Few-shot splits each trial is averaged over, e.g. 1,2,3 (default: enough for 16 validation predictions "
-    "per class, at most 3).",
+    help="Few-shot splits each trial is averaged over, e.g. 1,2,3 (default: enough for "
+    f"{default('tune', 'val_per_class')} validation predictions per class, at most {default('tune', 'max_split_seeds')}).",
 )
 FoldsOpt = typer.Option(
     None,
@@ -78,7 +79,7 @@ ConfidenceOpt = typer.Option(
     None,
     "--confidence",
     help="Bootstrap confidence a trial needs to replace the hand-set setting (and to be ruled below CoOp-CE); "
-    "default 0.9.",
+    f"default {default('tune', 'confidence')}.",
 )
 PrunerOpt = typer.Option("median", "--pruner", help="median, hyperband or none (single-objective studies only).")
 SpaceOpt = typer.Option(None, "--space", help="YAML/JSON that narrows or extends the method's search space.")
