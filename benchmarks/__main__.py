@@ -2,6 +2,7 @@
 
     python -m benchmarks            # the full run quoted in benchmarks/README.md (ViT-B/32, ViT-B/16, 12-layer text towers)
     python -m benchmarks --quick    # every row at reduced sizes (2-layer stand-ins, fewer images and epochs)
+    python -m benchmarks.search     # not a speed row: does the default `tune` beat the hand-set setting on test?
 
 Every ratio is measured side by side in one process, as the median of ``--repeats`` repetitions
 (3 in the full run), on generated 224 px images and models with random weights at their published

@@ -63,6 +63,17 @@ def ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
     return float((gaps * counts).sum() / len(y))
 
 
+def ece_weighted(probs: Any, labels: Any, weights: Any, n_bins: int = 10) -> np.ndarray:
+    """:func:`ece` of each row of ``weights`` (R, N), item i counted ``weights[r, i]`` times: the ECE of
+    R bootstrap resamples at once (a row of ones is :func:`ece` itself). A bin's gap times its count is
+    |sum of hits - sum of confidences| in it, so a resample is one weighted sum per bin."""
+    p, y = _as_numpy(probs, labels)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    conf, hits = _top_label(p, y)
+    onehot = np.eye(n_bins)[bin_ids(conf, n_bins)]  # (N, n_bins)
+    return np.abs(w @ ((hits - conf)[:, None] * onehot)).sum(axis=1) / w.sum(axis=1)
+
+
 def mce(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Maximum calibration error: the largest gap over non-empty equal-width bins."""
     p, y = _as_numpy(probs, labels)

@@ -64,11 +64,14 @@ class FewShot:
     validation images per class (default: as many), and ``views`` cached augmented views
     of each training image (epoch e reads view e mod views). ``views`` None is one per epoch of
     the method trained (:func:`train_views`): CoOp's fresh crop every epoch. Fewer views encode
-    fewer images, but an image is then seen in only ``views`` distinct crops."""
+    fewer images, but an image is then seen in only ``views`` distinct crops. ``fold`` turns the
+    drawn images by that many validation blocks (:func:`calbench.data.few_shot_split`: `tune`'s
+    cross-validation); 0 is the split every other command uses."""
 
     shots: int = TrainConfig.shots
     val_shots: Optional[int] = default("fewshot", "val_shots")
     views: Optional[int] = default("fewshot", "views")
+    fold: int = 0
 
     def __post_init__(self) -> None:
         if self.shots < 1:
@@ -141,7 +144,8 @@ class Session:
 
     def split(self, seed: int, fewshot: FewShot = FewShot()) -> tuple[np.ndarray, np.ndarray]:
         """Indices into the train pool of seed ``seed``'s few-shot training and validation images."""
-        return few_shot_split(self.dataset.labels("train"), fewshot.shots, fewshot.val, seed, self.dataset.classnames)
+        labels, names = self.dataset.labels("train"), self.dataset.classnames
+        return few_shot_split(labels, fewshot.shots, fewshot.val, seed, names, fewshot.fold)
 
     def fit_data(
         self,
@@ -208,6 +212,13 @@ class Session:
         if self._test is None:
             self._test = self.test_views("eval", range(1))[0]
         return self._test
+
+    def val_views(self, seed: int, fewshot: FewShot, kind: str, views: range = range(1)) -> Tensor:
+        """(len(views), N, D) features of split ``seed``'s validation images under transform ``kind``
+        (a scoring kind only, e.g. a corrupted copy: validation images are never trained on)."""
+        _check_role("val", kind)
+        chosen = self.split(seed, fewshot)[1]
+        return self.cache.features(self.dataset, "train", chosen, kind=kind, views=views).to(self.vlm.device)
 
     def test_views(self, kind: str, views: range, indices: Optional[np.ndarray] = None) -> Tensor:
         """(len(views), N, D) features of test images ``indices`` (default: all) under transform ``kind``

@@ -34,6 +34,7 @@ from calbench.cli.launcher import (
     make_launcher,
     print_failed_jobs,
 )
+from calbench.published import default
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality.")
 DataOpt = typer.Option(None, "--data", "-d", help="Dataset name or folder (default: synthetic); or use --modality.")
@@ -53,7 +54,33 @@ ObjectiveOpt = typer.Option(
 AccToleranceOpt = typer.Option(
     1.0, "--acc-tolerance", help="Accuracy points a trial may lose against CoOp-CE on the same validation split."
 )
-SplitSeedsOpt = typer.Option("1", "--split-seeds", help="Few-shot splits each trial is averaged over, e.g. 1,2,3.")
+SplitSeedsOpt = typer.Option(
+    None,
+    "--split-seeds",
+    help="Few-shot splits each trial is averaged over, e.g. 1,2,3 (default: enough for "
+    f"{default('tune', 'val_per_class')} validation predictions per class, at most {default('tune', 'max_split_seeds')}).",
+)
+FoldsOpt = typer.Option(
+    None,
+    "--folds",
+    help="Folds of each split a trial trains and validates on (default: every drawn image validated once, "
+    "2 when --val-shots equals --shots; 1: the plain split).",
+)
+ValShiftOpt = typer.Option(
+    None,
+    "--val-shift",
+    help="Also score each trial on corrupted validation copies: CORRUPTIONS[:SEVERITIES], e.g. stain:3 or "
+    "stain,gaussian_blur:1,3 (stain, gaussian_blur, gaussian_noise, jpeg, brightness, contrast, all; none: off).",
+)
+ShiftObjectiveOpt = typer.Option(
+    None, "--shift-objective", help="mean (default) or worst over the clean and shifted validation copies."
+)
+ConfidenceOpt = typer.Option(
+    None,
+    "--confidence",
+    help="Bootstrap confidence a trial needs to replace the hand-set setting (and to be ruled below CoOp-CE); "
+    f"default {default('tune', 'confidence')}.",
+)
 PrunerOpt = typer.Option("median", "--pruner", help="median, hyperband or none (single-objective studies only).")
 SpaceOpt = typer.Option(None, "--space", help="YAML/JSON that narrows or extends the method's search space.")
 EpochsOpt = typer.Option(
@@ -111,7 +138,11 @@ def tune(
     trials: int = TrialsOpt,
     objective: str = ObjectiveOpt,
     acc_tolerance: float = AccToleranceOpt,
-    split_seeds: str = SplitSeedsOpt,
+    split_seeds: Optional[str] = SplitSeedsOpt,
+    folds: Optional[int] = FoldsOpt,
+    val_shift: Optional[str] = ValShiftOpt,
+    shift_objective: Optional[str] = ShiftObjectiveOpt,
+    confidence: Optional[float] = ConfidenceOpt,
     pruner: str = PrunerOpt,
     space: Optional[Path] = SpaceOpt,
     epochs: Optional[int] = EpochsOpt,
@@ -146,23 +177,42 @@ def tune(
 
     if modality is not None and (model is not None or data is not None):
         raise CalbenchError("give either --modality or --model/--data, not both")
-    jobs = make_launcher(launcher, slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism)
+    jobs = _jobs(launcher, workers, threads, (slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism))
+    pairs = modality_pairs(modality, data_root) if modality else [(model or "tiny", data or "synthetic")]
+    searched = read_space_file(method, space) if space else {}
+    seeds = parse_ints(split_seeds, "--split-seeds") if split_seeds else []
+    options = (objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched, batch_trials)
+    config = TuneConfig(method, pairs, modality, *options, **_judging(folds, val_shift, shift_objective, confidence))
+    context = run_context(device, cache_dir, weights, trust_weights, data_root)
+    final = parse_ints(final_seeds, "--final-seeds")
+    args = (trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
+    run = _launched(config, jobs, workers, threads, args) if jobs.distributed else run_tune(config, *args)
+    _render(run)
+
+
+def _jobs(launcher: str, workers: int, threads: Optional[int], slurm: tuple[Any, ...]) -> Any:
+    """The launcher, checked against --workers; --threads applies here when the search runs in this process."""
+    from calbench.errors import CalbenchError
+
+    jobs = make_launcher(launcher, *slurm)
     if workers != 1 and not jobs.distributed:
         raise CalbenchError("--workers runs worker jobs: add --launcher local-processes or --launcher slurm")
     if threads is not None and not jobs.distributed:
         import torch
 
         torch.set_num_threads(max(1, threads))
-    pairs = modality_pairs(modality, data_root) if modality else [(model or "tiny", data or "synthetic")]
-    searched = read_space_file(method, space) if space else {}
-    seeds = parse_ints(split_seeds, "--split-seeds")
-    options = (objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched, batch_trials)
-    config = TuneConfig(method, pairs, modality, *options)
-    context = run_context(device, cache_dir, weights, trust_weights, data_root)
-    final = parse_ints(final_seeds, "--final-seeds")
-    args = (trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
-    run = _launched(config, jobs, workers, threads, args) if jobs.distributed else run_tune(config, *args)
-    _render(run)
+    return jobs
+
+
+def _judging(
+    folds: Optional[int], val_shift: Optional[str], shift_objective: Optional[str], confidence: Optional[float]
+) -> dict[str, Any]:
+    """How trials are judged: the options given; the rest stay at TuneConfig's defaults (from the one table)."""
+    from calbench.tune.config import parse_val_shift
+
+    shift = parse_val_shift(val_shift) if val_shift is not None else None
+    given = {"folds": folds, "val_shift": shift, "shift_objective": shift_objective, "confidence": confidence}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _launched(config: Any, jobs: Any, workers: int, threads: Optional[int], args: tuple[Any, ...]) -> Any:
@@ -196,6 +246,8 @@ def _render(run: Any) -> None:
     for name, value in best.params.items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+    if result.judged is not None:
+        console.print(f"chosen by the rule: {result.judged.verdict.reason()}")
     for model_name, dataset in run.search.config.pairs:
         rows = [r for r in run.test_rows if r["model"] == model_name and r["dataset"] == dataset]
         if rows:

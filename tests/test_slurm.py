@@ -39,7 +39,7 @@ from calbench.report import write_results_report
 from calbench.results import read_results
 from calbench.session import FewShot, RunContext
 from calbench.shards import read_failed_jobs
-from calbench.tune.config import counts_toward_total
+from calbench.tune.config import COUNTED
 from calbench.tune.storage import open_storage
 
 pytestmark = pytest.mark.e2e
@@ -257,7 +257,7 @@ def test_tune_workers_on_slurm_finish_a_postgresql_study_when_one_is_killed_with
     assert killed, "no trial was seen running"
     assert f"failed job: job {killed['job']} (worker" in run.output and "state: CANCELLED" in run.output
     trials = _trials(storage)
-    assert sum(counts_toward_total(t) for t in trials) == 4
+    assert 4 <= sum(t.state in COUNTED for t in trials) <= 4 + 2  # the total, and at most one surplus per worker
     [lost] = [t for t in trials if t.number == killed["trial"]]
     assert lost.state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == lost.number]

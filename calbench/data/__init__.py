@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from calbench.data.folder import DEFAULT_TEMPLATE, ImageFolderDataset, few_shot_split
+from calbench.data.folder import DEFAULT_TEMPLATE, ImageFolderDataset, few_shot_split, fold_count
 from calbench.data.registry import DATASETS, DatasetSpec, data_home, is_prepared, list_datasets, present_counts
 from calbench.errors import CalbenchError
 
@@ -20,6 +20,7 @@ __all__ = [
     "DATASETS",
     "ImageFolderDataset",
     "few_shot_split",
+    "fold_count",
     "availability",
     "check_dataset",
     "classes_of",

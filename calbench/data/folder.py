@@ -353,13 +353,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def few_shot_split(
-    labels: np.ndarray, shots: int, val_shots: int, seed: int, names: list[str] | None = None
+    labels: np.ndarray, shots: int, val_shots: int, seed: int, names: list[str] | None = None, fold: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint k-shot train and validation indices per class, from the train pool.
 
     Seeded and reproducible. The test split is never touched here: validation is
     carved out of the train pool so that nothing tuned ever sees test images.
+
+    ``fold`` f turns the same ``shots + val_shots`` images of each class by f validation blocks:
+    fold f validates on the block fold 0 trained on first, so the folds 0..(shots + val_shots) //
+    val_shots - 1 validate every drawn image once (cross-validation over the labelled images, as
+    `tune` scores a trial) while each still trains on ``shots`` images and never on its own validation ones.
     """
+    if fold < 0 or fold >= fold_count(shots, val_shots):
+        raise CalbenchError(
+            f"fold {fold} does not exist: {shots} shots + {val_shots} validation shots make "
+            f"{fold_count(shots, val_shots)} fold(s), numbered from 0"
+        )
     rng = streams.rng("fewshot-split", seed)
     train, val = [], []
     for c in range(int(labels.max()) + 1):
@@ -371,7 +381,13 @@ def few_shot_split(
                 f"class {name!r} has {len(pool)} training images but {shots} shots + {val_shots} validation "
                 f"shots need {need}; lower --shots or add images"
             )
-        pool = rng.permutation(pool)
+        pool = np.roll(rng.permutation(pool)[:need], -fold * val_shots)
         train.append(np.sort(pool[:shots]))
         val.append(np.sort(pool[shots:need]))
     return np.concatenate(train), np.concatenate(val)
+
+
+def fold_count(shots: int, val_shots: int) -> int:
+    """Folds of :func:`few_shot_split` whose validation blocks do not overlap: every drawn image is
+    validated once when ``val_shots`` divides ``shots`` (2 folds at the default shots = val_shots)."""
+    return (shots + val_shots) // val_shots

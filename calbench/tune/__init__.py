@@ -9,10 +9,13 @@ setting is then scored on the test split, once.
 
 - :mod:`.space`: search spaces and the hand-set settings trials start from;
 - :mod:`.config`: what defines a study and how trials are judged;
-- :mod:`.worker`: the objective each trial runs;
+- :mod:`.worker` and :mod:`.evidence`: the objective each trial runs, on every fold's held-out images,
+  clean and shifted;
+- :mod:`.selection`: which setting is handed back (the hand-set one unless a trial beats it beyond
+  the noise, by a paired bootstrap);
 - :mod:`.storage` and :mod:`.study`: where a study lives, the search loop, best_params.json;
 - :mod:`.limits`: searches refused up front or stopped (every trial failing);
-- :mod:`.run`: the whole command; :mod:`.report`: its report.
+- :mod:`.run`: the whole command; :mod:`.report` and :mod:`.report_verdict`: its report.
 """
 
 from calbench.tune.config import TuneConfig

@@ -1,9 +1,9 @@
 """The search report: the same typed blocks as the results report (:mod:`calbench.report.blocks`),
 written as report.md with PNG plots in ``plots/`` beside it and a self-contained report.html.
 
-Plots are Optuna's matplotlib visualisations (history, importances, parallel coordinates,
-contour, Pareto front); a plot that cannot be drawn (e.g. importances from one trial) is
-named in the report with the reason instead.
+Plots are Optuna's matplotlib visualisations (history, importances, contour, Pareto front);
+the trials themselves are a table (:mod:`calbench.tune.report_verdict`). A plot that cannot be
+drawn (e.g. importances from one trial) is named in the report with the reason instead.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from calbench.metrics import format_mean_std  # noqa: E402
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report  # noqa: E402
 from calbench.results import Row  # noqa: E402
 from calbench.tune.config import is_feasible  # noqa: E402
+from calbench.tune.report_verdict import generalisation, helped, top_trials  # noqa: E402
 from calbench.tune.space import pair_key, reference_params  # noqa: E402
 from calbench.tune.study import SearchResult  # noqa: E402
 
@@ -66,9 +67,7 @@ def _wanted_plots(result: SearchResult) -> list[tuple[str, str, Callable[[], Any
         )
     target = None if single else (lambda t: t.values[0])
     wanted.append(("Parameter importances", "importances", lambda: ovm.plot_param_importances(study, target=target)))
-    wanted.append(
-        ("Parallel coordinates", "parallel", lambda: ovm.plot_parallel_coordinate(study, params=params, target=target))
-    )
+    # no parallel-coordinates plot: its axis labels overlap at any readable size; the top-trials table shows the same
     if {"alpha", "w_as"} <= set(params):
         wanted.append(
             (
@@ -145,9 +144,15 @@ def _overview(result: SearchResult) -> list[Block]:
         ),
         Text(
             f"Study {result.study.study_name} · objective {c.objective} on the validation split "
-            f"(accuracy at most {c.acc_tolerance:g} point(s) below CoOp-CE) · {c.shots} shots, "
-            f"{c.val_shots or c.shots} validation shots per class · split seeds {', '.join(map(str, c.split_seeds))} · "
-            f"{c.train_epochs} epochs · pruner {c.pruner if c.objective != 'pareto' else 'none (multi-objective)'}."
+            f"(accuracy not below CoOp-CE's by more than {c.acc_tolerance:g} point(s) beyond the noise) · {c.shots} "
+            f"shots, {c.val_shots or c.shots} validation shots per class · split seeds "
+            f"{', '.join(map(str, c.split_seeds))} x {c.folds} fold(s) · "
+            + (
+                f"shifted validation copies {', '.join(c.conditions[1:])} ({c.shift_objective}) · "
+                if c.val_shift
+                else ""
+            )
+            + f"{c.train_epochs} epochs · pruner {c.pruner if c.objective != 'pareto' else 'none (multi-objective)'}."
         ),
         Text(f"Pairs: {', '.join(pair_key(p) for p in c.pairs)}. The test split was not loaded during the search."),
         Heading("Trials"),
@@ -277,6 +282,7 @@ def write_tune_report(
 ) -> tuple[Path, Path]:
     """Write ``out``/report.md (plots in ``out``/plots/) and a self-contained ``out``/report.html."""
     out = Path(out)
-    blocks = _overview(result) + _best(result, best) + _fronts_and_pairs(result, best) + _test(result, test_rows)
+    blocks = _overview(result) + _best(result, best) + helped(result) + top_trials(result)
+    blocks += _fronts_and_pairs(result, best) + _test(result, test_rows) + generalisation(result, best, test_rows)
     blocks += [Heading("Plots"), *_plots(result, out / "plots")]
     return write_report(blocks, out, f"tune {result.study.study_name}")

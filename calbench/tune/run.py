@@ -10,11 +10,12 @@ from typing import Any, Optional
 
 from calbench.atomic import write_text_atomic
 from calbench.compare import CompareRequest, Grid, run_compare
-from calbench.errors import CalbenchError, check_seeds
+from calbench.errors import CalbenchError, check_seeds, warn
 from calbench.results import ResultsStore, Row
 from calbench.session import RunContext
 from calbench.tune.config import TuneConfig
 from calbench.tune.report import write_tune_report
+from calbench.tune.report_verdict import worse_on_test
 from calbench.tune.space import method_params, reference_params
 from calbench.tune.storage import default_storage
 from calbench.tune.study import SearchResult, best_params_document, search
@@ -26,7 +27,8 @@ def final_test(
     """Score the tuned setting once on the test split, next to CoOp-CE and the hand-set setting.
 
     Rows are labelled ``<method>:tuned`` and ``<method>:paper`` (or ``:default``) and merged
-    into ``out``/results.csv; each setting's own runs live under ``out``/final/<pair>/.
+    into ``out``/results.csv; each setting's own runs live under ``out``/final/<pair>/. When the
+    search kept the hand-set setting, it is trained once and its rows carry both labels.
     """
     c = result.config
     rows: list[Row] = []
@@ -44,7 +46,13 @@ def final_test(
             ),
             label: Grid([c.method], seeds, c.fewshot, method_params={c.method: method_params(ref, c.epochs)}),
         }
+        kept = dict(best["params"]) == method_params(ref, c.epochs)
         for name, grid in settings.items():
+            if kept and name == label:
+                rows += [
+                    {**row, "method": f"{c.method}:{label}"} for row in rows if row["method"] == f"{c.method}:tuned"
+                ]
+                continue
             run = run_compare(CompareRequest(grid, model, data, context=single, out=folder / name))
             if run.failures:
                 first = run.failures[0]
@@ -122,5 +130,9 @@ def run_tune(
     run.best_params = out / "best_params.json"
     write_text_atomic(run.best_params, json.dumps(document, indent=2) + "\n")
     run.test_rows = final_test(result, document, final_seeds, out, context)
+    hand = f"{config.method}:{reference_params(config.method, config.pairs[0], config.space)[0]}"
+    warning = worse_on_test(run.test_rows, config.method, hand)
+    if warning:
+        warn(warning)
     run.reports = list(write_tune_report(result, document, run.test_rows, out))
     return run

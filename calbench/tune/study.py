@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Optional
 
 import optuna
@@ -22,6 +23,7 @@ from calbench.train import TrainingDiverged
 from calbench.tune.batch import run_batch
 from calbench.tune.config import COUNTED, OBJECTIVES, PRUNERS, TuneConfig, is_feasible, select_best
 from calbench.tune.limits import FailureStreak, check_objective
+from calbench.tune.selection import Judged, judge, reference_trial
 from calbench.tune.space import check_space, first_trials, method_params, pair_key
 from calbench.tune.storage import has_heartbeats, open_storage, retry_callback
 from calbench.tune.worker import Worker
@@ -43,9 +45,19 @@ class SearchResult:
     def trials(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
 
+    @cached_property
+    def judged(self) -> Optional[Judged]:
+        """The selection rule (:mod:`calbench.tune.selection`) on the study's completed trials."""
+        trials = self.trials
+        hits = self.study.user_attrs.get("reference_hits", {})
+        return judge(trials, self.config, hits, reference_trial(trials, self.config))
+
     @property
     def best(self) -> Optional[FrozenTrial]:
-        return select_best(self.trials, self.config.objective)
+        """The setting handed back: the hand-set one unless a trial beats it beyond the noise."""
+        if self.judged is None:
+            return select_best(self.trials, self.config.objective)
+        return next(t for t in self.trials if t.number == self.judged.verdict.chosen)
 
     @property
     def surplus(self) -> int:
@@ -71,9 +83,7 @@ def open_study(
     workers interleave in their own order, which no seed fixes."""
     backend = open_storage(storage, heartbeat)
     sampler = OrderedTPE(seed=sampler_seed)  # reads the constraint each trial sets
-    pruner = PRUNERS[config.pruner](
-        config.train_epochs, config.train_epochs * len(config.pairs) * len(config.split_seeds)
-    )
+    pruner = PRUNERS[config.pruner](config.train_epochs, config.train_epochs * len(config.pairs) * len(config.splits()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constraints_func
         try:
@@ -310,6 +320,20 @@ def _pareto_front(result: SearchResult) -> list[dict[str, Any]]:
     ]
 
 
+def selection_document(judged: Judged) -> dict[str, Any]:
+    """The rule's verdict as best_params.json and the report state it."""
+    v = judged.verdict
+    return {
+        "chosen": v.chosen,
+        "best": v.best,
+        "reference": v.reference,
+        "kept_reference": v.kept,
+        "confidence": v.confidence,
+        "threshold": v.threshold,
+        "reason": v.reason(),
+    }
+
+
 def best_params_document(result: SearchResult) -> dict[str, Any]:
     """best_params.json: {"method", "params"} as `train --params` / `compare --params` read it, plus provenance."""
     best = result.best
@@ -317,6 +341,7 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
         raise CalbenchError(f"study {result.study.study_name!r} has no completed trial yet; run more --trials")
     c = result.config
     front = _pareto_front(result) if c.objective == "pareto" else []
+    judged = result.judged
     return {
         "method": c.method,
         "params": method_params(best.params, c.epochs),
@@ -324,7 +349,8 @@ def best_params_document(result: SearchResult) -> dict[str, Any]:
         "trial": best.number,
         "objective": c.objective,
         "val": best.user_attrs.get("val", {}),
-        "feasible": is_feasible(best),
+        "feasible": judged.summaries[best.number].feasible if judged else is_feasible(best),
+        **({"selection": selection_document(judged)} if judged else {}),
         "reference_accuracy": result.study.user_attrs.get("reference_accuracy", {}),
         "per_pair": _per_pair_optima(result, best),
         **({"pareto_front": front} if front else {}),

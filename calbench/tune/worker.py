@@ -2,8 +2,9 @@
 
 A :class:`Worker` opens one :class:`~calbench.session.Session` per searched pair and
 reuses it for every trial this process runs; a trial trains the suggested setting on each
-pair's few-shot splits and is scored on their validation images (the test split is never
-read), with pruning at epoch checkpoints and an accuracy constraint against CoOp-CE.
+fold of each pair's few-shot splits and is scored on the held-out images (the test split is
+never read), with pruning at epoch checkpoints and an accuracy constraint against CoOp-CE
+(:mod:`calbench.tune.evidence`).
 """
 
 from __future__ import annotations
@@ -23,23 +24,13 @@ import torch.nn.functional as F
 from calbench.base import FitData, Method
 from calbench.batched import fit_together
 from calbench.calibprompt import PromptMethod
-from calbench.deferral import DeferralSettings
-from calbench.deferral.conformal import halves_set_size
-from calbench.deferral.selective import aurc
 from calbench.methods import resolve
-from calbench.metrics import accuracy, ece, nll
 from calbench.session import RunContext, Session
 from calbench.train import TrainingDiverged, logits_for
-from calbench.tune.config import ACCURACY, TuneConfig
+from calbench.tune.config import ACCURACY, Split, TuneConfig
+from calbench.tune.evidence import RunScore, ShiftedViews, conclude, score_run, val_metrics
+from calbench.tune.selection import Predictions, group_key
 from calbench.tune.space import method_params, pair_key
-
-
-def val_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Every metric a trial may be judged on, from validation only. ``conformal-size``: the mean LAC set
-    size at 1 - alpha, calibrated on one half of the validation images and measured on the other, both ways."""
-    p, y = probs.double().cpu().numpy(), labels.cpu().numpy()
-    size = halves_set_size(p, y, DeferralSettings.alpha)
-    return {"ece": ece(p, y), "accuracy": accuracy(p, y), "nll": nll(p, y), "aurc": aurc(p, y), "conformal-size": size}
 
 
 class Worker:
@@ -51,28 +42,35 @@ class Worker:
         single = context if len(config.pairs) == 1 else replace(context, weights=None)  # --weights belongs to one model
         self.sessions = {pair: Session(pair[0], pair[1], single) for pair in config.pairs}
         self.reference: dict[str, float] = {}
+        self.reference_hits: dict[str, list[int]] = {}  # CoOp-CE per validation item, per group (pair, split seed)
+        self.shifted = ShiftedViews(self.sessions, config)
         self.host = f"{socket.gethostname()}:{os.getpid()}"
 
-    def fit_data(self, pair: tuple[str, str], seed: int, method: Optional[Method] = None) -> FitData:
-        """Few-shot train + validation features (and what ``method`` declares): the only data a trial sees."""
-        return self.sessions[pair].fit_data(seed, self.config.fewshot, method, score_val=True)
+    def fit_data(self, pair: tuple[str, str], split: Union[int, Split], method: Optional[Method] = None) -> FitData:
+        """Few-shot train + validation features (and what ``method`` declares) of one split seed's fold (an int:
+        fold 0): the only data a trial sees."""
+        seed, fold = (split, 0) if isinstance(split, int) else (split.seed, split.fold)
+        return self.sessions[pair].fit_data(seed, self.config.fewshot_for(fold), method, score_val=True)
 
     def load_reference(self, study: optuna.Study) -> dict[str, float]:
-        """CoOp-CE's validation accuracy per pair (mean over split seeds); computed once per study."""
-        stored = study.user_attrs.get("reference_accuracy", {})
-        if all(pair_key(p) in stored for p in self.config.pairs):
-            self.reference = {k: float(v) for k, v in stored.items()}
+        """CoOp-CE's validation accuracy per pair (mean over its runs) and whether it is right on each
+        validation item (for the paired accuracy constraint); computed once per study."""
+        stored, hits = study.user_attrs.get("reference_accuracy", {}), study.user_attrs.get("reference_hits", {})
+        if all(pair_key(p) in stored for p in self.config.pairs) and hits:
+            self.reference, self.reference_hits = {k: float(v) for k, v in stored.items()}, hits
             return self.reference
         epochs = method_params({}, self.config.epochs)
         for pair in self.config.pairs:
-            accs = []
-            for seed in self.config.split_seeds:
-                fit = self.fit_data(pair, seed)
+            for split in self.config.splits():
+                fit = self.fit_data(pair, split)
                 coop = resolve("coop-ce", *pair, epochs).build().fit(fit)
                 with torch.no_grad():
-                    accs.append(val_metrics(coop.predict_proba(fit.val_features), fit.val_labels)["accuracy"])
-            self.reference[pair_key(pair)] = float(np.mean(accs))
+                    right = coop.predict_proba(fit.val_features).argmax(dim=1) == fit.val_labels
+                self.reference_hits.setdefault(group_key(pair_key(pair), split.seed), []).extend(right.int().tolist())
+            groups = [group_key(pair_key(pair), seed) for seed in self.config.split_seeds]
+            self.reference[pair_key(pair)] = float(np.mean([np.mean(self.reference_hits[g]) for g in groups]))
         study.set_user_attr("reference_accuracy", self.reference)
+        study.set_user_attr("reference_hits", self.reference_hits)
         return self.reference
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -95,80 +93,68 @@ class Worker:
         for i, trial in enumerate(trials):
             trial.set_user_attr("worker", self.host)
             params[i] = {name: p.suggest(trial, name) for name, p in c.space.items()}
-        per_pair: dict[int, dict[str, dict[str, float]]] = {i: {} for i in params}
-        runs = [(pair, seed) for pair in c.pairs for seed in c.split_seeds]
-        for index, (pair, seed) in enumerate(runs):
+        collected: dict[int, dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]]] = {i: {} for i in params}
+        runs = [(pair, split) for pair in c.pairs for split in c.splits()]
+        for index, (pair, split) in enumerate(runs):
             live = [i for i in params if i not in outcomes]
             for i, result in zip(
-                live, self._run([trials[i] for i in live], [params[i] for i in live], pair, seed, index)
+                live, self._run([trials[i] for i in live], [params[i] for i in live], pair, split, index)
             ):
                 if isinstance(result, Exception):
                     outcomes[i] = result
                     continue
-                sums = per_pair[i].setdefault(pair_key(pair), {k: 0.0 for k in result})
-                for k, v in result.items():
-                    sums[k] += v / len(c.split_seeds)
+                group = collected[i].setdefault(group_key(pair_key(pair), split.seed), [])
+                group.append((result.labels, result.probs))
                 if c.objective != "pareto":
-                    trials[i].report(result[c.metric], (index + 1) * c.train_epochs)
+                    trials[i].report(result.metrics[c.metric], (index + 1) * c.train_epochs)
                     if index + 1 < len(runs) and trials[i].should_prune():
-                        where = f"after split seed {seed} of {pair_key(pair)}"
-                        self._record_prune(trials[i], where, result["accuracy"], pair)
+                        where = f"after {split} of {pair_key(pair)}"
+                        self._record_prune(trials[i], where, result.metrics["accuracy"], pair)
                         outcomes[i] = optuna.TrialPruned()
         for i in params:
             if i not in outcomes:
-                outcomes[i] = self._conclude(trials[i], per_pair[i], started)
+                outcomes[i] = self._conclude(trials[i], Predictions.from_runs(collected[i]), started)
         return [outcomes[i] for i in range(len(trials))]
 
-    def _conclude(
-        self, trial: optuna.Trial, per_pair: dict[str, dict[str, float]], started: float
-    ) -> float | tuple[float, float]:
-        """A finished trial's value from its per-pair means, with the accuracy constraint and its user attributes."""
-        c = self.config
-        tolerance = c.acc_tolerance / 100.0
-        for key, m in per_pair.items():
-            m["constraint"] = self.reference[key] - tolerance - m["accuracy"]
-        mean = {
-            k: float(np.mean([m[k] for m in per_pair.values()]))
-            for k in next(iter(per_pair.values()))
-            if k != "constraint"
-        }
-        trial.set_user_attr("pairs", per_pair)
-        trial.set_user_attr("val", mean)
-        trial.set_constraint(ACCURACY, max(m["constraint"] for m in per_pair.values()))
+    def _conclude(self, trial: optuna.Trial, predictions: Predictions, started: float) -> float | tuple[float, float]:
+        """A finished trial's value from its validation predictions (every fold, every condition), with the
+        noise-aware accuracy constraint and the user attributes the report reads."""
+        value, violation, attrs = conclude(self.config, predictions, self.reference_hits)
+        for key, attr in attrs.items():
+            trial.set_user_attr(key, attr)
+        trial.set_constraint(ACCURACY, violation)
         trial.set_user_attr("seconds", time.perf_counter() - started)
-        return (mean["ece"], mean["accuracy"]) if c.objective == "pareto" else mean[c.objective]
+        return value
 
     def _run(
         self,
         trials: Sequence[optuna.Trial],
         params: Sequence[dict[str, Any]],
         pair: tuple[str, str],
-        seed: int,
+        split: Split,
         index: int,
-    ) -> list[Union[dict[str, float], Exception]]:
-        """Train each trial's setting on one split of one pair, together, and score each on that split's
-        validation images; a trial whose training stopped (diverged, pruned) gets its exception."""
+    ) -> list[Union[RunScore, Exception]]:
+        """Train each trial's setting on one split (seed and fold) of one pair, together, and score each on
+        that split's validation images, clean and shifted; a trial whose training stopped (diverged, pruned)
+        gets its exception."""
         c = self.config
         methods, data = [], []
         for trial, chosen in zip(trials, params):
             method = resolve(c.method, *pair, method_params(chosen, c.epochs)).build()
-            fit = self.fit_data(pair, seed, method)
+            fit = self.fit_data(pair, split, method)
             if c.objective != "pareto" and isinstance(method, PromptMethod):
                 method.on_epoch = self._checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
             methods.append(method)
             data.append(fit)
-        results: list[Union[dict[str, float], Exception]] = []
+        results: list[Union[RunScore, Exception]] = []
         for trial, fit, outcome in zip(trials, data, fit_together(methods, data)):
             if isinstance(outcome.error, TrainingDiverged):
-                trial.set_user_attr("fail_reason", f"diverged (split seed {seed}, {pair_key(pair)}): {outcome.error}")
+                trial.set_user_attr("fail_reason", f"diverged ({split}, {pair_key(pair)}): {outcome.error}")
             if outcome.error is not None:
                 results.append(outcome.error)
                 continue
             fitted = outcome.fitted()
-            with (
-                torch.no_grad()
-            ):  # smoothed methods are scored on noisy validation copies, as compare scores them on test
-                results.append(val_metrics(fitted.predict_proba(fit.val_inputs(fitted)), fit.val_labels))
+            results.append(score_run(fitted, fit, self.shifted.inputs(pair, split, fitted)))
         return results
 
     def _checkpoint(
