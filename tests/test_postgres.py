@@ -210,7 +210,7 @@ def test_a_seeded_search_is_the_same_study_on_every_storage_and_optuna_reads_it_
         seen = _read_elsewhere(storage)
         study = optuna.load_study(study_name="shared", storage=open_storage(storage, 1))
         assert seen["study"] == json.loads(json.dumps(study.user_attrs))
-        assert set(seen["study"]) == {"config", "reference_accuracy"}
+        assert set(seen["study"]) == {"config", "reference_accuracy", "reference_hits"}
         assert [t["user"] for t in seen["trials"]] == [json.loads(json.dumps(t.user_attrs)) for t in trials]
         assert {"enqueued", "worker", "pairs", "val", "seconds"} <= set().union(*(t["user"] for t in seen["trials"]))
         assert seen["trials"][0]["user"]["enqueued"] == "default"

@@ -367,7 +367,8 @@ def test_a_search_whose_every_trial_fails_stops_with_one_line(monkeypatch, cache
     with pytest.raises(CalbenchError) as stopped:
         search(TuneConfig(epochs=3, space=space), 2, "diverge", storage, RunContext(device="cpu", cache_dir=cache_dir))
     assert str(stopped.value) == (
-        "the search stopped: 3 trials in a row failed (the last, trial 2: diverged (split seed 1, tiny/synthetic): "
+        "the search stopped: 3 trials in a row failed (the last, trial 2: diverged (split seed 1 fold 1/2, "
+        "tiny/synthetic): "
         "loss became nan at epoch 2; lower the learning rate or loss weights); narrow the search space (--space) "
         "or choose another --objective"
     )
