@@ -207,12 +207,15 @@ TIMED_OUT = "timed-out and not checkpointable"
 #: the state of a job squeue no longer lists (Slurm forgets a job MinJobAge, 300 s by default, after it ends)
 GONE = "ENDED"
 _STATES: list[Any] = []  # this process's one job-state poller, as submitit keeps one for all Slurm jobs
+#: most seconds between two polls of the jobs' states (submitit's: 600); calbench: well inside Slurm's
+#: MinJobAge (300 s by default), after which squeue no longer knows a job
+POLL_SECONDS = 60
 
 
 def slurm_states() -> Any:
     """The poller calbench's Slurm jobs use: submitit's (sacct), or squeue where sacct fails."""
     if not _STATES:
-        _STATES.append(_squeue_watcher()(delay_s=60))  # polls at most a minute apart: well inside MinJobAge
+        _STATES.append(_squeue_watcher()(delay_s=POLL_SECONDS))
     return _STATES[0]
 
 

@@ -32,14 +32,13 @@ from typer.testing import CliRunner
 
 import calbench.jobs
 from calbench.cli.app import app
-from calbench.compare import Grid
+from calbench.compare import CompareRequest, Grid, run_compare
 from calbench.jobs import JOB_ENVIRONMENT, Launcher, run_jobs
-from calbench.launch import run_compare_launched
 from calbench.report import write_results_report
-from calbench.results import read_results
+from calbench.results import read_failed_jobs, read_results
 from calbench.session import FewShot, RunContext
-from calbench.shards import read_failed_jobs
 from calbench.tune.config import COUNTED
+from calbench.tune.space import base_space
 from calbench.tune.storage import open_storage
 
 pytestmark = pytest.mark.e2e
@@ -61,10 +60,13 @@ def cluster():
 
 @pytest.fixture(autouse=True)
 def local_disk(monkeypatch):
-    """submitit waits 15 s for a missing result to appear on a slow network file system; here it is a local disk."""
+    """submitit waits 15 s for a missing result to appear on a slow network file system; here it is a
+    local disk. And a one-node cluster can be asked for job states every 2 s, not once a minute."""
     import submitit.core.core
 
     monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 1)
+    monkeypatch.setattr(calbench.jobs, "POLL_SECONDS", 2)
+    monkeypatch.setattr(calbench.jobs, "_STATES", [])
 
 
 def _scontrol(job):
@@ -77,8 +79,7 @@ def _compare(cache_dir, out, *extra):
     return CliRunner().invoke(app, [*args, "--out", str(out), *extra])
 
 
-def test_compare_all_on_slurm_gives_the_rows_of_one_process(cluster, synthetic, cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(calbench.jobs, "_STATES", [])  # a fresh process's job-state poller: it has not warned yet
+def test_compare_all_on_slurm_gives_the_rows_of_one_process(cluster, synthetic, cache_dir, tmp_path):
     local = _compare(cache_dir, tmp_path / "local", "--all")
     assert local.exit_code == 0, local.output
     options = ["--slurm-partition", PARTITION, "--slurm-time", "10", "--slurm-cpus", "1", "--array-parallelism", "1"]
@@ -131,7 +132,7 @@ def test_a_job_killed_with_scancel_is_a_failed_job_and_the_rerun_computes_only_w
     done = {}
 
     def launch():
-        done["run"] = run_compare_launched(launcher, grid=grid, context=context, out=out, pairs=pairs)
+        done["run"] = run_compare(CompareRequest(grid=grid, context=context, out=out, pairs=pairs), launcher)
 
     thread = threading.Thread(target=launch, daemon=True)
     thread.start()
@@ -155,7 +156,7 @@ def test_a_job_killed_with_scancel_is_a_failed_job_and_the_rerun_computes_only_w
     assert job in failed_section and failed["log"] in failed_section
     assert len(read_results(out / "results.csv")) == 2  # the first pair's runs
 
-    again = _in_time(240, run_compare_launched, launcher, grid=grid, context=context, out=out, pairs=pairs)
+    again = _in_time(240, run_compare, CompareRequest(grid=grid, context=context, out=out, pairs=pairs), launcher)
     assert again.computed == 2 and again.failed_jobs == []  # only the killed pair's runs
     assert len(read_results(out / "results.csv")) == 4 and read_failed_jobs(out) == []
 
@@ -233,10 +234,11 @@ def test_tune_workers_on_slurm_finish_a_postgresql_study_when_one_is_killed_with
     def kill_a_worker_mid_trial():
         """Freeze the worker of a running trial (scontrol suspend: SIGSTOP), check the trial is still
         running, then scancel it; a trial that finished meanwhile lets its worker go on, and we look again."""
+        space = set(base_space("calibprompt"))  # a trial training: its whole setting drawn
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             try:
-                running = [t for t in _trials(storage) if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+                running = [t for t in _trials(storage) if t.state == TrialState.RUNNING and set(t.params) == space]
             except Exception:  # noqa: BLE001 - the study is not created yet
                 running = []
             for trial in running[:1]:
