@@ -41,7 +41,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def run_one(method: str, sampler_seed: int, args: argparse.Namespace) -> dict[str, object]:
     """One default search and its final test; the numbers the table prints."""
     from calbench.session import RunContext
-    from calbench.tune import TuneConfig, run_tune
+    from calbench.tune import TuneConfig, TuneRequest, run_tune
     from calbench.tune.config import parse_val_shift
 
     shift = {} if args.val_shift is None else {"val_shift": parse_val_shift(args.val_shift)}
@@ -49,12 +49,14 @@ def run_one(method: str, sampler_seed: int, args: argparse.Namespace) -> dict[st
     out = args.out / f"{method}-sampler{sampler_seed}"
     started = time.perf_counter()
     run = run_tune(
-        config,
-        args.trials,
-        out=out,
-        final_seeds=_ints(args.final_seeds),
-        context=RunContext(),
-        sampler_seed=sampler_seed,
+        TuneRequest(
+            config,
+            args.trials,
+            out=out,
+            final_seeds=_ints(args.final_seeds),
+            context=RunContext(),
+            sampler_seed=sampler_seed,
+        )
     )
     ece = {
         label: [100 * float(r["ece"]) for r in run.test_rows if r["method"] == f"{method}:{label}"]

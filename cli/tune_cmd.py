@@ -9,31 +9,16 @@ import typer
 from rich.table import Table
 
 from calbench.cli.common import (
-    CacheOpt,
-    DataRootOpt,
-    DeviceOpt,
-    ShotsOpt,
-    TrustWeightsOpt,
-    ValShotsOpt,
-    ViewsOpt,
-    WeightsOpt,
     app,
     console,
     parse_ints,
     results_table,
-    run_context,
     user_errors,
 )
 from calbench.cli.launcher import (
-    CpusOpt,
-    GpusOpt,
-    LauncherOpt,
-    ParallelismOpt,
-    PartitionOpt,
-    TimeOpt,
-    make_launcher,
     print_failed_jobs,
 )
+from calbench.cli.options import FEWSHOT, LAUNCHER, RUN, grouped
 from calbench.published import default
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model name (default: tiny); or use --modality.")
@@ -130,6 +115,7 @@ BatchTrialsOpt = typer.Option(
 
 @app.command()
 @user_errors
+@grouped(context=RUN, fewshot=FEWSHOT, jobs=LAUNCHER)
 def tune(
     model: Optional[str] = ModelOpt,
     data: Optional[str] = DataOpt,
@@ -155,53 +141,60 @@ def tune(
     sampler_seed: Optional[int] = SamplerSeedOpt,
     threads: Optional[int] = ThreadsOpt,
     batch_trials: int = BatchTrialsOpt,
-    launcher: str = LauncherOpt,
     workers: int = WorkersOpt,
-    slurm_partition: Optional[str] = PartitionOpt,
-    slurm_gpus: Optional[int] = GpusOpt,
-    slurm_time: Optional[int] = TimeOpt,
-    slurm_cpus: Optional[int] = CpusOpt,
-    array_parallelism: Optional[int] = ParallelismOpt,
-    shots: int = ShotsOpt,
-    val_shots: Optional[int] = ValShotsOpt,
-    views: int = ViewsOpt,
-    device: str = DeviceOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    weights: Optional[Path] = WeightsOpt,
-    trust_weights: bool = TrustWeightsOpt,
-    data_root: Optional[Path] = DataRootOpt,
+    *,
+    context: Any,
+    fewshot: Any,
+    jobs: Any,
 ) -> None:
     """Search hyper-parameters on the validation split, then test the best setting once and write reports."""
     from calbench.errors import CalbenchError
-    from calbench.tune import TuneConfig, modality_pairs, read_space_file, run_tune
+    from calbench.tune import TuneConfig, TuneRequest, modality_pairs, read_space_file, run_tune
 
     if modality is not None and (model is not None or data is not None):
         raise CalbenchError("give either --modality or --model/--data, not both")
-    jobs = _jobs(launcher, workers, threads, (slurm_partition, slurm_gpus, slurm_time, slurm_cpus, array_parallelism))
-    pairs = modality_pairs(modality, data_root) if modality else [(model or "tiny", data or "synthetic")]
-    searched = read_space_file(method, space) if space else {}
-    seeds = parse_ints(split_seeds, "--split-seeds") if split_seeds else []
-    options = (objective, acc_tolerance, shots, val_shots, views, seeds, epochs, pruner, searched, batch_trials)
-    config = TuneConfig(method, pairs, modality, *options, **_judging(folds, val_shift, shift_objective, confidence))
-    context = run_context(device, cache_dir, weights, trust_weights, data_root)
+    _check_jobs(jobs, workers, threads)
+    pairs = modality_pairs(modality, context.data_root) if modality else [(model or "tiny", data or "synthetic")]
+    config = TuneConfig(
+        method=method,
+        pairs=pairs,
+        modality=modality,
+        objective=objective,
+        acc_tolerance=acc_tolerance,
+        **_sampling(fewshot, split_seeds, epochs),
+        pruner=pruner,
+        space=read_space_file(method, space) if space else {},
+        batch_trials=batch_trials,
+        **_judging(folds, val_shift, shift_objective, confidence),
+    )
     final = parse_ints(final_seeds, "--final-seeds")
-    args = (trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
-    run = _launched(config, jobs, workers, threads, args) if jobs.distributed else run_tune(config, *args)
+    request = TuneRequest(config, trials, study, storage, out, final, search_only, context, heartbeat, sampler_seed)
+    run = _launched(request, jobs, workers, threads) if jobs.distributed else run_tune(request)
     _render(run)
 
 
-def _jobs(launcher: str, workers: int, threads: Optional[int], slurm: tuple[Any, ...]) -> Any:
-    """The launcher, checked against --workers; --threads applies here when the search runs in this process."""
+def _check_jobs(jobs: Any, workers: int, threads: Optional[int]) -> None:
+    """--workers needs worker jobs; --threads applies here when the search runs in this process."""
     from calbench.errors import CalbenchError
 
-    jobs = make_launcher(launcher, *slurm)
     if workers != 1 and not jobs.distributed:
         raise CalbenchError("--workers runs worker jobs: add --launcher local-processes or --launcher slurm")
     if threads is not None and not jobs.distributed:
         import torch
 
         torch.set_num_threads(max(1, threads))
-    return jobs
+
+
+def _sampling(fewshot: Any, split_seeds: Optional[str], epochs: Optional[int]) -> dict[str, Any]:
+    """How each trial draws and trains on few-shot data: the few-shot options, split seeds and epochs."""
+    seeds = parse_ints(split_seeds, "--split-seeds") if split_seeds else []
+    return {
+        "shots": fewshot.shots,
+        "val_shots": fewshot.val_shots,
+        "views": fewshot.views,
+        "split_seeds": seeds,
+        "epochs": epochs,
+    }
 
 
 def _judging(
@@ -215,12 +208,12 @@ def _judging(
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _launched(config: Any, jobs: Any, workers: int, threads: Optional[int], args: tuple[Any, ...]) -> Any:
+def _launched(request: Any, jobs: Any, workers: int, threads: Optional[int]) -> Any:
     """``workers`` search jobs on one study, then the final job; failed jobs are listed with their logs."""
     from calbench.tune.launch import launch_tune
 
     log = (lambda message: console.log(message)) if console.is_terminal else (lambda message: None)
-    run = launch_tune(config, jobs, workers, *args, threads=threads, log=log)
+    run = launch_tune(request, jobs, workers, threads, log)
     print_failed_jobs([f"job {o.job_id} (worker {o.index}) failed: {o.error}; log: {o.log}" for o in run.failed_jobs])
     return run
 

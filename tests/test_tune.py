@@ -19,7 +19,7 @@ from calbench.metrics import ece
 from calbench.results import ResultsStore
 from calbench.session import FewShot, RunContext
 from calbench.train import logits_for
-from calbench.tune import TuneConfig, modality_pairs, parse_space, run_tune, search
+from calbench.tune import TuneConfig, TuneRequest, modality_pairs, parse_space, run_tune, search
 from calbench.tune.config import ACCURACY, select_best
 from calbench.tune.space import SPACES, base_space, first_trials, method_params
 from calbench.tune.storage import open_storage
@@ -163,8 +163,10 @@ def demo(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("tune")
     torch.set_num_threads(1)  # set up before the per-test fixture; retraining must match bit for bit
     context = RunContext(device="cpu", cache_dir=cache_dir)
-    first = run_tune(TuneConfig(epochs=EPOCHS), n_trials=8, out=out, final_seeds=[1], context=context, heartbeat=1)
-    again = run_tune(TuneConfig(epochs=EPOCHS), n_trials=10, out=out, search_only=True, context=context, heartbeat=1)
+    first = run_tune(TuneRequest(TuneConfig(epochs=EPOCHS), 8, out=out, final_seeds=[1], context=context, heartbeat=1))
+    again = run_tune(
+        TuneRequest(TuneConfig(epochs=EPOCHS), 10, out=out, search_only=True, context=context, heartbeat=1)
+    )
     return out, first, again
 
 

@@ -141,6 +141,7 @@ def _todo(session: Session, store: ResultsStore, grid: Grid, configs: Mapping[st
         return (
             grid.force
             or (row or {}).get("status") not in SCORED
+            or not (row or {}).get("dataset_id")  # written before rows named their dataset's files: run again
             or store.predictions_damaged(row, shape)  # a damaged prediction file: its run again
             or (shifted is not None and store.key(row or {}) not in shifted)  # --shift not yet run
         )

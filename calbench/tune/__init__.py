@@ -19,7 +19,7 @@ setting is then scored on the test split, once.
 """
 
 from calbench.tune.config import TuneConfig
-from calbench.tune.run import TuneRun, final_test, modality_pairs, run_tune
+from calbench.tune.run import TuneRequest, TuneRun, final_test, modality_pairs, run_tune
 from calbench.tune.space import parse_space, read_space_file
 from calbench.tune.study import SearchResult, best_params_document, search
 
@@ -32,6 +32,7 @@ __all__ = [
     "modality_pairs",
     "parse_space",
     "read_space_file",
+    "TuneRequest",
     "run_tune",
     "search",
 ]

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from calbench.errors import SEED_MAX, CalbenchError, check_seeds
+from calbench.errors import SEED_MAX, CalbenchError
 from calbench.jobs import JobOutcome, Launcher, run_jobs
-from calbench.session import RunContext
-from calbench.tune.config import TuneConfig
-from calbench.tune.run import TuneRun, run_tune, study_home
+from calbench.tune.run import TuneRequest, TuneRun, run_tune
 from calbench.tune.storage import default_storage
 from calbench.tune.study import SearchResult, open_study, prepare, requeue_orphans, search
 
@@ -50,54 +48,27 @@ def shared_storage(launcher: Launcher, storage: Optional[str], out: Path) -> str
     return storage
 
 
-def search_job(
-    config: TuneConfig,
-    n_trials: int,
-    name: str,
-    storage: str,
-    context: RunContext,
-    heartbeat: int,
-    sampler_seed: Optional[int],
-    threads: Optional[int],
-) -> tuple[int, float]:
+def search_job(request: TuneRequest, threads: Optional[int]) -> tuple[int, float]:
     """One worker job: trials until the study is complete; returns (trials run here, seconds)."""
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    result = search(config, n_trials, name, storage, context, heartbeat, sampler_seed)
+    r = request
+    result = search(r.config, r.trials, str(r.study), str(r.storage), r.context, r.heartbeat, r.sampler_seed)
     return result.ran, result.seconds
 
 
-def final_job(
-    config: TuneConfig,
-    n_trials: int,
-    name: str,
-    storage: str,
-    out: Path,
-    final_seeds: Sequence[int],
-    context: RunContext,
-    heartbeat: int,
-    sampler_seed: Optional[int],
-) -> dict[str, Any]:
+def final_job(request: TuneRequest) -> dict[str, Any]:
     """The last job: any trials still missing, then best_params.json, the final test and the report."""
-    run = run_tune(config, n_trials, name, storage, out, final_seeds, False, context, heartbeat, sampler_seed)
+    run = run_tune(replace(request, search_only=False))
     return {"ran": run.search.ran, "best_params": run.best_params, "rows": run.test_rows, "reports": run.reports}
 
 
 def launch_tune(
-    config: TuneConfig,
+    request: TuneRequest,
     launcher: Launcher,
     workers: int,
-    n_trials: int = 50,
-    study_name: Optional[str] = None,
-    storage: Optional[str] = None,
-    out: Optional[Path] = None,
-    final_seeds: Sequence[int] = (1, 2, 3),
-    search_only: bool = False,
-    context: RunContext = RunContext(),
-    heartbeat: int = 10,
-    sampler_seed: Optional[int] = None,
     threads: Optional[int] = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> LaunchedTune:
@@ -108,28 +79,26 @@ def launch_tune(
         raise CalbenchError("--workers runs worker jobs: use --launcher local-processes or slurm")
     if workers < 1:
         raise CalbenchError(f"--workers must be at least 1, got {workers}")
-    check_seeds(final_seeds, "--final-seeds")
-    name, out = study_home(config, study_name, out)
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    storage = shared_storage(launcher, storage, out)
+    r = request.home()
+    out = Path(str(r.out)).resolve()
+    storage = shared_storage(launcher, r.storage, out)
     started = time.perf_counter()
-    prepare(config, n_trials, name, storage, heartbeat, sampler_seed)  # checked and created once, here
-    jobs = replace(context, cache_dir=context.cache_root.resolve(), progress=False)
+    prepare(r.config, r.trials, str(r.study), storage, r.heartbeat, r.sampler_seed)  # checked and created once, here
+    context = replace(r.context, cache_dir=r.context.cache_root.resolve(), progress=False)
+    job = replace(r, out=out, storage=storage, context=context)
     if threads is None and launcher.kind == "local-processes":  # one machine: each worker its share of the cores
         threads = max(1, (os.cpu_count() or 1) // workers)
-    seeds = [None if sampler_seed is None else (sampler_seed + i) % (SEED_MAX + 1) for i in range(workers)]
-    calls = [(config, n_trials, name, storage, jobs, heartbeat, seed, threads) for seed in seeds]
+    seeds = [None if r.sampler_seed is None else (r.sampler_seed + i) % (SEED_MAX + 1) for i in range(workers)]
+    calls = [(replace(job, sampler_seed=seed), threads) for seed in seeds]
     outcomes = run_jobs(launcher, out / "jobs", "calbench-tune", search_job, calls, log)
     ran = sum(o.value[0] for o in outcomes if o.ok)
     failed = [o for o in outcomes if not o.ok]
-    study = open_study(config, storage, name, heartbeat)
+    study = open_study(r.config, storage, str(r.study), r.heartbeat)
     requeue_orphans(study)  # every worker has ended: a trial still running lost its worker
-    run = LaunchedTune(SearchResult(study, config, storage, ran, 0.0, n_trials), out)
+    run = LaunchedTune(SearchResult(study, r.config, storage, ran, 0.0, r.trials), out)
     run.failed_jobs = failed
-    if not search_only:
-        call = (config, n_trials, name, storage, out, list(final_seeds), jobs, heartbeat, sampler_seed)
-        final = run_jobs(launcher, out / "jobs", "calbench-tune-final", final_job, [call], log)[0]
+    if not r.search_only:
+        final = run_jobs(launcher, out / "jobs", "calbench-tune-final", final_job, [(job,)], log)[0]
         if not final.ok:
             raise CalbenchError(f"the final job {final.job_id} failed: {final.error}; log: {final.log}")
         run.search.ran += final.value["ran"]

@@ -105,31 +105,45 @@ def modality_pairs(modality: str, data_root: Optional[Path]) -> list[tuple[str, 
     return pairs
 
 
-def run_tune(
-    config: TuneConfig,
-    n_trials: int = 50,
-    study_name: Optional[str] = None,
-    storage: Optional[str] = None,
-    out: Optional[Path] = None,
-    final_seeds: Sequence[int] = (1, 2, 3),
-    search_only: bool = False,
-    context: RunContext = RunContext(),
-    heartbeat: int = 10,
-    sampler_seed: Optional[int] = None,
-) -> TuneRun:
+@dataclass(frozen=True)
+class TuneRequest:
+    """One `calbench tune`: what to search (``config``), how many trials, where the study and results live,
+    the final test's seeds and the run context; passed whole to every path that runs it (this process,
+    worker jobs, the final job)."""
+
+    config: TuneConfig = field(default_factory=TuneConfig)
+    trials: int = 50
+    study: Optional[str] = None  # default: <method>/<model>/<dataset> (default_study_name)
+    storage: Optional[str] = None  # default: OUT/study.db
+    out: Optional[Path] = None  # default: results/tune/<study>
+    final_seeds: Sequence[int] = (1, 2, 3)
+    search_only: bool = False
+    context: RunContext = RunContext()
+    heartbeat: int = 10  # seconds between trial heartbeats
+    sampler_seed: Optional[int] = None
+
+    def home(self) -> TuneRequest:
+        """The request with its study name and output folder filled in (created), and the seeds checked."""
+        check_seeds(self.final_seeds, "--final-seeds")  # before the search, not after it
+        name, out = study_home(self.config, self.study, self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return replace(self, study=name, out=out)
+
+
+def run_tune(request: TuneRequest) -> TuneRun:
     """Search on validation only; then (unless ``search_only``) write best_params.json, test the
     best and the hand-set settings once, and write report.md / report.html."""
-    check_seeds(final_seeds, "--final-seeds")  # before the search, not after it
-    name, out = study_home(config, study_name, out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = search(config, n_trials, name, storage or default_storage(out), context, heartbeat, sampler_seed)
+    r = request.home()
+    config, out, context = r.config, Path(str(r.out)), r.context
+    storage = r.storage or default_storage(out)
+    result = search(config, r.trials, str(r.study), storage, context, r.heartbeat, r.sampler_seed)
     run = TuneRun(result, out)
-    if search_only:
+    if r.search_only:
         return run
     document = best_params_document(result)
     run.best_params = out / "best_params.json"
     write_text_atomic(run.best_params, json.dumps(document, indent=2) + "\n")
-    run.test_rows = final_test(result, document, final_seeds, out, context)
+    run.test_rows = final_test(result, document, r.final_seeds, out, context)
     hand = f"{config.method}:{reference_params(config.method, config.pairs[0], config.space)[0]}"
     warning = worse_on_test(run.test_rows, config.method, hand)
     if warning:
