@@ -1,17 +1,28 @@
 """The comparison grid: resume, failures, --all with skipped pairs, and the report."""
 
 import csv
+import errno
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_checks import FAST_ARGS, cli, one_error, one_line
 from typer.testing import CliRunner
 
 from calbench.base import METHODS, LogitMethod, MethodSpec
 from calbench.cli.app import app
-from calbench.compare import CompareRequest, Grid, run_compare
-from calbench.errors import CalbenchError
+from calbench.compare import CompareRequest, Grid, degenerate_reason, run_compare, score
+from calbench.errors import CalbenchError, CalbenchWarning
+from calbench.methods import list_calibrators
 from calbench.models import MODELS
 from calbench.results import RESULT_COLUMNS, read_results
 from calbench.session import FewShot, RunContext
@@ -391,3 +402,415 @@ def test_a_foreign_csv_is_not_a_results_file(tmp_path):
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "is not a calbench results.csv (no column 'model')" in result.output
+
+
+# --- file-system errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, cache_dir):
+    (tmp_path / "taken").write_text("mine\n")
+    result = cli("compare", *FAST_ARGS, "--out", tmp_path / "taken", "--cache-dir", cache_dir)
+    one_error(
+        result,
+        f"cannot create {tmp_path / 'taken'}: it is a file, not a folder; move that file away or pass --out elsewhere",
+    )
+    assert (tmp_path / "taken").read_text() == "mine\n"
+    assert "run(s) computed" not in result.output and "image views encoded" not in result.output
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("option", ["--out", "--cache-dir"])
+def test_a_file_in_the_path_names_the_file_and_the_option(tmp_path, cache_dir, option):
+    (tmp_path / "taken").write_text("mine\n")
+    paths = {"--out": tmp_path / "out", "--cache-dir": cache_dir}
+    paths[option] = tmp_path / "taken" / "inside"
+    result = cli("compare", *FAST_ARGS, "--out", paths["--out"], "--cache-dir", paths["--cache-dir"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: cannot ") and f"{tmp_path / 'taken'} is a file, not a folder" in line
+    assert line.endswith(f"move that file away or pass {option} elsewhere")
+
+
+@pytest.mark.parametrize("command", [["compare", *FAST_ARGS], ["train", "--method", "coop-ce", "--shots", "1"]])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_an_out_that_is_a_broken_symbolic_link_is_one_line(tmp_path, cache_dir, command, link):
+    if link == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        why = "it is a symbolic link loop"
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "nowhere" / "x")
+        why = f"it is a symbolic link to {tmp_path / 'nowhere' / 'x'}, which does not exist"
+    result = cli(*command, "--out", tmp_path / "a", "--cache-dir", cache_dir)
+    one_error(result, f"cannot use {tmp_path / 'a'}: {why}; remove the link, or pass --out elsewhere")
+
+
+@pytest.mark.e2e
+def test_read_only_out_folder_is_refused_before_any_work(tmp_path, cache_dir, monkeypatch):
+    out = tmp_path / "ro"
+    real = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == out or out in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    result = cli("compare", *FAST_ARGS, "--out", out, "--cache-dir", cache_dir)
+    one_error(result, f"cannot write {out}: read-only file system; pass --out on a writable disk")
+    assert "image views encoded" not in result.output
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache_dir):
+    """A results folder with one finished run (zero-shot, seed 1) and its prediction file."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    result = cli("compare", *FAST_ARGS, "--out", out, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("target", ["results.csv", "predictions"])
+def test_full_disk_is_one_line_and_results_csv_stays_intact(finished, tmp_path, cache_dir, monkeypatch, target):
+    out = _copy(finished, tmp_path)
+    before = (out / "results.csv").read_bytes()
+    real_write = pathlib.Path.write_text
+
+    def full_text(self, *args, **kwargs):  # a write to an open file names no path, as on a real full disk
+        if self.name.startswith(".results.csv-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    def full_npy(file, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if target == "results.csv":
+        monkeypatch.setattr(pathlib.Path, "write_text", full_text)
+    else:
+        monkeypatch.setattr(np, "save", full_npy)
+    result = cli(
+        "compare",
+        "--methods",
+        "zero-shot",
+        "--seeds",
+        "1,2",
+        "--bootstrap",
+        "0",
+        "--out",
+        out,
+        "--cache-dir",
+        cache_dir,
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    culprit = out / "results.csv" if target == "results.csv" else out / "predictions"
+    assert line.startswith(f"error: cannot write {culprit}")
+    assert line.endswith(": no space left on device; free space or pass --out on another disk")
+    assert (out / "results.csv").read_bytes() == before  # the finished run is kept, byte for byte
+    assert not [p for p in out.rglob("*.tmp")]  # no temp file left behind
+
+
+# --- results.csv and certification.csv ----------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_compare_recomputes_a_run_whose_row_was_cut_short(finished, tmp_path, cache_dir):
+    out = _copy(finished, tmp_path)
+    path = out / "results.csv"
+    path.write_bytes(path.read_bytes()[:-7])
+    result = cli("compare", *FAST_ARGS, "--out", out, "--cache-dir", cache_dir)
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert f"warning: {path} line 2 is damaged (cut short: no line break at the end of the file)" in result.output
+    assert "1 run(s) computed, 0 reused" in result.output
+    assert path.read_bytes() == (finished / "results.csv").read_bytes()
+
+
+# --- damaged prediction files -----------------------------------------------------------------------
+
+PREDICTION_DAMAGES = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:200]),
+    "random bytes": lambda path: path.write_bytes(np.random.default_rng(0).bytes(400)),
+    "wrong shape": lambda path: np.save(path, np.full((7, 5), 0.2, dtype=np.float32)),
+    "object array": lambda path: np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+    "empty": lambda path: path.write_bytes(b""),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("damage", PREDICTION_DAMAGES)
+def test_a_damaged_prediction_file_is_recomputed_not_blocking(finished, tmp_path, cache_dir, damage):
+    out = _copy(finished, tmp_path)
+    (npy,) = (out / "predictions").glob("*.npy")
+    good = np.load(npy)
+    PREDICTION_DAMAGES[damage](npy)
+    result = cli("compare", *FAST_ARGS, "--out", out, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert f"warning: predictions file {npy} is damaged (" in result.output
+    assert "computing its run again" in result.output and "1 run(s) computed, 0 reused" in result.output
+    assert np.array_equal(np.load(npy, allow_pickle=False), good)
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+
+
+# --- warnings the user must see -----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_warnings_show_even_under_pythonwarnings_ignore(finished, tmp_path, cache_dir):
+    out = _copy(finished, tmp_path)
+    (npy,) = (out / "predictions").glob("*.npy")
+    npy.write_bytes(b"")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CALBENCH_CACHE": str(cache_dir)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calbench.cli.app",
+            "compare",
+            *FAST_ARGS,
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        f"warning: predictions file {npy} is damaged (unreadable: No data left in file); computing its run again"
+    ]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_warning_every_run_of_a_grid_gives_is_shown_once(tmp_path, cache_dir):
+    """Six validation cases cannot calibrate sets at alpha 0.1 (nine are needed): said once, not once per run."""
+    result = cli(
+        "compare", "--methods", "zero-shot,zero-shot+ts", "--seeds", "1,2", "--shots", "2", "--val-shots", "1",
+        "--bootstrap", "0", "--out", tmp_path / "out", "--cache-dir", cache_dir,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: --conformal-alpha 0.1 needs at least 9 validation cases and this run has 6: no finite threshold, "
+        "so every conformal set holds every class; pass more --val-shots or a larger --conformal-alpha"
+    ]
+
+
+# --- every calibrator on two classes -----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_compare_on_a_two_class_dataset_gives_ok_rows_for_every_calibrator(tmp_path, binary_folder, cache_dir):
+    methods = ["coop-ce", *(f"coop-ce+{c}" for c in list_calibrators())]
+    result = run_compare(
+        CompareRequest(
+            model="tiny",
+            data=str(binary_folder),
+            grid=Grid(methods, [1], FewShot(shots=4, views=1), bootstrap=0, method_params={"coop-ce": {"epochs": 2}}),
+            context=RunContext(device="cpu", cache_dir=cache_dir),
+            out=tmp_path,
+        )
+    )
+    assert {r["method"]: r["status"] for r in result.rows} == dict.fromkeys(methods, "ok")
+
+
+# --- parameters outside their declared range -------------------------------------------------
+
+
+def test_an_out_of_range_parameter_stops_compare_before_any_work(tmp_path, cache_dir):
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"coop-ls": {"alpha": 1.5}}))
+    out = tmp_path / "out"
+    args = ["compare", "--methods", "coop-ls", "--seeds", "1", "--params", str(params), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: coop-ls alpha=1.5 is outside [0, 1); pass a value in that range" in one_line(result.output)
+    assert not (out / "results.csv").exists()
+
+
+# --- degenerate runs --------------------------------------------------------------------------
+
+
+class _Uniform(LogitMethod):
+    """A method whose prompt learned nothing: the same logit for every class."""
+
+    def fit(self, data):
+        self.n_classes = len(data.classnames)
+        return self
+
+    def predict_logits(self, features):
+        return torch.zeros(features.shape[0], self.n_classes)
+
+
+@pytest.fixture()
+def uniform_method():
+    with METHODS.temporarily("uniform", MethodSpec("uniform", "test double", _Uniform)) as name:
+        yield name
+
+
+def test_near_uniform_predictions_are_degenerate_and_keep_their_metrics():
+    uniform = np.full((6, 5), 0.2)
+    uniform[:, 0] += 0.0009  # within 1e-3 of 1/C
+    uniform[:, 1:] -= 0.0009 / 4
+    row = score(uniform, np.arange(6) % 5, 1, 10, 0)
+    assert row["status"] == "degenerate" and math.isfinite(row["ece"]) and row["accuracy"] == pytest.approx(2 / 6)
+    assert row["error"] == (
+        "near-uniform predictions: every test item's top probability is within 0.001 of 1/5; "
+        "the method learned nothing (check epochs, lr and loss weights)"
+    )
+    one_sure = uniform.copy()
+    one_sure[0] = [0.9, 0.025, 0.025, 0.025, 0.025]
+    assert degenerate_reason(one_sure) == "" and score(one_sure, np.arange(6) % 5, 1, 10, 0)["status"] == "ok"
+
+
+@pytest.mark.e2e
+def test_a_degenerate_run_is_flagged_reused_and_never_the_best_ece(tmp_path, cache_dir, uniform_method):
+    args = dict(grid=Grid(["uniform", "zero-shot"], [1], bootstrap=0), context=RunContext(cache_dir=cache_dir))
+    with pytest.warns(CalbenchWarning, match=r"tiny · synthetic · uniform \(seed 1\) is degenerate: near-uniform"):
+        first = run_compare(CompareRequest(out=tmp_path, **args))
+    status = {r["method"]: r["status"] for r in first.rows}
+    assert status == {"uniform": "degenerate", "zero-shot": "ok"}
+    assert [r["method"] for r in first.degenerate] == ["uniform"] and first.failures == []
+    (uniform,) = first.degenerate
+    assert uniform["ece"] < min(r["ece"] for r in first.rows if r["method"] == "zero-shot")  # lowest ECE, at chance
+    with pytest.warns(CalbenchWarning):
+        assert (
+            run_compare(CompareRequest(out=tmp_path, **args)).computed == 0
+        )  # reused: the same settings collapse again
+    result = runner.invoke(app, ["report", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0
+    md = (tmp_path / "report.md").read_text()
+    assert next(line for line in md.splitlines() if line.startswith("| uniform |")).endswith("(degenerate) |")
+    assert "**ECE" in next(line for line in md.splitlines() if line.startswith("| zero-shot |"))
+    assert "| degenerate: near-uniform predictions" in md
+    assert (tmp_path / "reliability" / "tiny_synthetic_uniform.png").is_file()
+
+
+@pytest.mark.e2e
+def test_the_cli_prints_a_degenerate_run_as_degenerate(tmp_path, cache_dir, uniform_method):
+    args = ["compare", "--methods", "uniform", "--seeds", "1", "--bootstrap", "0", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "warning: tiny · synthetic · uniform (seed 1) is degenerate: near-uniform predictions" in one_line(
+        result.output
+    )
+    assert "failed:" not in result.output
+
+
+# --- --params shapes ---------------------------------------------------------------------------
+
+
+def _folder(tmp_path):
+    (tmp_path / "params").mkdir()
+    return tmp_path / "params", "is a folder; pass a JSON file such as best_params.json"
+
+
+def _latin1(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_bytes('{"coop-ce": {"ctx_init": "caf\u00e9"}}'.encode("latin-1"))
+    return path, "is not UTF-8 text; save it as UTF-8 JSON"
+
+
+def _nested(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"coop-ce": [1]}))
+    return path, None
+
+
+@pytest.mark.parametrize("make", [_folder, _latin1, _nested])
+def test_a_bad_params_file_stops_the_cli_with_one_line(tmp_path, cache_dir, make):
+    path, problem = make(tmp_path)
+    line = (
+        f"error: parameter file {path} {problem}"
+        if problem
+        else f'error: {path}: coop-ce must map to an object of parameters like {{"alpha": 0.1}}, got [1]'
+    )
+    args = ["compare", "--methods", "coop-ce", "--seeds", "1", "--params", str(path), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert line in one_line(result.output)
+    assert not (tmp_path / "out").exists()
+
+
+# --- two dataset folders with one name ---------------------------------------------------------
+
+
+def _same_name_pair(binary_folder, tmp_path, copy=shutil.copy):
+    """a/data and b/data: the same layout, b with one test image changed (so other files)."""
+    a, b = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    shutil.copytree(binary_folder, a, copy_function=copy)
+    shutil.copytree(binary_folder, b, copy_function=copy)
+    if copy is shutil.copy:
+        image = sorted((b / "images" / "test").rglob("*.png"))[0]
+        image.write_bytes(sorted((b / "images" / "test").rglob("*.png"))[1].read_bytes())
+    return a, b
+
+
+def _compare(data, out, cache_dir):
+    args = ["compare", "--data", str(data), "--methods", "zero-shot,zero-shot+ts", "--seeds", "1"]
+    result = runner.invoke(
+        app,
+        [*args, "--shots", "2", "--views", "1", "--bootstrap", "0", "--out", str(out), "--cache-dir", str(cache_dir)],
+    )
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.e2e
+def test_two_datasets_with_one_name_get_two_columns_and_two_diagrams(tmp_path, binary_folder, cache_dir):
+    a, b = _same_name_pair(binary_folder, tmp_path)
+    out = tmp_path / "out"
+    _compare(a, out, cache_dir)
+    assert "| method | tiny · data |" in (out / "report.md").read_text()  # alone: the plain name
+    assert sorted(p.name for p in (out / "reliability").iterdir()) == [
+        "tiny_data_zero-shot.png",
+        "tiny_data_zero-shot_ts.png",
+    ]
+    _compare(b, out, cache_dir)
+    rows = read_results(out / "results.csv")
+    ids = list(dict.fromkeys(r["dataset_id"] for r in rows))  # a's, then b's
+    assert len(rows) == 4 and len(ids) == 2 and all(len(i) == 6 for i in ids)
+    md = (out / "report.md").read_text()
+    assert f"| method | tiny · data ({ids[0]}) | tiny · data ({ids[1]}) |" in md
+    assert sorted(p.name for p in (out / "reliability").iterdir()) == sorted(
+        f"tiny_data-{i}_{m}.png" for i in ids for m in ("zero-shot", "zero-shot_ts")
+    )
+    assert f"![tiny · data ({ids[0]}) · zero-shot+ts]" in md.replace("\\", "")
+
+
+@pytest.mark.e2e
+def test_exact_copies_are_one_dataset(tmp_path, binary_folder, cache_dir):
+    """Same files (names, sizes, modification times) give the same numbers: one identity, rows shared."""
+    a, b = _same_name_pair(binary_folder, tmp_path, copy=shutil.copy2)
+    out = tmp_path / "out"
+    _compare(a, out, cache_dir)
+    assert "0 run(s) computed, 2 reused" in one_line(_compare(b, out, cache_dir).output)
+    assert "| method | tiny · data |" in (out / "report.md").read_text()
+
+
+@pytest.mark.e2e
+def test_results_written_before_the_identity_column_are_reused_and_get_it(tmp_path, binary_folder, cache_dir):
+    out = tmp_path / "out"
+    _compare(binary_folder, out, cache_dir)
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    old_columns = [c for c in RESULT_COLUMNS if c != "dataset_id"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, old_columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert {r["dataset_id"] for r in read_results(out / "results.csv")} == {""}
+    assert "0 run(s) computed, 2 reused" in one_line(_compare(binary_folder, out, cache_dir).output)
+    assert {r["dataset_id"] for r in read_results(out / "results.csv")} == {rows[0]["dataset_id"]}

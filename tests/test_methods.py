@@ -1,15 +1,21 @@
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from calbench import published
 from calbench.base import Calibrated, FitData
+from calbench.baselines.coop import LOSS_METHODS
+from calbench.baselines.promptsmooth import RANGES as PROMPTSMOOTH_RANGES
+from calbench.baselines.promptsmooth import default_of as promptsmooth_default
+from calbench.calibprompt import RANGES as CALIBPROMPT_RANGES
 from calbench.calibprompt import PromptMethod
 from calbench.errors import CalbenchError
-from calbench.methods import list_methods, make_method
+from calbench.methods import list_methods, make_method, read_params_file
 from calbench.session import FewShot
-from calbench.train import TrainConfig, logits_for
+from calbench.train import TRAIN_RANGES, TrainConfig, logits_for
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +169,122 @@ def test_every_setting_of_a_smoothed_method_is_in_its_config(name, params):
     default = {"init": "fewshot"} if "init" in params else {}
     assert resolve(name, overrides=params).config_hash() != resolve(name, overrides=default).config_hash()
     assert resolve(name, overrides=default).config_hash() == resolve(name, overrides=default).config_hash()
+
+
+# --- every parameter inside its declared range -------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+OUT_OF_RANGE = [
+    ("coop-ce", {"epochs": 0}, "coop-ce epochs=0 is outside [1, 10000]"),
+    ("coop-ce", {"epochs": 1e12}, "coop-ce epochs=1000000000000 is outside [1, 10000]"),  # killed at 22 GB
+    ("calibprompt", {"epochs": 10_001}, "calibprompt epochs=10001 is outside [1, 10000]"),
+    ("coop-ce", {"n_ctx": 0}, "coop-ce n_ctx=0 is outside [1, inf)"),
+    ("coop-ce", {"batch_size": 0}, "coop-ce batch_size=0 is outside [1, inf)"),
+    ("coop-ce", {"shots": 0}, "coop-ce shots=0 is outside [1, inf)"),
+    ("coop-ce", {"lr": -0.002}, "coop-ce lr=-0.002 is outside (0, inf)"),
+    ("coop-ce", {"lr": NAN}, "coop-ce lr=nan is outside (0, inf)"),
+    ("coop-ce", {"lr": INF}, "coop-ce lr=inf is outside (0, inf)"),
+    ("coop-ce", {"momentum": 1.0}, "coop-ce momentum=1.0 is outside [0, 1)"),
+    ("coop-ce", {"weight_decay": -1e-4}, "coop-ce weight_decay=-0.0001 is outside [0, inf)"),
+    ("coop-ce", {"warmup_epochs": -1}, "coop-ce warmup_epochs=-1 is outside [0, inf)"),
+    ("coop-ce", {"warmup_lr": -1e-5}, "coop-ce warmup_lr=-1e-05 is outside [0, inf)"),
+    ("coop-ls", {"alpha": 1.5}, "coop-ls alpha=1.5 is outside [0, 1)"),
+    ("coop-ls", {"alpha": 1.0}, "coop-ls alpha=1.0 is outside [0, 1)"),
+    ("coop-ls", {"alpha": NAN}, "coop-ls alpha=nan is outside [0, 1)"),
+    ("coop-mbls", {"margin": 0.0}, "coop-mbls margin=0.0 is outside (0, inf)"),
+    ("coop-mbls", {"alpha": -0.1}, "coop-mbls alpha=-0.1 is outside [0, inf)"),
+    ("coop-focal", {"gamma": -1.0}, "coop-focal gamma=-1.0 is outside [0, inf)"),
+    ("coop-mdca", {"beta": -1}, "coop-mdca beta=-1 is outside [0, inf)"),
+    ("coop-mmce", {"weight": INF}, "coop-mmce weight=inf is outside [0, inf)"),
+    ("coop-logitnorm", {"temperature": 0}, "coop-logitnorm temperature=0 is outside (0, inf)"),
+    ("coop-mmv", {"beta": -0.01}, "coop-mmv beta=-0.01 is outside [0, inf)"),
+    ("ls+smac", {"w_smac": -1.0}, "ls+smac w_smac=-1.0 is outside [0, inf)"),
+    ("calibprompt-focal", {"alpha": 2}, "calibprompt-focal alpha=2 is outside [0, 1)"),
+    ("calibprompt", {"alpha": 1.5}, "calibprompt alpha=1.5 is outside [0, 1)"),
+    ("calibprompt", {"w_smac": -1.0}, "calibprompt w_smac=-1.0 is outside [0, inf)"),
+    ("calibprompt", {"w_as": NAN}, "calibprompt w_as=nan is outside [0, inf)"),
+    ("calibprompt", {"epochs": 0}, "calibprompt epochs=0 is outside [1, 10000]"),
+    ("promptsmooth", {"sigma": 0.0}, "promptsmooth sigma=0.0 is outside (0, inf)"),
+    ("promptsmooth", {"train_sigmas": [0.25, -1.0]}, "promptsmooth train_sigmas=-1.0 is outside (0, inf)"),
+    ("promptsmooth", {"n_samples": 0}, "promptsmooth n_samples=0 is outside [1, inf)"),
+    ("promptsmooth-zs", {"adapt_samples": 0}, "promptsmooth-zs adapt_samples=0 is outside [1, inf)"),
+    ("promptsmooth", {"epochs": 0}, "promptsmooth epochs=0 is outside [1, 10000]"),
+    ("promptsmooth-as", {"w_as": -0.01}, "promptsmooth-as w_as=-0.01 is outside [0, inf)"),
+    ("promptsmooth-zs", {"tta_lr": 0.0}, "promptsmooth-zs tta_lr=0.0 is outside (0, inf)"),
+    ("promptsmooth-zs", {"tta_steps": -1}, "promptsmooth-zs tta_steps=-1 is outside [0, inf)"),
+    ("promptsmooth-zs", {"sigma": INF}, "promptsmooth-zs sigma=inf is outside (0, inf)"),
+]
+
+
+@pytest.mark.parametrize("method, params, message", OUT_OF_RANGE)
+def test_a_parameter_outside_its_range_is_one_line_naming_it(method, params, message):
+    with pytest.raises(CalbenchError) as caught:
+        make_method(method, **params)
+    assert str(caught.value) == f"{message}; pass a value in that range"
+
+
+def test_counts_must_be_whole_numbers():
+    with pytest.raises(CalbenchError) as caught:
+        make_method("promptsmooth", n_samples=2.5)
+    assert str(caught.value) == "promptsmooth n_samples=2.5 must be a whole number in [1, inf)"
+    with pytest.raises(CalbenchError) as caught:
+        make_method("promptsmooth", train_sigmas=[])
+    assert str(caught.value) == "promptsmooth train_sigmas is empty; give at least one noise level, e.g. [0.25]"
+
+
+def test_every_default_lies_inside_its_declared_range():
+    numeric = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "n_ctx", "shots"}
+    assert set(TRAIN_RANGES) == numeric
+    for name, allowed in TRAIN_RANGES.items():
+        assert getattr(TrainConfig(), name) in allowed, name
+    for method, spec in LOSS_METHODS.items():
+        for name, param in spec.params.items():
+            assert published.default(method, name) in param.allowed, (method, name)
+    assert set(CALIBPROMPT_RANGES) == {"alpha", "w_smac", "w_as"}
+    for name, allowed in PROMPTSMOOTH_RANGES.items():
+        defaults = promptsmooth_default(
+            "promptsmooth-zs" if name in ("adapt_samples", "tta_steps", "tta_lr") else "promptsmooth-as", name
+        )
+        assert all(d in allowed for d in (defaults if isinstance(defaults, tuple) else [defaults])), name
+
+
+def test_boundaries_inside_the_range_are_accepted():
+    assert make_method("coop-ls", alpha=0.0).objective.terms["ls"].kwargs == {"alpha": 0.0}
+    assert make_method("coop-ce", momentum=0.0, weight_decay=0, warmup_epochs=0, warmup_lr=0).config.momentum == 0.0
+    assert make_method("promptsmooth-zs", tta_steps=0).tta_steps == 0
+
+
+# --- --params shapes ---------------------------------------------------------------------------
+
+BAD_SHAPES = [
+    ({"coop-ce": [1]}, 'coop-ce must map to an object of parameters like {"alpha": 0.1}, got [1]'),
+    ({"coop-ce": 0.1}, 'coop-ce must map to an object of parameters like {"alpha": 0.1}, got 0.1'),
+    ({"coop-ce": {"alpha": [1]}}, "coop-ce alpha must be one number, text or true/false, got [1]"),
+    ({"coop-ce": {"lr": {"a": 1}}}, 'coop-ce lr must be one number, text or true/false, got {"a": 1}'),
+    ({"promptsmooth": {"sigma": [0.5]}}, "promptsmooth sigma must be one number, text or true/false, got [0.5]"),
+    ({"promptsmooth": {"train_sigmas": ["a"]}}, 'promptsmooth train_sigmas must be a list of numbers, got ["a"]'),
+    (
+        {"promptsmooth": {"train_sigmas": {"a": 1}}},
+        'promptsmooth train_sigmas must be one number, text or true/false (or a list of numbers), got {"a": 1}',
+    ),
+    ({"method": "coop-ce", "params": [1]}, 'coop-ce must map to an object of parameters like {"alpha": 0.1}, got [1]'),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_SHAPES)
+def test_a_params_file_of_the_wrong_shape_is_one_line(tmp_path, content, message):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(CalbenchError) as caught:
+        read_params_file(path)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_lists_of_numbers_are_read_where_a_method_declares_them(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"promptsmooth": {"sigma": 0.5, "train_sigmas": [0.5, 1]}, "coop-ce": {}}))
+    assert read_params_file(path) == {"promptsmooth": {"sigma": 0.5, "train_sigmas": [0.5, 1]}, "coop-ce": {}}
+    path.write_text(json.dumps({"method": "coop-ls", "params": {"alpha": 0.1, "ctx_init": None}, "value": 0.03}))
+    assert read_params_file(path) == {"coop-ls": {"alpha": 0.1, "ctx_init": None}}

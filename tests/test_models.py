@@ -1,7 +1,13 @@
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+from cli_checks import runner
 from safetensors.torch import save_file
+from torch import nn
 
+from calbench.cli.app import app
 from calbench.errors import CalbenchError
 from calbench.models import list_models, load_vlm
 
@@ -53,3 +59,87 @@ def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(CalbenchError, match="unknown model 'plipp'; choose one of: .*tiny"):
         load_vlm("plipp")
     assert "tiny" in list_models()
+
+
+# ---------------------------------------------------------------- TorchScript weights
+
+
+class _Holder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """A TorchScript archive holding ``state`` (as an OpenAI CLIP .pt file holds its weights)."""
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(root, torch.zeros(1)), str(path))
+    return path
+
+
+@pytest.fixture()
+def torchscript_weights(tiny, tmp_path):
+    return _torchscript_archive(tiny.model.state_dict(), tmp_path / "tiny_vit.pt")
+
+
+def _cache_cli(tmp_path: Path, *extra: str):
+    args = ["cache", "--seeds", "1", "--shots", "1", "--views", "1", "--device", "cpu"]
+    return runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "cache"), *extra])
+
+
+def test_a_torchscript_weights_file_is_refused_without_running_it(torchscript_weights, tmp_path, monkeypatch):
+    def no_code(*args, **kwargs):
+        raise AssertionError("TorchScript was loaded")
+
+    monkeypatch.setattr(torch.jit, "load", no_code)
+    monkeypatch.setattr(torch, "load", no_code)
+    result = _cache_cli(tmp_path, "--weights", str(torchscript_weights))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: weights file {torchscript_weights} is a TorchScript archive, which runs code embedded in it when "
+        "loaded (OpenAI-format CLIP .pt files such as PLIP's are); pass --trust-weights if you trust its source, "
+        "or convert it to a state dict"
+    ]
+
+
+def test_a_torchscript_weights_file_loads_with_trust_weights(tiny, torchscript_weights, tmp_path):
+    result = _cache_cli(tmp_path, "--weights", str(torchscript_weights), "--trust-weights")
+    assert result.exit_code == 0, result.output
+    assert "image views encoded" in result.output
+    assert load_vlm("tiny", weights=torchscript_weights, trust_weights=True).fingerprint == tiny.fingerprint
+    with pytest.raises(CalbenchError, match="is a TorchScript archive"):  # the trust ends with the call
+        load_vlm("tiny", weights=torchscript_weights)
+
+
+def test_a_plain_state_dict_loads_without_trust_weights(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "tiny_state.pt"
+    torch.save(tiny.model.state_dict(), path)
+    real_load = torch.load
+    seen: list[object] = []
+
+    def tensors_only(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", tensors_only)
+    result = _cache_cli(tmp_path, "--weights", str(path))
+    assert result.exit_code == 0, result.output
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("command", ["compare", "train", "evaluate", "cache", "certify", "tune"])
+def test_every_command_with_weights_offers_trust_weights_and_says_it_runs_code(command):
+    import typer
+
+    options = {o: p for p in typer.main.get_command(app).commands[command].params for o in p.opts}
+    assert "--weights" in options
+    assert "this runs code embedded in the file" in options["--trust-weights"].help
