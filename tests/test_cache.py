@@ -107,7 +107,7 @@ def test_a_different_model_never_reads_another_models_features(tiny, own_dataset
     assert cache.stats.encoded == 1
 
 
-# --- file-system errors ---------------------------------------------------------------------------
+# --- a read-only cache ---------------------------------------------------------------------------
 
 
 def _fail_temp_files(monkeypatch, under: Path, code: int) -> None:
