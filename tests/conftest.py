@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from folders import class_copy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -39,3 +40,8 @@ def session(cache_dir: Path):
     from calbench.session import RunContext, Session
 
     return Session("tiny", "synthetic", RunContext(device="cpu", cache_dir=cache_dir))
+
+
+@pytest.fixture(scope="module")
+def binary_folder(synthetic, tmp_path_factory):
+    return class_copy(synthetic.root, tmp_path_factory.mktemp("binary") / "binary", 2)

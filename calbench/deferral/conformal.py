@@ -33,7 +33,7 @@ cached few-shot probabilities well. MAPIE wraps them in an estimator life cycle 
 a 20% hold-out that refuses sets as small as ours (fewer than 1/alpha hold-out cases); TorchCP
 pulls in torch_geometric and a compiled torchsort; crepes takes precomputed scores but has no APS
 or RAPS. The few lines below are tested against MAPIE's numbers, its uniform draws fed in
-(tests/test_conformal.py).
+(tests/deferral/test_conformal.py).
 """
 
 from __future__ import annotations

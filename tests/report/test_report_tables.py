@@ -10,11 +10,15 @@ import shutil
 import subprocess
 
 import pytest
+from cli_checks import runner
 from typer.testing import CliRunner
 
+from calbench import atomic
 from calbench.cli.app import app
 from calbench.errors import CalbenchError
+from calbench.metrics import METRICS
 from calbench.report import write_results_report
+from calbench.report.blocks import Heading, Image, Table, Text, render_html, render_markdown
 from calbench.report.tables import latex_escape, write_table
 from calbench.results import RESULT_COLUMNS, ResultsStore
 
@@ -165,3 +169,54 @@ def test_cli_writes_the_tables_beside_report_md_and_refuses_an_unknown_format(tm
 def test_a_folder_without_results_is_one_line(tmp_path):
     with pytest.raises(CalbenchError, match=re.escape("results.csv is missing or empty")):
         write_table(tmp_path, "latex")
+
+
+# ---------------------------------------------------------------- report.md escapes names and errors
+
+HOSTILE_METHOD = "<img src=x onerror=alert(1)>|*x*_[a](b)\\\n# not a heading"
+
+
+HOSTILE_ERROR = "boom <script>alert(1)</script>\nsecond line | `code` & more"
+
+
+def test_markdown_blocks_escape_html_pipes_newlines_backslashes_and_links(tmp_path):
+    image = tmp_path / "reliability" / "a b(1)[x]<y>.png"
+    blocks = [
+        Heading("run of " + HOSTILE_METHOD),
+        Text(HOSTILE_ERROR),
+        Table(["method", "status"], [[HOSTILE_METHOD, HOSTILE_ERROR]], bold={(0, 0)}),
+        Image(image, "caption ](javascript:x) <b>"),
+    ]
+    md = render_markdown(blocks, tmp_path)
+    escaped_method = "&lt;img src=x onerror=alert(1)&gt;\\|\\*x\\*\\_\\[a\\](b)\\\\ # not a heading"
+    escaped_error = "boom &lt;script&gt;alert(1)&lt;/script&gt; second line \\| \\`code\\` &amp; more"
+    assert md.splitlines() == [
+        f"## run of {escaped_method}",
+        "",
+        escaped_error,
+        "",
+        "| method | status |",
+        "|---|---|",
+        f"| **{escaped_method}** | {escaped_error} |",
+        "",
+        "![caption \\](javascript:x) &lt;b&gt;](reliability/a%20b%281%29%5Bx%5D%3Cy%3E.png)",
+    ]
+    page = render_html(blocks[:3], "t")
+    assert "<img src=x" not in page and "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_report_md_of_a_hostile_results_file_shows_it_as_text(tmp_path):
+    rows = []
+    for method, status, error in (("zero-shot", "ok", ""), (HOSTILE_METHOD, "failed", HOSTILE_ERROR)):
+        row = {"model": "tiny", "dataset": "synthetic", "method": method, "seed": 1, "config": "c", "status": status}
+        row.update({k: 0.5 for k in METRICS}, ece_ci_low=0.4, ece_ci_high=0.6, error=error)
+        rows.append(row)
+    atomic.write_csv_atomic(rows, tmp_path / "results.csv", RESULT_COLUMNS)
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report.md").read_text()
+    assert "<img" not in md and "<script>" not in md and not any(line.startswith("# not") for line in md.splitlines())
+    (run,) = [line for line in md.splitlines() if "failed: boom" in line]
+    assert run.startswith("| tiny | synthetic | &lt;img src=x onerror=alert(1)&gt;\\|\\*x\\*")
+    assert run.endswith("| failed: boom &lt;script&gt;alert(1)&lt;/script&gt; second line \\| \\`code\\` &amp; more |")
+    assert len(re.findall(r"(?<!\\)\|", run)) == 9  # 8 columns: the escaped pipes do not split cells

@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from cli_checks import cli, one_error
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -526,3 +527,42 @@ def test_conformal_size_on_too_small_a_validation_split_is_one_line_and_exit_2(c
     assert result.exit_code == 2 and "Traceback" not in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert line.startswith("error: --objective conformal-size at alpha 0.1 needs 4 validation images per class")
+
+
+# --- file-system errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("storage", ["{folder}", "journal:{folder}", "sqlite:///{folder}"])
+def test_storage_that_is_a_folder_is_one_line(tmp_path, storage):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    url = storage.format(folder=folder)
+    result = cli("tune", "--trials", "1", "--epochs", "1", "--storage", url, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: --storage {url} ") and "folder" in line
+    assert list(folder.iterdir()) == []
+
+
+# --- NaN and infinite options -----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_refused_nan_tolerance_leaves_the_study_usable(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    common = ["--trials", "1", "--epochs", "1", "--final-seeds", "1", "--search-only", "--out", out]
+    one_error(
+        cli("tune", "--acc-tolerance", "nan", *common, "--cache-dir", cache_dir),
+        message=("--acc-tolerance is accuracy points a trial may lose, from 0 to 100; got nan"),
+    )
+    result = cli("tune", "--acc-tolerance", "1", *common, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("bound", [math.inf, -math.inf, "a"])
+def test_a_space_file_bound_must_be_a_finite_number(bound):
+    from calbench.tune import parse_space
+
+    with pytest.raises(CalbenchError, match="lr needs finite numbers for low and high"):
+        parse_space("calibprompt", {"lr": {"low": 1e-4, "high": bound}})

@@ -5,6 +5,7 @@ import pytest
 import torch
 from training import train_prompt_learner
 
+from calbench.errors import CalbenchError
 from calbench.losses import Objective, Term, calibprompt_objective
 from calbench.prompts import PromptLearner, load_prompt, save_prompt
 from calbench.session import FewShot
@@ -75,3 +76,12 @@ def test_saved_context_reloads_exactly(tiny, tmp_path):
     save_prompt(tmp_path / "p.safetensors", learner, asdict(cfg), {"method": "calibprompt"})
     loaded = load_prompt(tmp_path / "p.safetensors", tiny)
     torch.testing.assert_close(loaded.text_features(), learner.text_features(), atol=0, rtol=0)
+
+
+# --- parameters outside their declared range -------------------------------------------------
+
+
+def test_a_training_config_built_directly_is_checked_too():
+    with pytest.raises(CalbenchError) as caught:
+        TrainConfig(epochs=0)
+    assert str(caught.value) == "training option epochs=0 is outside [1, 10000]; pass a value in that range"

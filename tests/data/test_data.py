@@ -1,6 +1,9 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
+from test_datasets_prepare import _png
 
 from calbench.data import list_datasets, load_dataset
 from calbench.data.folder import few_shot_split
@@ -104,3 +107,31 @@ def test_sixteen_bit_and_grey_images_become_rgb(tmp_path):
     rgb = to_rgb(grey16)
     assert rgb.mode == "RGB" and np.asarray(rgb)[..., 0].max() == 255
     assert to_rgb(Image.new("LA", (4, 4))).mode == "RGB"
+
+
+# ---------------------------------------------------------------- stale synthetic temp folders
+
+
+def test_stale_synthetic_temp_folders_are_removed_and_fresh_ones_kept(tmp_path):
+    from calbench.data.synthetic import STALE_AFTER_S, write_synthetic
+
+    target = tmp_path / "datasets" / "synthetic"
+    stale = tmp_path / "datasets" / ".synthetic-k1ll3d00"
+    (stale / "images" / "train" / "crim").mkdir(parents=True)
+    (stale / "images" / "train" / "crim" / "crim_000.png").write_bytes(_png())
+    old = os.path.getmtime(stale) - STALE_AFTER_S - 60
+    for folder in (stale, stale / "images" / "train" / "crim"):
+        os.utime(folder, (old, old))
+    busy = tmp_path / "datasets" / ".synthetic-busy0000"  # another process still writing: recent changes
+    (busy / "images" / "train" / "crim").mkdir(parents=True)
+    os.utime(busy, (old, old))  # its own mtime is old, but a class folder was just written to
+    unrelated = tmp_path / "datasets" / ".other-k1ll3d00"
+    unrelated.mkdir()
+    os.utime(unrelated, (old, old))
+    assert write_synthetic(target) == target and (target / "VERSION").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [".other-k1ll3d00", ".synthetic-busy0000", "synthetic"]
+    # an already finished dataset still cleans up after a killed generator
+    stale.mkdir()
+    os.utime(stale, (old, old))
+    write_synthetic(target)
+    assert not stale.exists()

@@ -1,7 +1,7 @@
 """MedCLIP and BiomedCLIP as the published CalibPrompt code runs them, and calbench's own variants.
 
 Each feature is computed here by hand, step by step as the published code does it, with the
-replica's own modules (``tests/test_backends.py``), and compared with the prompt learner's.
+replica's own modules (``tests/models/test_backends.py``), and compared with the prompt learner's.
 Published code: iabh1shekbasu/CalibPrompt at commit c6ec13e.
 """
 

@@ -2,19 +2,24 @@
 
 import csv
 import io
+import json
 import os
 import tarfile
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
+from cli_checks import cli, flat
 from PIL import Image
+from test_datasets_folder import BOMBS, bomb_png
 
 from calbench.data import availability, load_dataset
 from calbench.data.archive import Source
 from calbench.data.prepare import (
     OFFICIAL,
     fit_square,
+    output_stems,
     prepare_covid,
     prepare_digestpath,
     prepare_kather,
@@ -403,3 +408,222 @@ def test_a_prepared_folder_skips_the_image_check_until_a_file_changes(tmp_path, 
     assert len(load_dataset(str(out), tmp_path / "cache").files("train")) == 18 and decoded == []
     (out / "images" / "train" / "ADI" / "extra.png").write_bytes(_png((224, 224)))
     assert len(load_dataset(str(out), tmp_path / "cache").files("train")) == 19 and len(decoded) == 19
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+
+def test_prepare_skips_a_bomb_member_names_it_and_leaves_no_partial(tmp_path):
+    train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=1)
+    (test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-9.png").write_bytes(bomb_png(20000, 20000))
+    out = tmp_path / "data" / "kather"
+    result = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert flat(
+        f"warning: skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png ({BOMBS[1][2]})"
+    ) in flat(result.output)
+    assert "28 source item(s) read, 1 skipped as unreadable, 27 image(s) written" in result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["kather"]  # no .kather.partial left
+    again = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", out)
+    assert again.exit_code == 0 and "already prepared from these downloads; nothing to do" in again.output
+    assert flat(
+        f"warning: skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png ({BOMBS[1][2]})"
+    ) in flat(again.output)  # still named: it is not in the folder
+    assert "28 source item(s) read, 1 skipped as unreadable, 27 image(s) written" in again.output
+
+
+def test_prepare_with_strict_stops_at_a_bomb_and_a_rerun_without_it_resumes(tmp_path):
+    train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=1)
+    (test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-9.png").write_bytes(bomb_png(20000, 20000))
+    out = tmp_path / "data" / "kather"
+    strict = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", out, "--strict")
+    assert strict.exit_code == 2 and "Traceback" not in strict.output
+    assert flat(
+        f"error: cannot read test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png ({BOMBS[1][2]}); remove or replace it, "
+        "or drop --strict to skip it"
+    ) in flat(strict.output)
+    assert not out.exists() and (out.parent / ".kather.partial" / ".done").is_file()  # finished items kept
+    resumed = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", out)  # no --strict
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming:" in resumed.output
+    assert "28 source item(s) read, 1 skipped as unreadable, 27 image(s) written" in resumed.output
+
+
+def test_a_partial_folder_left_by_a_crash_is_resumed_not_fatal(tmp_path, monkeypatch):
+    """The state an older calbench left after crashing on a bomb: a .partial folder with some units journalled."""
+    train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=1)
+    (test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-9.png").write_bytes(bomb_png(20000, 20000))
+    out = tmp_path / "k"
+    import calbench.data.prepare.writer as prepare
+
+    original, written = prepare.write_image, []
+
+    def crash_on_the_bomb(payload, target, what, size):
+        if what.endswith("ADI-TEST-9.png"):
+            raise Image.DecompressionBombError("as Pillow raised it before calbench caught it")
+        written.append(what)
+        original(payload, target, what, size)
+
+    monkeypatch.setattr(prepare, "write_image", crash_on_the_bomb)
+    with pytest.raises(Image.DecompressionBombError):
+        prepare_kather(train, test, out=out)
+    partial = tmp_path / ".k.partial"
+    assert partial.is_dir() and not out.exists()
+    with open(partial / ".done", "a") as journal:
+        journal.write('["train/TUM/NCT-CRC-HE-100K/TUM/TUM-00')  # a line cut short by a kill
+    assert len(written) == 19  # the 18 train images and ADI-TEST-0 were written before the crash
+    resumed = []
+    monkeypatch.setattr(prepare, "write_image", lambda *args: (resumed.append(args[2]), original(*args)))
+    with pytest.warns(UserWarning, match="skipping unreadable image test/ADI/CRC-VAL-HE-7K/ADI/ADI-TEST-9.png"):
+        report = prepare_kather(train, test, out=out)
+    assert len(resumed) == 9 and not set(resumed) & set(written)  # only what was not finished is done again
+    assert report.inputs == 28 and len(report.skipped) == 1
+    assert sum(sum(c.values()) for c in report.counts.values()) == 27 and not partial.exists()
+
+
+# ---------------------------------------------------------------- broken links
+
+
+def test_a_link_to_an_ancestor_in_a_download_folder_does_not_hang_prepare(tmp_path):
+    members = {
+        f"COVID-19_Radiography_Dataset/{c}/images/{c}-{i}.png": _png() for c in ("COVID", "Normal") for i in range(3)
+    }
+    download = _tree(tmp_path / "dl", members)
+    os.symlink("..", download / "COVID-19_Radiography_Dataset" / "COVID" / "images" / "up")
+    dangling = download / "COVID-19_Radiography_Dataset" / "Normal" / "images" / "Normal-9.png"
+    os.symlink("/nonexistent/x.png", dangling)
+    with pytest.warns(UserWarning) as caught:
+        report = prepare_covid(download, out=tmp_path / "covid")
+    assert [str(w.message) for w in caught] == [
+        f"skipping unreadable file {dangling} (a dangling symbolic link to /nonexistent/x.png)"
+    ]
+    assert report.inputs == 6 and sum(sum(c.values()) for c in report.counts.values()) == 6
+
+
+# ---------------------------------------------------------------- streamed members, capped
+
+
+def test_a_large_member_is_streamed_not_read_into_memory(tmp_path):
+    junk = os.urandom(48 * 2**20)  # 48 MiB after a valid 224 px PNG: copied as it is, byte for byte
+    members = {
+        f"COVID-19_Radiography_Dataset/{c}/images/{c}-{i}.png": _png((224, 224))
+        for c in ("COVID", "Normal")
+        for i in range(2)
+    }
+    members["COVID-19_Radiography_Dataset/COVID/images/COVID-big.png"] = _png((224, 224)) + junk
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as archive:  # stored: the member is 48 MiB in the zip too
+        for name, data in members.items():
+            archive.writestr(name, data)
+    del junk, members
+    tracemalloc.start()
+    try:
+        report = prepare_covid(tmp_path / "archive.zip", out=tmp_path / "covid", test_fraction=0.4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # reading it whole took more than 48 MiB
+    big = next((tmp_path / "covid" / "images").rglob("COVID-big.png"))
+    assert big.stat().st_size > 48 * 2**20 and report.inputs == 5
+
+
+def test_a_member_over_the_cap_is_skipped_with_the_cap_named(tmp_path, monkeypatch):
+    import calbench.data.archive as archive
+
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 200_000)  # the fake's 224 px TIFFs are 150 kB
+    train, test = fake_kather(tmp_path / "dl", train_per_class=2, test_per_class=2)
+    member = "NCT-CRC-HE-100K/ADI/ADI-big.tif"
+    with zipfile.ZipFile(train, "a") as archive_file:  # in the zip: streamed until it proves too long
+        archive_file.writestr(member, _png((224, 224), fmt="TIFF") + b"\0" * 100_000)
+    big = test / "CRC-VAL-HE-7K" / "ADI" / "ADI-TEST-big.png"  # in a folder: refused by its size alone
+    big.write_bytes(_png((300, 250)) + b"\0" * 250_000)
+    result = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", tmp_path / "k")
+    assert result.exit_code == 0, result.output
+    limit = "over calbench's limit of 200000 bytes for one member, MAX_MEMBER_BYTES in calbench/data/archive.py"
+    for name, size in (
+        (member, zipfile.ZipFile(train).getinfo(member).file_size),
+        (big.relative_to(test), 250_000 + len(_png((300, 250)))),
+    ):
+        assert flat(f"warning: skipping unreadable image {name} ({size} bytes, {limit})") in flat(result.output)
+    assert "38 source item(s) read, 2 skipped as unreadable, 36 image(s) written" in result.output
+
+
+# ---------------------------------------------------------------- unique output names
+
+
+def _same_names_zip(tmp_path):
+    """Kather's train download holding both the normalised and the NONORM folders: 6 inputs with 3 names per class."""
+    classes = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+    members = {}
+    for k, c in enumerate(classes):
+        for top in ("NCT-CRC-HE-100K", "NCT-CRC-HE-100K-NONORM"):
+            for i in range(3):
+                members[f"{top}/{c}/{c}-{i}.tif"] = _png(
+                    (224, 224), (20 * k, 10 * i, 100 if "NONORM" in top else 0), fmt="TIFF"
+                )
+    test = _tree(tmp_path / "CRC-VAL-HE-7K", {f"CRC-VAL-HE-7K/{c}/{c}-T.png": _png() for c in classes})
+    return _zip(tmp_path / "train.zip", members), test
+
+
+def test_same_named_members_in_different_folders_all_survive(tmp_path):
+    train, test = _same_names_zip(tmp_path)
+    result = cli("data", "prepare", "kather", "--train", train, "--test", test, "--out", tmp_path / "k")
+    assert result.exit_code == 0, result.output
+    assert "63 source item(s) read, 0 skipped as unreadable, 63 image(s) written" in result.output
+    adi = sorted(p.name for p in (tmp_path / "k" / "images" / "train" / "ADI").iterdir())
+    assert adi == sorted(f"NCT-CRC-HE-100K{n}__ADI__ADI-{i}.tif" for n in ("", "-NONORM") for i in range(3))
+    copied = (tmp_path / "k" / "images" / "train" / "ADI" / "NCT-CRC-HE-100K-NONORM__ADI__ADI-2.tif").read_bytes()
+    assert copied == zipfile.ZipFile(train).read("NCT-CRC-HE-100K-NONORM/ADI/ADI-2.tif")
+    assert sorted(p.name for p in (tmp_path / "k" / "images" / "test" / "ADI").iterdir()) == ["ADI-T.png"]
+
+
+def test_a_folder_prepared_with_the_old_names_is_reused_or_refused_with_what_to_do(tmp_path):
+    train, test = _same_names_zip(tmp_path)
+    out = tmp_path / "k"
+    prepare_kather(train, test, out=out)
+    marker = out / "PREPARED.json"
+    stored = json.loads(marker.read_text())
+    assert stored["recipe"]["renamed"] == 54 and stored["inputs"] == 63
+    del stored["recipe"]["renamed"], stored["inputs"]  # what an older calbench wrote for the same downloads
+    marker.write_text(json.dumps(stored))
+    with pytest.raises(CalbenchError) as info:
+        prepare_kather(train, test, out=out)
+    assert str(info.value) == (
+        f"{out} was prepared from these downloads by an older calbench, which named images by file name alone, "
+        "so same-named files overwrote each other; remove it and run again to rebuild it with every image"
+    )
+    # without same-named files nothing is renamed: an older folder is reused as it is
+    plain_train, plain_test = fake_kather(tmp_path / "plain", train_per_class=2, test_per_class=1)
+    plain = prepare_kather(plain_train, plain_test, out=tmp_path / "plain-k")
+    stored = json.loads((plain.out / "PREPARED.json").read_text())
+    assert "renamed" not in stored["recipe"]
+    del stored["inputs"]
+    (plain.out / "PREPARED.json").write_text(json.dumps(stored))
+    again = prepare_kather(plain_train, plain_test, out=tmp_path / "plain-k")
+    assert again.reused and again.counts == plain.counts and again.inputs == 0
+
+
+def test_output_stems_are_distinct_ignoring_case_and_keep_dotted_names():
+    stems = output_stems(["a/x.png", "b/x.png", "b/x.tif", "c/X.png", "img.1.png", "img.2.png", "a__x.png"])
+    assert stems == {
+        "a/x.png": "a__x_png",
+        "b/x.png": "b__x_png",
+        "b/x.tif": "b__x_tif",
+        "c/X.png": "c__X",
+        "img.1.png": "img.1",
+        "img.2.png": "img.2",
+        "a__x.png": "a__x",
+    }
+    assert len({s.lower() for s in stems.values()}) == len(stems)
+
+
+def test_dotted_file_names_are_no_longer_truncated_into_one(tmp_path):
+    members = {
+        f"COVID-19_Radiography_Dataset/{c}/images/{c}.{i}.png": _png((30, 30), (9 * i, 0, 0))
+        for c in ("COVID", "Normal")
+        for i in range(3)
+    }
+    report = prepare_covid(_zip(tmp_path / "archive.zip", members), out=tmp_path / "covid")
+    assert sum(sum(c.values()) for c in report.counts.values()) == 6
+    names = sorted(p.name for p in (tmp_path / "covid" / "images").rglob("*.png"))
+    assert names == sorted(f"{c}.{i}.png" for c in ("COVID", "Normal") for i in range(3))

@@ -298,7 +298,7 @@ WORLD = ("calbench/data/synthetic.py",)
 
 
 def test_no_default_number_is_written_outside_the_table():
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     found = []
     for folder in LIBRARY:
         for path in sorted((root / folder).rglob("*.py")):
@@ -384,7 +384,7 @@ def test_report_shows_the_settings_each_pair_ran_with(tmp_path):
 
 
 def test_the_methods_page_table_matches_the_table():
-    page = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text(encoding="utf-8")
+    page = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text(encoding="utf-8")
     section = page[page.index("## Methods and their defaults") : page.index("## Where calbench knowingly differs")]
     rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \|([^|]*)\|$", section, flags=re.M)
     assert {name for name, _ in rows} == {*LOSS_METHODS, "calibprompt", "zero-shot"}

@@ -4,7 +4,7 @@ the same code path as `--launcher slurm` (pickled calls, one process per job, lo
 A grid's jobs write shards that merge into the results a single process writes (same rows, same
 numbers, same report); a failed job is in the report with its id and log until its pair runs again;
 N tune workers share one study and a final job writes best_params.json and the report.
-`--launcher slurm` itself runs on a real single-node Slurm in tests/test_slurm.py.
+`--launcher slurm` itself runs on a real single-node Slurm in tests/compare/test_slurm.py.
 """
 
 import csv
