@@ -143,7 +143,7 @@ class Worker:
             method = resolve(c.method, *pair, method_params(chosen, c.epochs)).build()
             fit = self.fit_data(pair, split, method)
             if c.objective != "pareto" and isinstance(method, PromptMethod):
-                method.on_epoch = self._checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
+                method.on_epoch = self.checkpoint(trial, method, fit, pair, c.metric, index * c.train_epochs)
             methods.append(method)
             data.append(fit)
         results: list[Union[RunScore, Exception]] = []
@@ -157,7 +157,7 @@ class Worker:
             results.append(score_run(fitted, fit, self.shifted.inputs(pair, split, fitted)))
         return results
 
-    def _checkpoint(
+    def checkpoint(
         self, trial: optuna.Trial, method: PromptMethod, fit: FitData, pair: tuple[str, str], metric: str, step0: int
     ) -> Callable[[int, dict[str, float]], None]:
         """Report the validation objective every tenth of training, and stop the trial if the pruner says so."""

@@ -83,7 +83,7 @@ def _tune_args(storage, cache_dir, out, trials, *extra):
 def _cli(args, hang):
     """One `calbench tune` process; ``hang`` stalls its first trial after one epoch, heartbeats going on."""
     if hang:
-        Worker._checkpoint = lambda *a: lambda epoch, losses: time.sleep(600)
+        Worker.checkpoint = lambda *a: lambda epoch, losses: time.sleep(600)
     app(args, prog_name="calbench")
 
 

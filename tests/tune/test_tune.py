@@ -147,7 +147,7 @@ def test_checkpoint_reports_the_validation_ece_and_prunes(tiny, synthetic, cache
 
     trial = Trial()
     method = make_method("calibprompt", epochs=20)
-    method.on_epoch = worker._checkpoint(trial, method, fit, ("tiny", "synthetic"), "ece", step0=40)
+    method.on_epoch = worker.checkpoint(trial, method, fit, ("tiny", "synthetic"), "ece", step0=40)
     with pytest.raises(optuna.TrialPruned):
         method.fit(fit)
     assert [step for _, step in trial.reported] == [42, 44, 46]  # every 2 epochs of 20, after the third run's offset

@@ -31,7 +31,7 @@ def _search(cache_dir, storage, trials, epochs, report, hang=False):
     ``hang`` stalls its first trial after one epoch (heartbeats go on), so it can be killed mid-trial."""
     torch.set_num_threads(1)
     if hang:
-        Worker._checkpoint = lambda *args: lambda epoch, losses: time.sleep(600)
+        Worker.checkpoint = lambda *args: lambda epoch, losses: time.sleep(600)
     result = search(
         TuneConfig(epochs=epochs), trials, "shared", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1
     )
