@@ -165,23 +165,19 @@ def fit_grid(
                 raise
             except Exception as exc:  # noqa: BLE001 - this method's data: its row says why
                 outcomes[seed][name] = FitOutcome(error=exc)
-    groups = [group for group in by_method(keys) if group]
-    if any(_shares(group, keys, methods, limit) for group in groups):
+    runs = [methods[seed][name] for seed, name in keys]
+    groups = by_method(keys)
+    # a method's runs share passes when two or more of them learn a prompt (and passes are allowed)
+    shared = [limit != 0 and sum(isinstance(runs[i], PromptMethod) for i in group) >= 2 for group in groups]
+    if any(shared):
         log(f"{session.model} · {session.dataset.name}: each method's {len(methods)} seeds share text-tower passes")
-    for group in groups:
-        chosen = [methods[keys[i][0]][keys[i][1]] for i in group]
-        alone = 0 if not _shares(group, keys, methods, limit) else limit
-        for i, outcome in zip(group, fit_together(chosen, [data[i] for i in group], alone)):
+    for group, shares in zip(groups, shared):
+        fits = fit_together([runs[i] for i in group], [data[i] for i in group], limit if shares else 0)
+        for i, outcome in zip(group, fits):
             if isinstance(outcome.error, OSError):
                 raise outcome.error
             outcomes[keys[i][0]][keys[i][1]] = outcome
     return outcomes
-
-
-def _shares(group: Sequence[int], keys: Sequence[tuple[int, str]], methods: Mapping, limit: Optional[int]) -> bool:
-    """Whether a method's runs train in shared passes: two or more prompt learners, passes allowed."""
-    prompts = sum(isinstance(methods[keys[i][0]][keys[i][1]], PromptMethod) for i in group)
-    return prompts >= 2 and limit != 0
 
 
 def by_method(keys: Sequence[tuple[int, str]]) -> list[list[int]]:

@@ -19,6 +19,7 @@ import calbench.calibprompt  # noqa: F401  (registers CalibPrompt)
 from calbench import published
 from calbench.base import CALIBRATORS, METHODS, Calibrated, Method
 from calbench.errors import CalbenchError
+from calbench.models import published_model
 from calbench.published import Setting
 
 #: what `compare` runs without --methods: the paper's main table
@@ -124,13 +125,6 @@ def dataset_name(dataset: Optional[str]) -> Optional[str]:
     """The name a dataset's published settings are looked up by: a folder path's last part
     (``/data/pannuke`` is PanNuke), as every command names the dataset it runs."""
     return Path(dataset).name if dataset else dataset
-
-
-def published_model(model: Optional[str]) -> Optional[str]:
-    """The model whose published settings ``model`` takes: a variant (``medclip-masked``) its model's."""
-    from calbench.models import MODELS
-
-    return MODELS.get(model).weights_name if model is not None and model in MODELS else model
 
 
 @dataclass(frozen=True)

@@ -174,8 +174,8 @@ def compare_pair(
     todos = _todo(session, store, grid, configs)
     built: dict[int, dict[str, Method]] = {}
     for seed, todo in todos.items():
-        bases = {resolved[name].base: resolved[name] for name in todo[::-1]}  # a base and its +cal resolve alike
-        built[seed] = {base: bases[base].build_base() for base in dict.fromkeys(resolved[n].base for n in todo)}
+        bases = {resolved[name].base: resolved[name] for name in todo}  # a base and its +cal resolve alike
+        built[seed] = {base: r.build_base() for base, r in bases.items()}
         if todo:  # data problems stop the grid here with one line (views: one per epoch of its first method)
             session.check(seed, grid.fewshot, next(iter(built[seed].values())))
     fitted = fit_grid(session, built, grid.fewshot, grid.max_prompts, log)

@@ -83,6 +83,12 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
+def published_model(model: Optional[str]) -> Optional[str]:
+    """The model whose published settings and numbers ``model`` takes: a variant (``medclip-masked``) its
+    model's; a name calbench does not register, itself."""
+    return MODELS.get(model).weights_name if model is not None and model in MODELS else model
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' means CUDA when present, else CPU; an unusable device is a user error."""
     import torch

@@ -17,10 +17,11 @@ import numpy as np
 
 from calbench import published
 from calbench.errors import CalbenchError
+from calbench.models import published_model
 from calbench.report.blocks import Block, Heading, Image, Table, Text, write_report
 from calbench.report.deferral import deferral_blocks, shift_blocks
 from calbench.report.jobs import failed_jobs_blocks
-from calbench.report.summary import Summary, pct, published_model
+from calbench.report.summary import Summary, pct
 from calbench.results import Row, diagram_stem, logged_rows, logged_settings, read_certification
 
 __all__ = ["build_blocks", "write_results_report"]
@@ -126,7 +127,7 @@ def _published_table(res: Summary, settings: Mapping[str, Mapping[str, Any]]) ->
     """Our CoOp-CE and CalibPrompt ECE next to the published ones, with the CalibPrompt setting each ran."""
     rows = []
     for pair in res.pairs:
-        row = published.pair(published_model(pair[0]), res.names[pair[1]])
+        row = published.pair(str(published_model(pair[0])), res.names[pair[1]])
         if row is None:
             continue
         ours = [res.ece(pair, k) for k in ("coop-ce", "calibprompt")]

@@ -18,13 +18,6 @@ Stats = dict[str, tuple[float, Optional[float]]]
 CELL_METRICS = ("ece", "accuracy", "nll", "brier")
 
 
-def published_model(model: str) -> str:
-    """A model variant (``medclip-masked``) is compared with its model's published numbers."""
-    from calbench.models import MODELS
-
-    return MODELS.get(model).weights_name if model in MODELS else model
-
-
 def pct(mean: float, std: Optional[float], sep: str = " ± ") -> str:
     """A fraction's mean (and std over seeds) in percent, two decimals; "failed" when no run scored."""
     if math.isnan(mean):

@@ -20,7 +20,8 @@ from calbench.atomic import write_csv_atomic, write_text_atomic
 from calbench.deferral import DEFERRAL_COLUMNS
 from calbench.errors import CalbenchError
 from calbench.metrics import METRICS, mean_std
-from calbench.report.summary import Pair, Summary, pct, published_model
+from calbench.models import published_model
+from calbench.report.summary import Pair, Summary, pct
 from calbench.results import logged_rows
 
 #: LaTeX's special characters in text mode and what typesets each as itself
@@ -67,7 +68,7 @@ def _cells(res: Summary, method: str) -> list[str]:
 
 def _published_rows(res: Summary) -> list[list[str]]:
     """The published ECE of each method the pairs' published rows list, marked; "--" where none matches."""
-    found = {pair: published.pair(published_model(pair[0]), res.names[pair[1]]) for pair in res.pairs}
+    found = {pair: published.pair(str(published_model(pair[0])), res.names[pair[1]]) for pair in res.pairs}
     methods = list(dict.fromkeys(m for row in found.values() if row is not None for m in row.published_ece))
     rows = []
     for method in methods:

@@ -16,9 +16,9 @@ from calbench.tune.selection import CLEAN, Summary
 from calbench.tune.space import method_params, reference_params
 from calbench.tune.study import SearchResult
 
-#: rows of the top-trials table
+#: calbench: rows of the top-trials table
 TOP = 10
-#: shifted conditions shown one column each; more are summarised as their mean and worst
+#: calbench: shifted conditions shown one column each; more are summarised as their mean and worst
 SHIFT_COLUMNS = 3
 
 

@@ -30,7 +30,7 @@ from calbench.deferral.selective import aurc
 from calbench.metrics import ece_weighted
 
 CLEAN = "clean"
-#: decimals kept of each stored probability: the study stays small, metrics move by < 1e-5
+#: calbench: decimals kept of each stored probability: the study stays small, metrics move by < 1e-5
 DECIMALS = 6
 
 
