@@ -255,3 +255,13 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_package_is_installed_by_a_plain_pip_install():
+    """pyproject lists the packages a non-editable install copies: a package missing there imports in the
+    editable checkout the tests use, yet not after `pip install .` (the README's first command)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    packages = {module for module, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages - listed == set()
