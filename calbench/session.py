@@ -28,7 +28,7 @@ from calbench.data import ImageFolderDataset, few_shot_split, load_dataset
 from calbench.data.transforms import role_of, uses_run_seed
 from calbench.errors import CalbenchError
 from calbench.models import VLMBackend, load_vlm
-from calbench.online import OnlineViews
+from calbench.online_encoding import OnlineViews
 from calbench.published import default
 from calbench.train import MAX_EPOCHS, TrainConfig
 
@@ -160,7 +160,7 @@ class Session:
         Training views are drawn per ``seed``, as many as :func:`train_views` resolves for ``method``.
         With ``method``, the extra features it declares (``Capabilities.fit_features``) come
         too; with ``score_val`` also the validation images in the form it predicts from. ``online``
-        (``--online-encoding``): the trainer encodes each batch's fresh view itself (:mod:`calbench.online`).
+        (``--online-encoding``): the trainer encodes each batch's fresh view itself (:mod:`calbench.online_encoding`).
         """
         views = train_views(fewshot, method)
         base, train_idx, val_idx = self._base_fit(seed, fewshot, 1 if online else views)

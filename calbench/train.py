@@ -136,7 +136,7 @@ def logits_for(image_features: Tensor, text_features: Tensor, logit_scale: float
 
 class TrainViews(Protocol):
     """Where a run's training images come from, epoch by epoch: cached views (:class:`CachedViews`) or
-    the image encoder in the loop (:class:`calbench.online.OnlineViews`, ``--online-encoding``)."""
+    the image encoder in the loop (:class:`calbench.online_encoding.OnlineViews`, ``--online-encoding``)."""
 
     def batch(self, epoch: int, indices: Tensor) -> Tensor:
         """(B, D) L2-normalised features of training images ``indices`` as epoch ``epoch`` sees them."""

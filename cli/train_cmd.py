@@ -46,7 +46,7 @@ def train(
 ) -> None:
     """Train one method on a few-shot split and save its learned prompt (validation metrics only)."""
     from calbench.methods import overrides_for
-    from calbench.runs import train_one
+    from calbench.single_runs import train_one
 
     started = time.perf_counter()
     path, metrics = train_one(
@@ -80,7 +80,7 @@ def evaluate(
     context: Any,
 ) -> None:
     """Score a saved prompt on a test split: its own dataset, or another with the same classes (a shift test)."""
-    from calbench.runs import evaluate_prompt
+    from calbench.single_runs import evaluate_prompt
 
     result = evaluate_prompt(prompt, data, model, context)
     if result.note:
@@ -115,7 +115,7 @@ def cache(
     fewshot: Any,
 ) -> None:
     """Encode the test split and the few-shot splits ahead of time (e.g. on a GPU node)."""
-    from calbench.runs import build_cache
+    from calbench.single_runs import build_cache
 
     stats, where = build_cache(model, data, parse_ints(seeds, "--seeds"), fewshot, context)
     console.print(f"{stats.encoded} image views encoded, {stats.loaded} already cached, in {where}")

@@ -12,8 +12,8 @@ from calbench.deferral.conformal import halves_set_size
 from calbench.deferral.selective import aurc
 from calbench.errors import CalbenchError
 from calbench.prompts import read_prompt_info
-from calbench.runs import evaluate_prompt, restore_method, train_one
 from calbench.session import FewShot, RunContext, Session
+from calbench.single_runs import evaluate_prompt, restore_method, train_one
 from calbench.tune.config import TuneConfig
 from calbench.tune.worker import val_metrics
 

@@ -196,7 +196,7 @@ def test_demo_writes_study_best_params_test_table_and_reports(demo):
 def test_best_params_retrain_to_the_trials_validation_numbers(demo, cache_dir, tmp_path):
     """`calbench train --params best_params.json` reproduces the chosen trial on the same split: its first fold,
     whose held-out images are the plain split's validation images (the trial keeps their predictions)."""
-    from calbench.runs import train_one
+    from calbench.single_runs import train_one
 
     out, first, _ = demo
     document = json.loads((out / "best_params.json").read_text())

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from calbench.cli.app import app
 from calbench.methods import make_method
-from calbench.online import OnlineViews
+from calbench.online_encoding import OnlineViews
 from calbench.session import FewShot, RunContext, Session
 
 

@@ -46,7 +46,7 @@ def train_one(
     online: bool = False,
 ) -> tuple[Path, dict[str, float]]:
     """Train one prompt method on one few-shot split, save its context; return the path and validation metrics.
-    ``online``: the image encoder in the training loop (``--online-encoding``, :mod:`calbench.online`)."""
+    ``online``: the image encoder in the training loop (``--online-encoding``, :mod:`calbench.online_encoding`)."""
     check_seed(seed, "--seed")
     resolved = resolve(method, model, data, params)
     if not resolved.learns_prompt:

@@ -14,8 +14,8 @@ from calbench.cli.app import app
 from calbench.errors import CalbenchError, CalbenchWarning
 from calbench.methods import list_calibrators, list_methods, make_method
 from calbench.metrics import evaluate
-from calbench.runs import evaluate_prompt, train_one
 from calbench.session import FewShot, RunContext, Session
+from calbench.single_runs import evaluate_prompt, train_one
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
