@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import Tensor
 
 from calbench.atomic import save_safetensors_atomic
@@ -199,7 +199,11 @@ class FeatureCache:
 
     def _load(self, file: Path) -> tuple[Tensor, Tensor]:
         try:
-            stored = load_file(str(file))
+            # One read of the whole file, then parsed: safetensors' load_file parses the header from one
+            # open of the path and maps the tensor data from a second, so a file another process replaces
+            # in between yields the new file's bytes at the old offsets (indices such as 0x2020202020202020,
+            # the new header's padding); the cache's files are replaced while other processes read them.
+            stored = load(file.read_bytes())
             features, indices = stored["features"], stored["indices"]
             if features.shape[0] != indices.shape[0] or features.shape[1] != self.vlm.embed_dim:
                 raise ValueError("inconsistent shapes")

@@ -3,10 +3,11 @@ once neither corrupt the cache nor lose each other's work."""
 
 import multiprocessing
 import shutil
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import calbench.cache as cache_module
 from calbench.cache import FeatureCache
@@ -113,3 +114,34 @@ def test_two_processes_racing_on_one_key_lose_nothing(model, dataset, tmp_path):
     # the workers encode on one thread in batches of 3, this process on its own threads in batches of 45
     reference, _ = _fresh(tmp_path / "alone", model, dataset, range(45))
     torch.testing.assert_close(features, reference, atol=ROUNDING, rtol=0)
+
+
+def test_a_cache_file_replaced_while_it_is_read_gives_one_files_rows(model, dataset, tmp_path, monkeypatch):
+    """Another process may replace a cache file (folding its chunks in) between this process opening it and
+    reading its tensors. safetensors' own loader maps the tensors by opening the path again, which this test
+    makes happen at the worst moment: the file is then read whole, once, so its rows are the old file's."""
+    first = FeatureCache(tmp_path / "shared", model, progress=False)
+    before = first.features(dataset, "test", range(6), kind="eval")
+    (main,) = (tmp_path / "shared" / "features").glob("*.safetensors")
+    other = tmp_path / "other.safetensors"
+    stored = load_file(str(main))
+    meta = {"padding": " " * 1000}  # a longer header: the old offsets fall in its padding
+    save_file(
+        {"features": stored["features"][:2].contiguous(), "indices": stored["indices"][:2].contiguous()},
+        str(other),
+        meta,
+    )
+    original = torch.UntypedStorage.from_file
+
+    def replaced_first(*args, **kwargs):
+        if other.exists():
+            other.replace(main)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", replaced_first)
+    again = FeatureCache(tmp_path / "shared", model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unreadable file would be warned about and rebuilt
+        after = again.features(dataset, "test", range(6), kind="eval")
+    assert again.stats.encoded == 0
+    assert torch.equal(after, before)
