@@ -42,8 +42,9 @@ AccToleranceOpt = typer.Option(
 SplitSeedsOpt = typer.Option(
     None,
     "--split-seeds",
-    help="Few-shot splits each trial is averaged over, e.g. 1,2,3 (default: enough for "
-    f"{default('tune', 'val_per_class')} validation predictions per class, at most {default('tune', 'max_split_seeds')}).",
+    help="Few-shot splits each trial is averaged over, e.g. 1,2,3 (default: at least "
+    f"{default('tune', 'min_split_seeds')}, more until {default('tune', 'val_per_class')} validation predictions "
+    f"per class, at most {default('tune', 'max_split_seeds')}).",
 )
 FoldsOpt = typer.Option(
     None,

@@ -56,10 +56,12 @@ def parse_val_shift(text: str) -> list[tuple[str, int]]:
 
 
 def auto_split_seeds(val_shots: int, folds: int) -> list[int]:
-    """The data-size rule: enough split seeds that a trial is judged on ``tune.val_per_class`` validation
-    predictions per class (val shots x folds per seed), at most ``tune.max_split_seeds``."""
+    """The data-size rule: at least ``tune.min_split_seeds`` split seeds, so that a trial's noise includes
+    another draw of shots and another training; more where that is short of ``tune.val_per_class``
+    validation predictions per class (val shots x folds per seed); at most ``tune.max_split_seeds``."""
     wanted = math.ceil(default("tune", "val_per_class") / (val_shots * folds))
-    return list(range(1, min(default("tune", "max_split_seeds"), max(1, wanted)) + 1))
+    count = min(default("tune", "max_split_seeds"), max(default("tune", "min_split_seeds"), wanted))
+    return list(range(1, count + 1))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from calbench.tune.selection import (
     make_plan,
     objective_draws,
     reference_trial,
+    unit_plan,
 )
 
 CLASSES = 6
@@ -133,6 +134,30 @@ def test_a_noisy_better_trial_is_rejected_and_a_clearly_better_one_taken():
     assert decide({0: 0.2, 2: 0.03}, by_number, {0: True, 2: False}, 0, 0.9).chosen == 0
 
 
+def test_a_win_on_one_training_is_not_evidence_once_other_trainings_disagree():
+    """One split seed's bootstrap resamples its validation images but keeps its one training: a candidate
+    that won on that training looks certain. Split seeds where it lost spread the draws, and the rule keeps
+    the hand-set setting (why the data-size rule takes at least 3 seeds)."""
+    labels, probs = _demo_like()
+    runs = {1: ("clear", "hand"), 2: ("hand", "clear"), 3: ("hand", "clear")}  # seed -> (candidate, hand-set)
+
+    def judged(seeds: list[int]) -> tuple[dict[int, float], dict[int, np.ndarray]]:
+        groups = {f"a/b#{s}": labels for s in seeds}
+        sizes = {g: len(labels) for g in groups}
+        plan, unit = make_plan(sizes, 1000), unit_plan(sizes)
+        trials = {n: Predictions(groups, {f"a/b#{s}": {"clean": probs[runs[s][1 - n]]} for s in seeds}) for n in (0, 1)}
+        points = {n: float(objective_draws(p, unit, "ece")[0]) for n, p in trials.items()}
+        return points, {n: objective_draws(p, plan, "ece") for n, p in trials.items()}
+
+    points, draws = judged([1])
+    assert points == pytest.approx({0: 0.2, 1: ece(probs["clear"], labels)}) and points[1] < 0.05
+    assert decide(points, draws, {0: True, 1: True}, 0, 0.9).chosen == 1  # certain, on one training
+    points, draws = judged([1, 2, 3])
+    assert points[1] > points[0]  # over the three trainings the hand-set setting is better
+    assert confidence_better(draws[1], draws[0]) < 0.5
+    assert decide(points, draws, {0: True, 1: True}, 0, 0.9).chosen == 0
+
+
 def test_judge_reads_a_studys_trials_and_finds_the_hand_set_one():
     labels, probs = _demo_like()
     config = TuneConfig()
@@ -174,9 +199,12 @@ def test_folds_never_train_on_their_own_validation_images(shots, val):
 
 
 def test_data_size_rule_and_val_shift_parsing():
-    assert TuneConfig().folds == 2 and TuneConfig().split_seeds == [1]  # 8 + 8 shots: 16 per class from one seed
-    assert auto_split_seeds(4, 2) == [1, 2] and auto_split_seeds(1, 2) == [1, 2, 3]
-    assert TuneConfig(shots=4).split_seeds == [1, 2]
+    # at least 3 seeds, so a trial's noise includes other draws of shots and other trainings; 8 + 8 shots on two
+    # folds already give 16 per class from one seed; 2 and 1 shots need 4 and 8 seeds, capped at 5
+    assert TuneConfig().folds == 2 and TuneConfig().split_seeds == [1, 2, 3]
+    assert auto_split_seeds(4, 2) == [1, 2, 3] and auto_split_seeds(2, 2) == [1, 2, 3, 4]
+    assert auto_split_seeds(1, 2) == [1, 2, 3, 4, 5] and auto_split_seeds(16, 1) == [1, 2, 3]
+    assert TuneConfig(shots=4).split_seeds == [1, 2, 3]
     assert TuneConfig(split_seeds=[7], folds=1).splits() == [(7, 0, 1)]
     assert parse_val_shift("stain") == [("stain", 3)]
     assert parse_val_shift("stain,gaussian_blur:1,5") == [
@@ -225,7 +253,7 @@ def test_val_shift_copies_are_read_once_scored_and_never_trained_on(monkeypatch,
     monkeypatch.setattr(FeatureCache, "features", spy)
     monkeypatch.setattr(worker, "fit_together", spy_fit)
     torch.set_num_threads(1)
-    config = TuneConfig(epochs=1, val_shift=parse_val_shift("stain,gaussian_blur:2"), pruner="none")
+    config = TuneConfig(epochs=1, val_shift=parse_val_shift("stain,gaussian_blur:2"), pruner="none", split_seeds=[1])
     context = RunContext(device="cpu", cache_dir=cache_dir)
     result = search(config, 3, "shifted", f"journal:{tmp_path / 'j.log'}", context)
     shifted = [c for c in calls if c[1].startswith("shift-")]
