@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from calbench.cli.common import CacheOpt, DataRootOpt, StrictOpt, ValShotsOpt, app, console, user_errors
+from calbench.cli.options import OptionGroup, grouped
 from calbench.data import DatasetSpec
 from calbench.data.prepare import OFFICIAL
 from calbench.errors import check_seed
@@ -131,40 +132,59 @@ def _help(name: str) -> str:
     return f"{entry.description}. Download: {entry.source} — licence: {entry.licence}. Example: {entry.prepare_hint}"
 
 
+def _target(out: Optional[Path], data_root: Optional[Path], strict: bool) -> dict[str, Any]:
+    """Where a prepared dataset goes and what an unreadable image does: keywords every prepare function takes."""
+    return {"out": out, "data_root": data_root, "strict": strict, "log": console.log}
+
+
+#: the options every `data prepare` command takes, declared once
+TARGET = OptionGroup(
+    {"out": (Optional[Path], OutOpt), "data_root": (Optional[Path], DataRootOpt), "strict": (bool, StrictOpt)},
+    _target,
+)
+
+
+def _split(target: dict[str, Any], seed: int, test_fraction: float) -> dict[str, Any]:
+    """The keywords of a dataset whose official download has no test split: calbench draws it, seeded."""
+    check_seed(seed, "--seed")  # before any archive is read
+    return {**target, "seed": seed, "test_fraction": test_fraction}
+
+
 @prepare_app.command("kather", help=_help("kather"))
 @user_errors
+@grouped(target=TARGET)
 def prepare_kather(
     train: Path = typer.Option(
         ..., "--train", help="NCT-CRC-HE-100K.zip (or NCT-CRC-HE-100K-NONORM.zip), or the extracted folder."
     ),
     test: Path = typer.Option(..., "--test", help="CRC-VAL-HE-7K.zip, or the extracted folder."),
-    out: Optional[Path] = OutOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    target: Any,
 ) -> None:
     from calbench.data.prepare import prepare_kather as run
 
-    _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
+    _report(run(train, test, **target))
 
 
 @prepare_app.command("pannuke", help=_help("pannuke"))
 @user_errors
+@grouped(target=TARGET)
 def prepare_pannuke(
     train: list[Path] = typer.Option(
         ..., "--train", help="A PanNuke fold (fold_1.zip or its folder); repeat for several."
     ),
     test: list[Path] = typer.Option(..., "--test", help="The held-out fold (fold_3.zip); repeatable."),
-    out: Optional[Path] = OutOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    target: Any,
 ) -> None:
     from calbench.data.prepare import prepare_pannuke as run
 
-    _report(run(train, test, out=out, data_root=data_root, log=console.log, strict=strict))
+    _report(run(train, test, **target))
 
 
 @prepare_app.command("digestpath", help=_help("digestpath"))
 @user_errors
+@grouped(target=TARGET)
 def prepare_digestpath(
     pos: Path = typer.Option(
         ..., "--pos", help="tissue-train-pos-v1 (zip or folder): malignant images with *_mask.jpg."
@@ -175,58 +195,32 @@ def prepare_digestpath(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split and the patch choice."),
     max_patches: int = typer.Option(20, "--max-patches", help="At most this many 224 px patches per source image."),
-    out: Optional[Path] = OutOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    target: Any,
 ) -> None:
     from calbench.data.prepare import prepare_digestpath as run
 
-    check_seed(seed, "--seed")  # before any archive is read
-
-    _report(
-        run(
-            pos,
-            neg,
-            out=out,
-            data_root=data_root,
-            test_fraction=test_fraction,
-            seed=seed,
-            max_patches=max_patches,
-            log=console.log,
-            strict=strict,
-        )
-    )
+    _report(run(pos, neg, max_patches=max_patches, **_split(target, seed, test_fraction)))
 
 
 @prepare_app.command("covid", help=_help("covid"))
 @user_errors
+@grouped(target=TARGET)
 def prepare_covid(
     archive: Path = typer.Option(..., "--archive", help="The Kaggle download (archive.zip) or its extracted folder."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of images per class held out for test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
-    out: Optional[Path] = OutOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    target: Any,
 ) -> None:
     from calbench.data.prepare import prepare_covid as run
 
-    check_seed(seed, "--seed")  # before any archive is read
-
-    _report(
-        run(
-            archive,
-            out=out,
-            data_root=data_root,
-            test_fraction=test_fraction,
-            seed=seed,
-            log=console.log,
-            strict=strict,
-        )
-    )
+    _report(run(archive, **_split(target, seed, test_fraction)))
 
 
 @prepare_app.command("rsna18", help=_help("rsna18"))
 @user_errors
+@grouped(target=TARGET)
 def prepare_rsna18(
     images: Path = typer.Option(
         ..., "--images", help="stage_2_train_images (folder or zip of .dcm; .png/.jpg conversions also work)."
@@ -234,23 +228,9 @@ def prepare_rsna18(
     labels: Path = typer.Option(..., "--labels", help="stage_2_detailed_class_info.csv."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of patients per class held out for test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
-    out: Optional[Path] = OutOpt,
-    data_root: Optional[Path] = DataRootOpt,
-    strict: bool = StrictOpt,
+    *,
+    target: Any,
 ) -> None:
     from calbench.data.prepare import prepare_rsna18 as run
 
-    check_seed(seed, "--seed")  # before any archive is read
-
-    _report(
-        run(
-            images,
-            labels,
-            out=out,
-            data_root=data_root,
-            test_fraction=test_fraction,
-            seed=seed,
-            log=console.log,
-            strict=strict,
-        )
-    )
+    _report(run(images, labels, **_split(target, seed, test_fraction)))
