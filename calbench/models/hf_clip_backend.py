@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from calbench.errors import CalbenchError
 from calbench.models.base import PreprocessConfig, TokenBatch
 from calbench.models.shared_prefix import Block, hf_clip_blocks, run_blocks
 from calbench.models.text import clip_tokens
-from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
+from calbench.models.weights import first_file, load_state_dict_file, load_strict, model_fingerprint
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 VOLATILE_CONFIG_KEYS = {
@@ -60,7 +61,6 @@ class HFClipBackend:
             context_length=model.config.text_config.max_position_embeddings
         )
         self._config_id = _config_id(model.config.to_dict())
-        self._fingerprint: Optional[str] = None
 
     @classmethod
     def from_folder(cls, name: str, folder: Path, device: torch.device) -> HFClipBackend:
@@ -96,11 +96,9 @@ class HFClipBackend:
             interpolation="bilinear" if pp.get("resample", 3) == 2 else "bicubic",
         )
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = f"hf_clip:{self.name}:cfg-{self._config_id}:w-{state_dict_digest(self.model)}"
-        return self._fingerprint
+        return model_fingerprint("hf_clip", self.name, self._config_id, self.model)
 
     @property
     def logit_scale(self) -> float:

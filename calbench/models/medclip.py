@@ -13,6 +13,7 @@ come from that); a registry variant lays its own feed over it (``configs/medclip
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from calbench.errors import CalbenchError, warn
 from calbench.models.base import PreprocessConfig, TokenBatch
 from calbench.models.text import bert_tokenizer, bert_tokens
-from calbench.models.weights import load_state_dict_file, load_strict, state_dict_digest
+from calbench.models.weights import load_state_dict_file, load_strict, model_fingerprint
 
 WEIGHTS_NAME = "pytorch_model.bin"
 #: an optional architecture file next to the weights (same schema as configs/medclip.json)
@@ -129,7 +130,6 @@ class MedCLIPBackend:
         self.clamp_logit_scale = bool(config.get("clamp_logit_scale", False))
         self.tokenizer = tokenizer
         self._config_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        self._fingerprint: Optional[str] = None
 
     @classmethod
     def from_path(
@@ -149,11 +149,9 @@ class MedCLIPBackend:
         tokenizer = tokenizer or bert_tokenizer([folder, TOKENIZER_HUB_ID])
         return cls(name, model, config, tokenizer, device)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = f"medclip:{self.name}:cfg-{self._config_id}:w-{state_dict_digest(self.model)}"
-        return self._fingerprint
+        return model_fingerprint("medclip", self.name, self._config_id, self.model)
 
     @property
     def logit_scale(self) -> float:

@@ -3,6 +3,7 @@ file) and Hugging Face BERT text towers (BiomedCLIP), both behind the backend pr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from calbench.errors import CalbenchError, warn
 from calbench.models.base import PreprocessConfig, TokenBatch
 from calbench.models.shared_prefix import Block, open_clip_blocks, run_blocks
 from calbench.models.text import bert_tokenizer, bert_tokens, clip_tokens
-from calbench.models.weights import first_file, load_state_dict_file, load_strict, state_dict_digest
+from calbench.models.weights import first_file, load_state_dict_file, load_strict, model_fingerprint, state_dict_digest
 from calbench.published import Setting
 
 __all__ = [
@@ -115,7 +116,6 @@ class OpenClipBackend:
         self.preprocess = preprocess
         self.device = device
         self._config_id = config_id
-        self._fingerprint: Optional[str] = None
         self.tokenizer = self._make_tokenizer()
 
     def _check(self, name: str, model: torch.nn.Module) -> None:
@@ -149,11 +149,9 @@ class OpenClipBackend:
             load_strict(model, state, name, "given" if isinstance(weights, dict) else weights)
         return cls(name, model, preprocess, config_id or _config_id(config), device, **kwargs)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = f"open_clip:{self.name}:cfg-{self._config_id}:w-{state_dict_digest(self.model)}"
-        return self._fingerprint
+        return model_fingerprint("open_clip", self.name, self._config_id, self.model)
 
     @property
     def logit_scale(self) -> float:

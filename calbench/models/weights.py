@@ -54,6 +54,11 @@ def state_dict_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(backend: str, name: str, config_id: str, module: nn.Module) -> str:
+    """A loaded model's identity for cache keys: backend, registry name, architecture config and weights."""
+    return f"{backend}:{name}:cfg-{config_id}:w-{state_dict_digest(module)}"
+
+
 #: whether TorchScript archives may be loaded; set only by :func:`trusting_code` (``--trust-weights``)
 _TRUST_CODE: ContextVar[bool] = ContextVar("calbench_trust_weights", default=False)
 
