@@ -6,10 +6,21 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from folders import class_copy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Each test starts with the thread count the one before it started with. A test that sets it (directly, or
+    in-process through `--threads`) would otherwise change the float rounding of every later test, and tests
+    that compare this process's numbers with another process's would pass or fail by the order they run in."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -196,7 +196,9 @@ def test_tune_batch_trials_give_each_trial_its_own_result(cache_dir, tmp_path):
     context = RunContext(device="cpu", cache_dir=cache_dir)
     results = {}
     for batch in (1, 3):
-        config = TuneConfig(pairs=[("tiny-random", "synthetic")], epochs=2, pruner="none", batch_trials=batch)
+        config = TuneConfig(
+            pairs=[("tiny-random", "synthetic")], epochs=2, pruner="none", batch_trials=batch, split_seeds=[1]
+        )
         results[batch] = search(config, 4, "batched", f"journal:{tmp_path / f'{batch}.log'}", context, 1, 0)
     one, three = results[1].trials, results[3].trials
     assert len(three) == 4 and results[3].ran == 4  # a batch of 3, then only the 1 still missing

@@ -112,6 +112,7 @@ def test_tune_workers_share_one_study_and_a_final_job_writes_the_results(synthet
     storage = f"journal:{tmp_path / 'study.log'}"
     args = ["tune", "--model", MODEL, "--trials", "4", "--epochs", "4", "--shots", "4", "--views", "2"]
     args += ["--storage", storage, "--study", "shared", "--final-seeds", "1", "--heartbeat", "1"]
+    args += ["--split-seeds", "1"]  # about jobs, not the data-size rule
     args += ["--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(tmp_path / "out")]
     args += ["--launcher", "local-processes", "--workers", "2"]
     run = CliRunner().invoke(app, args)

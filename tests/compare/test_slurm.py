@@ -217,6 +217,7 @@ def test_tune_workers_on_slurm_finish_a_postgresql_study_when_one_is_killed_with
     storage, out = postgres.database("slurm_tune"), tmp_path / "out"
     args = ["tune", "--model", MODEL, "--trials", "4", "--epochs", "20", "--shots", "4", "--views", "2"]
     args += ["--storage", storage, "--study", "shared", "--final-seeds", "1", "--heartbeat", "1", "--pruner", "none"]
+    args += ["--split-seeds", "1"]  # about jobs, not the data-size rule
     args += [
         "--device",
         "cpu",

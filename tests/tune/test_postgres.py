@@ -76,6 +76,7 @@ def _tune_args(storage, cache_dir, out, trials, *extra):
         *("--model", MODEL),
         *("--storage", storage, "--study", "shared", "--trials", str(trials), "--epochs", str(EPOCHS)),
         *("--heartbeat", "1", "--threads", "1", "--device", "cpu", "--cache-dir", str(cache_dir), "--out", str(out)),
+        *("--split-seeds", "1"),  # these tests are about storages and workers, not the data-size rule
         *extra,
     ]
 

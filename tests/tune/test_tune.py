@@ -314,7 +314,7 @@ def second_demo_dataset(tmp_path):
 def test_modality_search_averages_pairs_and_reports_each_pairs_optimum(second_demo_dataset, cache_dir, tmp_path):
     pairs = modality_pairs("demo", None)
     assert pairs == [("tiny", "synthetic"), ("tiny", "synthetic-b")]
-    config = TuneConfig(pairs=pairs, modality="demo", epochs=2, objective="pareto")
+    config = TuneConfig(pairs=pairs, modality="demo", epochs=2, objective="pareto", split_seeds=[1])
     result = search(
         config, 3, "modality", f"journal:{tmp_path / 'j.log'}", RunContext(device="cpu", cache_dir=cache_dir)
     )

@@ -33,7 +33,12 @@ def _search(cache_dir, storage, trials, epochs, report, hang=False):
     if hang:
         Worker.checkpoint = lambda *args: lambda epoch, losses: time.sleep(600)
     result = search(
-        TuneConfig(epochs=epochs), trials, "shared", storage, RunContext(device="cpu", cache_dir=cache_dir), heartbeat=1
+        TuneConfig(epochs=epochs, split_seeds=[1]),
+        trials,
+        "shared",
+        storage,
+        RunContext(device="cpu", cache_dir=cache_dir),
+        heartbeat=1,
     )
     report.write_text(str(result.ran))
 
@@ -66,7 +71,14 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(warm_cac
     torch.set_num_threads(1)  # as in the workers
     try:
         context = RunContext(device="cpu", cache_dir=warm_cache)
-        alone = search(TuneConfig(epochs=10), 1, "alone", f"sqlite:///{tmp_path / 'alone.db'}", context, heartbeat=1)
+        alone = search(
+            TuneConfig(epochs=10, split_seeds=[1]),
+            1,
+            "alone",
+            f"sqlite:///{tmp_path / 'alone.db'}",
+            context,
+            heartbeat=1,
+        )
     finally:
         torch.set_num_threads(before)
     assert alone.trials[0].params == trials[0].params
