@@ -117,9 +117,11 @@ def test_two_processes_racing_on_one_key_lose_nothing(model, dataset, tmp_path):
 
 
 def test_a_cache_file_replaced_while_it_is_read_gives_one_files_rows(model, dataset, tmp_path, monkeypatch):
-    """Another process may replace a cache file (folding its chunks in) between this process opening it and
-    reading its tensors. safetensors' own loader maps the tensors by opening the path again, which this test
-    makes happen at the worst moment: the file is then read whole, once, so its rows are the old file's."""
+    """Another process may replace a cache file (folding its chunks in) while this process reads it. safetensors'
+    load_file parses the header from one open of the path and maps the tensors from a second open
+    (torch.UntypedStorage.from_file): this test replaces the file just before that second open. The cache
+    reads each file in one open, so it gets the rows of the file it opened, never the new file's bytes at the
+    old offsets."""
     first = FeatureCache(tmp_path / "shared", model, progress=False)
     before = first.features(dataset, "test", range(6), kind="eval")
     (main,) = (tmp_path / "shared" / "features").glob("*.safetensors")
