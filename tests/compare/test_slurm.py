@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import optuna
 import pytest
@@ -27,6 +26,7 @@ from optuna.trial import TrialState
 from postgres_server import REQUIRED as PG_REQUIRED
 from postgres_server import PostgresServer
 from postgres_server import Unavailable as PgUnavailable
+from services import started
 from slurm_cluster import PARTITION, REQUIRED, SlurmCluster, Unavailable
 from typer.testing import CliRunner
 
@@ -48,14 +48,7 @@ SMALL = ["--shots", "4", "--views", "2", "--bootstrap", "20", "--device", "cpu"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        with SlurmCluster() as running:
-            yield running
-    except Unavailable as exc:
-        if os.environ.get(REQUIRED):
-            pytest.fail(f"Slurm is required here ({REQUIRED} is set) but unavailable: {exc}")
-        warnings.warn(f"Slurm tests skipped: {exc}", stacklevel=1)
-        pytest.skip(f"Slurm unavailable: {exc}")
+    yield from started(SlurmCluster, "Slurm", REQUIRED, Unavailable)
 
 
 @pytest.fixture(autouse=True)
@@ -195,13 +188,7 @@ def test_a_job_gets_python_and_environment_from_calbench_not_from_the_shell(clus
 
 @pytest.fixture(scope="module")
 def postgres():
-    try:
-        with PostgresServer() as server:
-            yield server
-    except PgUnavailable as exc:
-        if os.environ.get(PG_REQUIRED):
-            pytest.fail(f"PostgreSQL is required here ({PG_REQUIRED} is set) but unavailable: {exc}")
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    yield from started(PostgresServer, "PostgreSQL", PG_REQUIRED, PgUnavailable)
 
 
 def _job_of(worker):

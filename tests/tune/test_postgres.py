@@ -11,17 +11,16 @@ reason (pytest -rs shows it, and a warning names it); under CI (.ci/run) they fa
 
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import time
-import warnings
 
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 from postgres_server import REQUIRED, PostgresServer, Unavailable
+from services import started
 from typer.testing import CliRunner
 
 from calbench.cli.app import app
@@ -39,14 +38,7 @@ STORAGES = ["postgresql", "sqlite", "journal"]
 
 @pytest.fixture(scope="module")
 def postgres():
-    try:
-        with PostgresServer() as server:
-            yield server
-    except Unavailable as exc:
-        if os.environ.get(REQUIRED):
-            pytest.fail(f"PostgreSQL is required here ({REQUIRED} is set) but unavailable: {exc}")
-        warnings.warn(f"PostgreSQL tests skipped: {exc}", stacklevel=1)
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    yield from started(PostgresServer, "PostgreSQL", REQUIRED, Unavailable)
 
 
 @pytest.fixture
